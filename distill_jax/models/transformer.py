@@ -1,0 +1,301 @@
+"""One decoder-only transformer for every supported family, as Flax NNX modules.
+
+Modules hold the structure and the initialisers; everything that runs is used functionally:
+``distill_jax.models.Model`` keeps the params as a plain nested dict and merges them into the
+module graph inside the traced function. Every parameter carries its logical axis names in the
+``axes`` metadata of its ``nnx.Param`` (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``); stacked layers add a leading ``layers`` axis.
+
+Shape suffixes: B batch, T query length, S key length, D hidden, N query heads, K kv heads,
+G heads per kv head, H head_dim, F mlp, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill_jax.models.config import ModelConfig, rope_inv_freq
+
+Array = jax.Array
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], *,
+           std: float | None, dtype: str) -> nnx.Param:
+    """A parameter with logical axis names; ``std=None`` means zeros, ``std=-1`` ones."""
+    if std is None:
+        value = jnp.zeros(shape, dtype)
+    elif std < 0:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in fp32; Gemma flavour scales by (1 + w) with w initialised at zero."""
+
+    def __init__(self, dim: int, axis: str, cfg: ModelConfig):
+        self.gemma = cfg.gemma_norm
+        self.eps = cfg.rms_norm_eps
+        self.scale = _param(None, (dim,), (axis,), std=None if cfg.gemma_norm else -1,
+                            dtype=cfg.param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...].astype(jnp.float32)
+        if self.gemma:
+            return (x * (1.0 + w)).astype(dtype)
+        return (w * x.astype(dtype).astype(jnp.float32)).astype(dtype) if dtype != jnp.float32 \
+            else w * x
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h, p = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        s = cfg.init_std
+        self.cfg = cfg
+        self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std=s, dtype=p)
+        self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std=s, dtype=p)
+        self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std=s, dtype=p)
+        self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std=s, dtype=p)
+        if cfg.qkv_bias:
+            self.q_bias = _param(None, (n, h), ("heads", "head_dim"), std=None, dtype=p)
+            self.k_bias = _param(None, (k, h), ("kv_heads", "head_dim"), std=None, dtype=p)
+            self.v_bias = _param(None, (k, h), ("kv_heads", "head_dim"), std=None, dtype=p)
+        if cfg.out_bias:
+            self.o_bias = _param(None, (d,), ("embed",), std=None, dtype=p)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, "head_dim", cfg)
+            self.k_norm = RMSNorm(h, "head_dim", cfg)
+
+    def __call__(self, x_BTD: Array, rope: tuple[Array, Array], mask_BTS: Array,
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        cfg = self.cfg
+        dt = x_BTD.dtype
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q[...].astype(dt))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k[...].astype(dt))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v[...].astype(dt))
+        if cfg.qkv_bias:
+            q_BTNH = q_BTNH + self.q_bias[...].astype(dt)
+            k_BTKH = k_BTKH + self.k_bias[...].astype(dt)
+            v_BTKH = v_BTKH + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q_BTNH = self.q_norm(q_BTNH)
+            k_BTKH = self.k_norm(k_BTKH)
+        q_BTNH = apply_rope(q_BTNH, *rope)
+        k_BTKH = apply_rope(k_BTKH, *rope)
+        new_cache = None
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BTKH.astype(ck.dtype), cache_index, 1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BTKH.astype(cv.dtype), cache_index, 1)
+            new_cache = (ck, cv)
+            k_BSKH, v_BSKH = ck.astype(dt), cv.astype(dt)
+        else:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        b, t, n, h = q_BTNH.shape
+        kh = k_BSKH.shape[2]
+        q_BTKGH = q_BTNH.reshape(b, t, kh, n // kh, h)
+        s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                             preferred_element_type=jnp.float32) * cfg.attn_scale
+        if cfg.attn_logit_softcap:
+            s_BKGTS = jnp.tanh(s_BKGTS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _NEG)
+        p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
+        o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+        out_BTD = jnp.einsum("btnh,nhd->btd", o_BTKGH.reshape(b, t, n, h), self.o[...].astype(dt))
+        if cfg.out_bias:
+            out_BTD = out_BTD + self.o_bias[...].astype(dt)
+        return out_BTD, new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, p, s = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype, cfg.init_std
+        self.activation = cfg.activation
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), std=s, dtype=p)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), std=s, dtype=p)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), std=s, dtype=p)
+        self.bias = cfg.mlp_bias
+        if cfg.mlp_bias:
+            self.gate_bias = _param(None, (f,), ("mlp",), std=None, dtype=p)
+            self.up_bias = _param(None, (f,), ("mlp",), std=None, dtype=p)
+            self.down_bias = _param(None, (d,), ("embed",), std=None, dtype=p)
+
+    def __call__(self, x_BTD: Array) -> Array:
+        dt = x_BTD.dtype
+        g_BTF = x_BTD @ self.gate[...].astype(dt)
+        u_BTF = x_BTD @ self.up[...].astype(dt)
+        if self.bias:
+            g_BTF = g_BTF + self.gate_bias[...].astype(dt)
+            u_BTF = u_BTF + self.up_bias[...].astype(dt)
+        act = jax.nn.silu if self.activation == "silu" else (
+            lambda z: jax.nn.gelu(z, approximate=True))
+        y_BTD = (act(g_BTF) * u_BTF) @ self.down[...].astype(dt)
+        if self.bias:
+            y_BTD = y_BTD + self.down_bias[...].astype(dt)
+        return y_BTD
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer (with Gemma's extra post-norms when ``sandwich_norm``)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.sandwich = cfg.sandwich_norm
+        self.attn_norm = RMSNorm(d, "embed", cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(d, "embed", cfg)
+        self.mlp = MLP(cfg, rngs)
+        if cfg.sandwich_norm:
+            self.post_attn_norm = RMSNorm(d, "embed", cfg)
+            self.post_mlp_norm = RMSNorm(d, "embed", cfg)
+
+    def __call__(self, x_BTD, rope, mask_BTS, kv_cache=None, cache_index=None):
+        y_BTD, new_cache = self.attn(self.attn_norm(x_BTD), rope, mask_BTS, kv_cache, cache_index)
+        if self.sandwich:
+            y_BTD = self.post_attn_norm(y_BTD)
+        x_BTD = x_BTD + y_BTD
+        y_BTD = self.mlp(self.mlp_norm(x_BTD))
+        if self.sandwich:
+            y_BTD = self.post_mlp_norm(y_BTD)
+        return x_BTD + y_BTD, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """Embedding, a scanned stack of :class:`Block`, final norm and (untied) lm_head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                            std=cfg.init_std, dtype=cfg.param_dtype)
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(key):
+            return Block(cfg, nnx.Rngs(params=key))
+
+        self.layers = make_layers(jax.random.split(rngs.params(), cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, "embed", cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  std=cfg.init_std, dtype=cfg.param_dtype)
+
+    def embed_tokens(self, tokens_BT: Array) -> Array:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        if cfg.embed_scale:
+            x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+        return x_BTD
+
+    def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array,
+                 cache: dict[str, Array] | None = None):
+        """Final hidden states (after the final norm), and the updated cache when given one.
+
+        Without a cache, the keys are the queries' own tokens: causal within each segment.
+        With a cache (see :func:`distill_jax.models.generate.init_cache`), the new tokens are
+        written at ``cache["index"]`` and attend to every valid earlier slot.
+        """
+        cfg = self.cfg
+        x_BTD = self.embed_tokens(tokens_BT)
+        t = tokens_BT.shape[1]
+        if cache is None:
+            q_slot = jnp.arange(t)
+            kv_slot, kv_pos_BS, kv_seg_BS = q_slot, positions_BT, segment_ids_BT
+            index = None
+        else:
+            index = cache["index"]
+            q_slot = index + jnp.arange(t)
+            kv_slot = jnp.arange(cache["k"].shape[2])
+            kv_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT, index, 1)
+            kv_seg_BS = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids_BT, index, 1)
+        base_mask_BTS = ((kv_slot[None, None, :] <= q_slot[None, :, None])
+                         & (segment_ids_BT[:, :, None] == kv_seg_BS[:, None, :]))
+        dist_BTS = positions_BT[:, :, None] - kv_pos_BS[:, None, :]
+        window_mask_BTS = base_mask_BTS & (dist_BTS < (cfg.sliding_window or 1))
+
+        rope_global = rope_tables(positions_BT, cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
+        rope_local = rope_global if cfg.local_rope_theta is None else rope_tables(
+            positions_BT, cfg.local_rope_theta, cfg.head_dim, None)
+        sliding_L = jnp.asarray([lt == "sliding" for lt in cfg.layer_types])
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x_BTD, xs):
+            layer_state, sliding, kv = xs
+            block = nnx.merge(graphdef, layer_state)
+            mask = jnp.where(sliding, window_mask_BTS, base_mask_BTS)
+            rope = tuple(jnp.where(sliding, lo, gl) for lo, gl in zip(rope_local, rope_global))
+            x_BTD, new_kv = block(x_BTD, rope, mask, kv, index)
+            return x_BTD, new_kv
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        kv_in = None if cache is None else (cache["k"], cache["v"])
+        x_BTD, kv_out = jax.lax.scan(body, x_BTD, (state, sliding_L, kv_in))
+        h_BTD = self.final_norm(x_BTD)
+        if cache is None:
+            return h_BTD, None
+        new_cache = dict(k=kv_out[0], v=kv_out[1], pos=kv_pos_BS, seg=kv_seg_BS, index=index + t)
+        return h_BTD, new_cache
+
+    def lm_head_kernel(self) -> Array:
+        """The (D, V) output projection (the transposed embedding when tied)."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+
+def logits_from_hidden(cfg: ModelConfig, h_BTD: Array, kernel_DV: Array) -> Array:
+    """fp32 logits from final hidden states, with final-logit softcapping where configured."""
+    logits = jnp.einsum("btd,dv->btv", h_BTD, kernel_DV.astype(h_BTD.dtype),
+                        preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
+
+
+def rope_tables(positions_BT: Array, theta: float, head_dim: int, scaling) -> tuple[Array, Array]:
+    """cos and sin tables (B, T, H/2) in fp32 for the given positions."""
+    inv = jnp.asarray(rope_inv_freq(theta, head_dim, scaling), jnp.float32)
+    ang_BTh = positions_BT.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(ang_BTh), jnp.sin(ang_BTh)
+
+
+def apply_rope(x_BTNH: Array, cos_BTh: Array, sin_BTh: Array) -> Array:
+    """Rotary embedding in the "rotate half" layout (what Hugging Face checkpoints use)."""
+    dt = x_BTNH.dtype
+    x = x_BTNH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dt)
+
+
+def positions_from_segments(segment_ids_BT: Array) -> Array:
+    """Positions that restart at 0 at the start of each segment (document) of a packed row."""
+    t = segment_ids_BT.shape[1]
+    idx = jnp.arange(t)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool),
+         segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return (idx - start_idx).astype(jnp.int32)
+
+
+def build(cfg: ModelConfig, seed: int | Any = 0) -> Transformer:
+    """Instantiate the module (real arrays; wrap in ``nnx.eval_shape`` for abstract ones)."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return Transformer(cfg, nnx.Rngs(params=key))
