@@ -362,10 +362,8 @@ def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     for key in ("gemma_norm", "sandwich_norm", "embed_scale"):
         if getattr(cfg, key) != expected.get(key, False):
             raise ConfigError(f"{f} checkpoints cannot express {key}={getattr(cfg, key)}")
-    if f in ("qwen3", "gemma3_text") != cfg.qk_norm and f in ("qwen3", "gemma3_text"):
-        raise ConfigError(f"{f} requires qk_norm=True")
-    if cfg.qk_norm and f not in ("qwen3", "gemma3_text"):
-        raise ConfigError(f"{f} checkpoints cannot express qk_norm=True")
+    if cfg.qk_norm != (f in ("qwen3", "gemma3_text")):
+        raise ConfigError(f"{f} checkpoints cannot express qk_norm={cfg.qk_norm}")
     hf: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[f]], "model_type": f,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
