@@ -84,11 +84,11 @@ def smollm2_hf_dir() -> Path:
 
     Converted once from :func:`smollm2_gguf` and cached at ``cache_dir()/hf/SmolLM2-135M-Instruct``.
     """
-    from distill_jax.models.gguf import gguf_to_hf
-
     target = cache_dir() / "hf" / SMOLLM2_HF_NAME
     if (target / "config.json").is_file():
         return target
+    from distill_jax.models.gguf import gguf_to_hf
+
     gguf_path = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     _note(f"converting {gguf_path.name} to a Hugging Face directory at {target}")

@@ -273,6 +273,11 @@ def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> ModelConfig:
 
     # Rope: transformers 5 writes rope_parameters; older files have rope_theta / rope_scaling.
     rope = take("rope_parameters")
+    if rope is not None and "rope_theta" in hf:  # both layouts: accept when they agree
+        used.add("rope_theta")
+        thetas = [r.get("rope_theta") for r in (rope.values() if "full_attention" in rope else [rope])]
+        if hf["rope_theta"] not in thetas:
+            raise ConfigError(f"rope_theta={hf['rope_theta']} disagrees with rope_parameters {rope}")
     if rope is None and ("rope_theta" in hf or "rope_scaling" in hf):
         rope = dict(hf.get("rope_scaling") or {})
         rope["rope_theta"] = hf.get("rope_theta", 10000.0)

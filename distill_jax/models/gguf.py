@@ -112,6 +112,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
         _write_json(directory / "config.json", config)
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "model.safetensors").chmod(0o644)  # safetensors creates it private
         tokenizer.save(str(directory / "tokenizer.json"))
         _write_json(directory / "tokenizer_config.json", tokenizer_config)
         special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
@@ -146,14 +147,14 @@ def llama_config(meta: dict[str, Any], *, tensor_names: set[str], dtype: str = "
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     kv_heads = int(get("attention.head_count_kv", heads))
     head_dim = int(get("attention.key_length", hidden // heads))
-    if int(get("attention.value_length", head_dim)) != head_dim or int(get("rope.dimension_count", head_dim)) != head_dim:
+    value_dim, rotary_dim = int(get("attention.value_length", head_dim)), int(get("rope.dimension_count", head_dim))
+    if value_dim != head_dim or rotary_dim != head_dim:
         raise GGUFConversionError(
             "Key, value and rotary dimensions differ in this GGUF (partial rotary or asymmetric heads); "
             "the Llama architecture needs them equal."
         )
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     tied = "output.weight" not in tensor_names
-    theta = _float32_value(get("rope.freq_base", 10000.0))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -165,8 +166,8 @@ def llama_config(meta: dict[str, Any], *, tensor_names: set[str], dtype: str = "
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": _float32_value(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        # rope_theta rather than rope_parameters: every transformers version reads it (v5 converts it)
+        "rope_theta": _float32_value(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length")),
         "vocab_size": int(vocab),
         "tie_word_embeddings": tied,
@@ -270,7 +271,9 @@ def build_tokenizer(meta: dict[str, Any], *, max_length: int) -> tuple[Any, dict
             ("pad_token", "padding_token_id"),
         )
     }
-    tokenizer.post_processor = _post_processor(names["bos_token"] if add_bos else None, names["eos_token"] if add_eos else None, tokens)
+    tokenizer.post_processor = _post_processor(
+        names["bos_token"] if add_bos else None, names["eos_token"] if add_eos else None, tokens
+    )
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{k: v for k, v in names.items() if v is not None},
