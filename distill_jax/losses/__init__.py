@@ -1,0 +1,39 @@
+"""Distillation losses: pure, masked, fp32 functions returning ``(loss, metrics)``."""
+
+from distill_jax.losses.chunked import chunked_loss, logits_from_hidden
+from distill_jax.losses.kd import (
+    CROSS_ENTROPY,
+    DIVERGENCE_TERMS,
+    DIVERGENCES,
+    FORWARD_KL,
+    JSD,
+    LOSS,
+    LOSS_SUM,
+    REVERSE_KL,
+    SKEW_KL,
+    SKEW_REVERSE_KL,
+    TERMS,
+    TOKENS,
+    TVD,
+    LossSpec,
+    combined_loss,
+    cross_entropy,
+    finalize,
+    forward_kl,
+    jsd,
+    metric_key,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    sum_key,
+    term_sums,
+    tvd,
+)
+
+__all__ = [
+    "CROSS_ENTROPY", "DIVERGENCE_TERMS", "DIVERGENCES", "FORWARD_KL", "JSD", "LOSS", "LOSS_SUM",
+    "REVERSE_KL", "SKEW_KL", "SKEW_REVERSE_KL", "TERMS", "TOKENS", "TVD", "LossSpec",
+    "chunked_loss", "combined_loss", "cross_entropy", "finalize", "forward_kl", "jsd",
+    "logits_from_hidden", "metric_key", "reverse_kl", "skew_kl", "skew_reverse_kl", "sum_key",
+    "term_sums", "tvd",
+]

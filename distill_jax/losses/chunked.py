@@ -1,0 +1,122 @@
+"""The lm_head and the loss together, over token chunks, so full logits never exist.
+
+With a 151,936-token vocabulary a (1, 4096) batch has 2.3 GiB of fp32 logits per model, and
+autodiff of a naive loss holds several such arrays at once (logits, log-probs, probabilities,
+their cotangents). ``chunked_loss`` flattens the tokens, splits them into chunks of
+``chunk_size`` and runs one ``jax.lax.scan`` step per chunk: the step computes that chunk's
+student and teacher logits (h @ head in fp32 accumulation, then the optional softcap), the
+per-term masked sums, and adds them to the carry. The step is under ``jax.checkpoint``, so the
+forward pass keeps only the chunk inputs and the backward pass recomputes one chunk's logits at a
+time: peak memory is a few (chunk_size, V) arrays, independent of the sequence length. The price is
+computing both lm_head matmuls twice (once forward, once in the backward recompute).
+
+Measured with ``benchmarks/loss_memory.py`` (XLA buffer assignment, forward + backward, B=1,
+T=4096, V=151,936, student D=896, teacher D=1536, bf16 hidden states, fp32 heads): full logits
+need 20.9 GiB of temporaries, ``chunk_size=512`` 3.2 GiB (about 1.35 GiB of it fixed: bf16 copies
+of both heads and the fp32 head-gradient accumulator, plus ~6 fp32 (chunk_size, V) arrays), and
+the chunked figure is the same at T=1024 as at T=4096.
+
+The sums are the same quantities ``combined_loss`` reduces, so the result is the unchunked
+``combined_loss`` up to floating-point summation order; the teacher side is under
+``stop_gradient`` (no gradient ever reaches the teacher's hidden states or head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.losses import kd
+
+Array = jax.Array
+
+
+def logits_from_hidden(h_ND: Array, head_DV: Array, softcap: float | None = None) -> Array:
+    """fp32 logits h @ head (head cast to h's dtype, fp32 accumulation), then softcap
+    tanh(z / c) * c: the same math as ``distill_jax.models.transformer.logits_from_hidden``."""
+    z = jnp.einsum("...d,dv->...v", h_ND, head_DV.astype(h_ND.dtype),
+                   preferred_element_type=jnp.float32)
+    if softcap:
+        z = jnp.tanh(z / softcap) * softcap
+    return z
+
+
+def _chunks(x_N: Array, n_chunks: int, chunk_size: int) -> Array:
+    """(N, ...) -> (n_chunks, chunk_size, ...), zero-padded at the end."""
+    pad = n_chunks * chunk_size - x_N.shape[0]
+    if pad:
+        x_N = jnp.pad(x_N, [(0, pad)] + [(0, 0)] * (x_N.ndim - 1))
+    return x_N.reshape((n_chunks, chunk_size) + x_N.shape[1:])
+
+
+def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
+                 teacher_head: Array | None, labels: Array | None, mask: Array, *,
+                 spec: kd.LossSpec, chunk_size: int = 512, student_softcap: float | None = None,
+                 teacher_softcap: float | None = None) -> tuple[Array, kd.Metrics]:
+    """``combined_loss(h_S @ head_S, h_T @ head_T, labels, mask, spec)`` without full logits.
+
+    Args:
+      student_h: (..., D_S) final student hidden states (after the final norm), e.g. (B, T, D).
+      student_head: (D_S, V) student output projection (``models.lm_head(model)``).
+      teacher_h: (..., D_T) teacher hidden states, or None when ``spec`` has no divergence terms.
+      teacher_head: (D_T, V) teacher output projection, or None likewise.
+      labels: (...) integer next-token labels, or None when ``spec`` has no cross_entropy.
+      mask: (...) bool or float token weights.
+      spec: the loss terms, their weights and options.
+      chunk_size: tokens per chunk (of the flattened leading dims); the token count need not be
+        divisible, the last chunk is padded with masked tokens.
+      student_softcap, teacher_softcap: final-logit softcaps (``ModelConfig.final_logit_softcap``).
+
+    Returns:
+      (loss, metrics), as ``kd.combined_loss``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    lead = student_h.shape[:-1]
+    w_x = kd.token_weights(mask, lead)
+    n = math.prod(lead)
+    vocab = student_head.shape[-1]
+    if student_head.shape[0] != student_h.shape[-1]:
+        raise ValueError(f"student_head {student_head.shape} does not match hidden size "
+                         f"{student_h.shape[-1]}; pass the (D, V) projection")
+    use_teacher = spec.needs_teacher
+    if use_teacher:
+        if teacher_h is None or teacher_head is None:
+            raise ValueError("this loss has distillation terms; pass teacher_h and teacher_head")
+        if teacher_h.shape[:-1] != lead or teacher_head.shape[0] != teacher_h.shape[-1]:
+            raise ValueError(f"teacher_h {teacher_h.shape} / teacher_head {teacher_head.shape} "
+                             f"do not match student tokens {lead}")
+        if teacher_head.shape[-1] != vocab:
+            raise ValueError(f"teacher vocabulary {teacher_head.shape[-1]} != student {vocab}; "
+                             "same-vocabulary losses need equal sizes (slice a padded head to "
+                             "the common tokenizer size first)")
+    if spec.needs_labels:
+        if labels is None:
+            raise ValueError("this loss has a cross_entropy term but no labels were given")
+        if labels.shape != lead:
+            raise ValueError(f"labels have shape {labels.shape}, expected {lead}")
+
+    chunk_size = min(chunk_size, max(n, 1))
+    n_chunks = max(1, -(-n // chunk_size))
+    xs = {
+        "h": _chunks(student_h.reshape(n, -1), n_chunks, chunk_size),
+        "w": _chunks(w_x.reshape(n), n_chunks, chunk_size),
+    }
+    if use_teacher:
+        teacher_head = jax.lax.stop_gradient(teacher_head)
+        xs["ht"] = _chunks(jax.lax.stop_gradient(teacher_h).reshape(n, -1), n_chunks, chunk_size)
+    if spec.needs_labels:
+        xs["labels"] = _chunks(labels.reshape(n), n_chunks, chunk_size)
+
+    def body(carry, c):
+        zs_CV = logits_from_hidden(c["h"], student_head, student_softcap)
+        zt_CV = logits_from_hidden(c["ht"], teacher_head, teacher_softcap) if use_teacher \
+            else None
+        sums = kd.term_sums(zs_CV, zt_CV, c.get("labels"), c["w"], spec)
+        return {k: carry[k] + sums[k] for k in carry}, None
+
+    init = {name: jnp.zeros((), jnp.float32) for name, _ in spec.terms}
+    sums, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, xs)
+    return kd.finalize(sums, kd.token_count(w_x), spec)
