@@ -33,12 +33,17 @@ DEFAULT_RULES: dict[str, Any] = {
 def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple[int, ...]:
     """Resolve axis sizes, ``-1`` meaning "the rest"; raises if they do not multiply out."""
     sizes = [data, fsdp, tensor]
+    given = f"data={data} x fsdp={fsdp} x tensor={tensor}"
+    if any(not isinstance(s, (int, np.integer)) or (s < 1 and s != -1) for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive integers or -1, got {given}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(f"at most one mesh axis may be -1, got {given}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"{num_devices} devices cannot be split into mesh axes {sizes}")
+            raise ValueError(
+                f"mesh {given} cannot use the {num_devices} available devices: the fixed axes "
+                f"multiply to {known}, which does not divide {num_devices}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
@@ -60,6 +65,8 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] | None 
     """PartitionSpec for logical ``axes``. With ``shape`` and ``mesh``, a dimension that the
     mesh axes do not divide stays replicated; a mesh axis is never used twice."""
     rules = DEFAULT_RULES if rules is None else rules
+    if shape is not None and len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} do not match the shape {tuple(shape)}")
     used: set[str] = set()
     spec = []
     for i, name in enumerate(axes):
@@ -69,6 +76,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any] | None 
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(n for n in names if n not in used)
         if mesh is not None:
+            missing = [n for n in names if n not in mesh.shape]
+            if missing:
+                raise ValueError(f"logical axis {name!r} maps to mesh axes {missing} that the mesh "
+                                 f"does not have (its axes: {tuple(mesh.shape)}); fix the rules")
             names = tuple(n for n in names if mesh.shape[n] > 1)
             if shape is not None and shape[i] % math.prod(mesh.shape[n] for n in names):
                 names = ()

@@ -149,6 +149,17 @@ def _mapping(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, bool, tuple, 
     return m
 
 
+def _hf_shape(name: str, split: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a checkpoint stores a tensor in: ``split`` with the head axes merged back."""
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return (split[0] * split[1], split[2])  # (heads, head_dim, embed)
+    if name.endswith("o_proj.weight"):
+        return (split[0], split[1] * split[2])  # (embed, heads, head_dim)
+    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return (split[0] * split[1],)
+    return tuple(split)
+
+
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -206,8 +217,9 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
         def view(i: int | None, name=name, split=split, perm=perm) -> np.ndarray:
             nm = name.format(i=i) if i is not None else name
             arr = st.array(nm)
-            if int(np.prod(arr.shape)) != int(np.prod(split)):
-                raise CheckpointError(f"{nm} has shape {arr.shape}; the config implies {split}")
+            want = _hf_shape(nm, split)
+            if tuple(arr.shape) != want:
+                raise CheckpointError(f"{nm} has shape {tuple(arr.shape)}; the config implies {want}")
             return arr.reshape(split).transpose(perm)
 
         def read(index, stacked=stacked, view=view) -> np.ndarray:

@@ -1,0 +1,62 @@
+"""Shared test setup: 8 fake CPU devices, a persistent compilation cache, exact fp32 matmuls.
+
+The device count must be in ``XLA_FLAGS`` before jax initialises its backends, so this file
+sets it before anything imports jax. An explicit ``--xla_force_host_platform_device_count``
+already in the environment wins; tests that need 8 devices then skip (see ``devices8``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_flags = os.environ.get("XLA_FLAGS", "")
+if _DEVICE_FLAG not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICE_FLAG}=8".strip()
+
+import jax  # noqa: E402  (must come after XLA_FLAGS is set)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(REPO / ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# fp32 matmuls at full precision, so sharded and unsharded results agree to rounding.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def devices8() -> list[jax.Device]:
+    """Eight devices (fake CPU ones unless the host really has 8); skips if there are fewer."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip(f"needs 8 devices, have {len(devices)}: XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} "
+                    f"was set before jax was imported; use {_DEVICE_FLAG}=8")
+    return devices[:8]
+
+
+def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A packed (batch, length) batch: random tokens, 1-3 documents per row, some padding (0).
+
+    Document lengths differ across rows, so the segment masks and the positions (which
+    restart at every document) both matter.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length), dtype=np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        end = length - (b % 4)  # the last b % 4 tokens are padding
+        cuts = np.sort(rng.choice(np.arange(2, end - 1), size=b % 3, replace=False))
+        bounds = [0, *cuts.tolist(), end]
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            segment_ids[b, lo:hi] = s + 1
+    return {"tokens": tokens, "segment_ids": segment_ids}
+
+
+@pytest.fixture(scope="session")
+def make_packed_batch():
+    """The :func:`packed_batch` factory, for tests that need a batch of their own shape."""
+    return packed_batch
