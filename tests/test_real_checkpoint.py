@@ -73,11 +73,11 @@ def test_greedy_generation_matches_transformers(model, torch_model, tokenizer):
                for p in PROMPTS]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     out = M.generate(model, prompts, max_new_tokens=24)
-    for prompt, ours in zip(prompts, out.tokens):
+    for prompt, ours in zip(prompts, out.sequences):
         with torch.no_grad():
             ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                                        eos_token_id=list(model.config.eos_ids),
                                        pad_token_id=model.config.pad_token_id or 0)
         ref = ref[0, len(prompt):].tolist()
         assert ours == ref, (tokenizer.decode(ours), tokenizer.decode(ref))
-    assert "Paris" in tokenizer.decode(out.tokens[0])
+    assert "Paris" in tokenizer.decode(out.sequences[0])

@@ -1,0 +1,72 @@
+"""Tokenizers: Hugging Face tokenizer directories, and a built-in byte-level tokenizer.
+
+``load_tokenizer("bytes")`` gives a 259-token byte-level tokenizer (``<pad>``, ``<bos>``,
+``<eos>`` then the 256 bytes) that needs no files: tiny configs and tests use it. Any other
+value is a directory (or an HF checkpoint directory) loaded with ``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+BYTES = "bytes"
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<eos>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer():
+    """A byte-level tokenizer: id = byte + 3; ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = _bytes_to_unicode()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    vocab.update({table[b]: b + 3 for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(spec: str | Path):
+    """``"bytes"`` for the built-in byte tokenizer, else a directory with tokenizer files."""
+    if str(spec) == BYTES:
+        return byte_tokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer {spec!r} is neither 'bytes' nor a directory with tokenizer files "
+            "(tokenizer.json / tokenizer_config.json)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary and special tokens (what decides the token ids)."""
+    import hashlib
+    import json
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted(str(t) for t in tokenizer.all_special_tokens)
+    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
