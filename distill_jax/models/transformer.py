@@ -93,11 +93,14 @@ class Attention(nnx.Module):
         k_BTKH = apply_rope(k_BTKH, *rope)
         new_cache = None
         if kv_cache is not None:
-            ck, cv = kv_cache
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k_BTKH.astype(ck.dtype), cache_index, 1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v_BTKH.astype(cv.dtype), cache_index, 1)
-            new_cache = (ck, cv)
-            k_BSKH, v_BSKH = ck.astype(dt), cv.astype(dt)
+            # The stacked (L, B, S, K, H) caches are updated in place at (layer, :, index).
+            k_all, v_all, layer = kv_cache
+            at = (layer, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_BTKH[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_BTKH[None].astype(v_all.dtype), at)
+            new_cache = (k_all, v_all)
+            k_BSKH = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v_BSKH = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
         b, t, n, h = q_BTNH.shape
@@ -235,18 +238,20 @@ class Transformer(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
 
-        def body(x_BTD, xs):
-            layer_state, sliding, kv = xs
+        def body(carry, xs):
+            x_BTD, kv = carry
+            layer_state, sliding, layer = xs
             block = nnx.merge(graphdef, layer_state)
             mask = jnp.where(sliding, window_mask_BTS, base_mask_BTS)
             rope = tuple(jnp.where(sliding, lo, gl) for lo, gl in zip(rope_local, rope_global))
-            x_BTD, new_kv = block(x_BTD, rope, mask, kv, index)
-            return x_BTD, new_kv
+            x_BTD, kv = block(x_BTD, rope, mask, None if kv is None else (*kv, layer), index)
+            return (x_BTD, kv), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         kv_in = None if cache is None else (cache["k"], cache["v"])
-        x_BTD, kv_out = jax.lax.scan(body, x_BTD, (state, sliding_L, kv_in))
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_BTD, kv_out), _ = jax.lax.scan(body, (x_BTD, kv_in), (state, sliding_L, layer_ids))
         h_BTD = self.final_norm(x_BTD)
         if cache is None:
             return h_BTD, None
