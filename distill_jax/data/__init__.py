@@ -1,0 +1,72 @@
+"""Data: records -> tokens with byte offsets -> packed fixed-length rows -> batches, on Grain.
+
+    from distill_jax.data import DataConfig, SourceConfig, make_iterator
+    config = DataConfig(sources=(SourceConfig("data/*.jsonl"),), record="chat", seq_len=2048, batch_size=32)
+    it = make_iterator(config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it); state = it.get_state()   # save `state` with the checkpoint; it.set_state(state) resumes
+
+Batch contract. Every batch is a dict of numpy arrays of shape ``(B, L)`` with
+``B = batch_size // process_count`` and ``L = seq_len``. Each row holds one or more *segments*
+(a whole document, or one piece of a document longer than a row), packed first-fit, then
+padding:
+
+==================  =======  =================================================================
+field               dtype    meaning
+==================  =======  =================================================================
+``tokens``          int32    input token ids; 0 on padding
+``targets``         int32    the next token of the same document (also across a split piece's
+                             end, where the document continues in another row); 0 where there
+                             is none (the document's last token, padding)
+``positions``       int32    0, 1, 2, ... restarting at every segment (so also at each piece of
+                             a split document); 0 on padding
+``segment_ids``     int32    1, 2, 3, ... per segment in the row; 0 on padding. Attention must
+                             stay within a segment
+``loss_mask``       float32  1 where ``targets`` is a real next token of the same document and
+                             that token is trained on (response/assistant tokens unless
+                             ``loss_on_prompt``); 0 elsewhere, always 0 on padding
+``doc_ids``         int32    the document's global index (``Record.doc_id``: its position in
+                             the concatenation of all sources); -1 on padding
+``doc_offsets``     int32    the token's index within its document's token sequence; with
+                             ``doc_ids`` this joins a per-document teacher cache
+``byte_starts``     int32    the token's byte span ``[start, end)`` in the document's UTF-8 text
+``byte_ends``       int32    (zero-width for added BOS/EOS)
+==================  =======  =================================================================
+
+Cross-tokenizer runs (``make_dataset(..., teacher_tokenizer=...)``) add the same nine fields
+prefixed ``teacher_`` with shape ``(B, teacher_seq_len)``: row ``r``'s segment ``s`` in the
+teacher arrays is the teacher's tokenization of exactly the bytes of segment ``s`` of student row
+``r`` (same ``doc_ids``; pieces of split documents are cut where both tokenizations have a
+boundary). :func:`row_segments` lists a row's segments with their byte ranges.
+
+Shuffling, mixing, sharding and resumption: see :mod:`distill_jax.data.records` and
+:mod:`distill_jax.data.pipeline`. The iterator's ``bad_record_count`` (and ``stats``) counts
+skipped bad records for training metrics.
+"""
+
+from distill_jax.data.config import DataConfig, SourceConfig
+from distill_jax.data.packing import STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point, row_segments
+from distill_jax.data.pipeline import PackedDataset, PackedIterator, make_dataset, make_iterator
+from distill_jax.data.records import BadRecordError, Record, Records, read_records
+from distill_jax.data.tokenize import TokenizedDoc, Tokens, tokenize_record, tokenize_records
+
+__all__ = [
+    "BadRecordError",
+    "DataConfig",
+    "PackedDataset",
+    "PackedIterator",
+    "Record",
+    "Records",
+    "STUDENT_FIELDS",
+    "Segment",
+    "SourceConfig",
+    "TEACHER_FIELDS",
+    "TokenizedDoc",
+    "Tokens",
+    "cut_point",
+    "make_dataset",
+    "make_iterator",
+    "read_records",
+    "row_segments",
+    "tokenize_record",
+    "tokenize_records",
+]
