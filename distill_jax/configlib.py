@@ -77,6 +77,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigKeyError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigKeyError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -135,19 +140,37 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(
+            out.get(k), Mapping) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first
+    and this file's keys are deep-merged over it (lists are replaced, not merged)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigKeyError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigKeyError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigKeyError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load YAML ``path`` (or nothing) into ``cls`` with dotted ``overrides`` applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigKeyError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigKeyError(f"{path}: top level must be a mapping of sections")
+    data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -1,0 +1,87 @@
+"""Orbax training checkpoints: student state plus the data iterator's position.
+
+Each checkpoint is a step directory written by Orbax into a temporary location and renamed
+when complete (so a killed run never leaves a half checkpoint that looks valid); saves can be
+asynchronous; the last ``keep`` are kept. The teacher is never checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """``every``: save every N steps (and always at the end); ``keep``: how many to keep;
+    ``async_save``: write in the background while training continues."""
+
+    every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1:
+            raise ValueError(f"checkpoint.every and checkpoint.keep must be >= 1, got {self}")
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    """Save and restore ``TrainState`` (and optionally a Grain iterator) under ``directory``."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, with_data: bool = True):
+        self.directory = Path(directory).absolute()
+        self.with_data = with_data
+        handlers: dict[str, Any] = {"state": ocp.StandardCheckpointHandler()}
+        if with_data:
+            import grain
+            handlers["data"] = grain.checkpoint.CheckpointHandler()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, save_interval_steps=cfg.every,
+            enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True,
+            create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
+        """Save if ``step`` is due (or ``force``); returns whether a save started."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if self.with_data:
+            import grain
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int | None, like_state: Any, data_iterator: Any = None) -> Any:
+        """Restore ``step`` (default: latest) into arrays shaped and sharded like
+        ``like_state``; the data iterator (if given) is moved to its saved position."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {"state": ocp.args.StandardRestore(_abstract(like_state))}
+        if self.with_data:
+            import grain
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Block until any asynchronous save has finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,141 @@
+"""``distill-jax`` command line: parse, then call library functions (nothing real lives here).
+
+  distill-jax train CONFIG [key=value ...]     train (or resume) a student
+  distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
+  distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
+  distill-jax mathgen --n N --out FILE         synthetic GSM8K-style problems as JSONL
+  distill-jax demo                             the end-to-end demo on real assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+
+def _setup_jax() -> None:
+    """Persistent compilation cache (recompiles drop from seconds to ~0.1 s)."""
+    import jax
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                           os.path.join(os.path.expanduser("~"), ".cache", "distill_jax", "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    init_distributed()
+
+
+def init_distributed() -> None:
+    """Join a multi-process run when the launcher asked for one (see launch/).
+
+    ``DISTILL_JAX_COORDINATOR=host:port`` with ``DISTILL_JAX_NUM_PROCESSES`` and
+    ``DISTILL_JAX_PROCESS_ID``: explicit (local multi-process, SLURM). ``DISTILL_JAX_DISTRIBUTED=1``:
+    auto-detected by JAX (Cloud TPU pods, SLURM).
+    """
+    import jax
+    coordinator = os.environ.get("DISTILL_JAX_COORDINATOR")
+    if coordinator:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["DISTILL_JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["DISTILL_JAX_PROCESS_ID"]))
+    elif os.environ.get("DISTILL_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def _cmd_train(args) -> int:
+    from distill_jax.config import load_run_config
+    from distill_jax.train.loop import run
+    cfg = load_run_config(args.config, args.overrides)
+    run(cfg)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from distill_jax import models
+    from distill_jax.models.generate import generate_text
+    from distill_jax.tokenizer import load_tokenizer
+    model = models.load_hf(args.hf_dir, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.hf_dir)
+    texts = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          chat_template=args.chat, seed=args.seed)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+def _cmd_convert_gguf(args) -> int:
+    from distill_jax.models.gguf import gguf_to_hf
+    out = gguf_to_hf(args.gguf, args.out_dir, dtype=args.dtype)
+    print(out)
+    return 0
+
+
+def _cmd_mathgen(args) -> int:
+    from distill_jax.data import mathgen
+    return mathgen.main(args.rest) or 0
+
+
+def _cmd_demo(args) -> int:
+    from distill_jax import demo
+    demo.main(args.run_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or resume a student from a YAML run config")
+    t.add_argument("config", help="YAML run config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
+    t.set_defaults(fn=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a Hugging Face checkpoint")
+    g.add_argument("hf_dir")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir (default: hf_dir)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32")
+    g.set_defaults(fn=_cmd_generate)
+
+    c = sub.add_parser("convert-gguf", help="convert a Llama GGUF file to a Hugging Face directory")
+    c.add_argument("gguf")
+    c.add_argument("out_dir")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    c.set_defaults(fn=_cmd_convert_gguf)
+
+    m = sub.add_parser("mathgen", help="write synthetic math word problems as JSONL",
+                       add_help=False)
+    m.add_argument("rest", nargs=argparse.REMAINDER)
+    m.set_defaults(fn=_cmd_mathgen)
+
+    d = sub.add_parser("demo", help="run the end-to-end demo on real assets")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_jax()
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("DISTILL_JAX_DEBUG"):
+            raise
+        print(f"distill-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    from absl import flags  # Grain worker processes need absl flags parsed
+    flags.FLAGS(sys.argv[:1], known_only=True)
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The training loop: build everything from the run config, resume, step, log, checkpoint.
+
+The loop does no math: the step is built in :mod:`distill_jax.train.step`, the models in
+:mod:`distill_jax.train.build`, the data in :mod:`distill_jax.data`. Metrics of step ``i`` are
+fetched to the host after step ``i + 1`` has been dispatched, so the device never waits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from distill_jax import configlib, data, metrics as mlog, sharding
+from distill_jax.checkpoint import Checkpointer
+from distill_jax.config import RunConfig, dump_run_config
+from distill_jax.tokenizer import load_tokenizer
+from distill_jax.train import build, optim
+from distill_jax.train.step import BATCH_KEYS, init_state, jit_train_step, make_train_step
+
+CONFIG_FILE = "config.yaml"
+# Sections that may change between a run and its resumption (everything else must match).
+_RESUMABLE = {"steps", "checkpoint", "logging", "eval"}
+
+
+def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    path = run_dir / CONFIG_FILE
+    new = configlib.to_dict(cfg)
+    if path.exists():
+        import yaml
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(k for k in set(old) | set(new)
+                         if k not in _RESUMABLE and old.get(k) != new.get(k))
+        if changed:
+            raise ValueError(
+                f"{run_dir} holds a run with a different config (sections {changed} differ); "
+                "resume with the same config, or choose another run_dir")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_run_config(cfg))
+    tmp.replace(path)
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+            for k in BATCH_KEYS}
+
+
+def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, float]:
+    """Train (or resume) the run ``cfg`` describes; returns the last logged metrics."""
+    run_dir = Path(cfg.run_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_resume_config(run_dir, cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = {**sharding.DEFAULT_RULES, **cfg.mesh.rules}
+    spec = cfg.loss.spec()
+
+    teacher = None
+    if cfg.teacher is not None and (spec.needs_teacher or cfg.student.init == "teacher_layers"):
+        teacher = build.load_model(cfg.teacher, mesh, rules)
+    student = build.build_student(cfg.student, teacher, mesh, rules)
+    if not spec.needs_teacher:
+        teacher = None
+    schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
+    optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    state = init_state(student.params, optimizer, cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.tokenizer_path())
+    iterator = data.make_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(None, state, iterator)
+        logger.note(f"resumed {run_dir} from step {int(state.step)}")
+
+    batch_sharding = sharding.batch_sharding(mesh, 2, rules)
+    teacher_params = teacher.params if teacher is not None else None
+    step_fn = jit_train_step(
+        make_train_step(student.config, teacher.config if teacher else None, spec, optimizer,
+                        schedule, grad_accum=cfg.optimizer.grad_accum,
+                        chunk_size=cfg.loss.chunk_size),
+        state, teacher_params, batch_sharding)
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops = mlog.flops_per_token(student.config.matmul_params(),
+                                 teacher.config.matmul_params() if teacher else 0)
+    peak = mlog.peak_flops(jax.devices()[0].device_kind, cfg.logging.peak_flops_per_device)
+    start = int(state.step)
+    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, start + max_steps_this_call)
+    logger.note(f"training {run_dir}: steps {start}..{end} of {cfg.steps}, "
+                f"{student.config.num_params() / 1e6:.2f}M-param student, "
+                f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}")
+    pending = None
+    last: dict[str, float] = {}
+    t_prev = time.perf_counter()
+
+    def flush(item):
+        step, device_metrics, dt = item
+        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        host[mlog.STEP_TIME] = dt
+        host[mlog.TOKENS_PER_SEC] = tokens_per_step / dt
+        if peak:
+            host[mlog.MFU] = tokens_per_step * flops / dt / (peak * jax.device_count())
+        host.update({k: float(v) for k, v in iterator.stats.items()})
+        if step % cfg.logging.every == 0 or step == end:
+            logger.log(step, host)
+        return host
+
+    for step in range(start, end):
+        batch = _global_batch(next(iterator), batch_sharding)
+        state, step_metrics = step_fn(state, teacher_params, batch)
+        if pending is not None:
+            last = flush(pending)
+        now = time.perf_counter()
+        pending = (step + 1, step_metrics, now - t_prev)
+        t_prev = now
+        ckpt.save(step + 1, state, iterator)
+    if pending is not None:
+        jax.block_until_ready(state)
+        last = flush(pending)
+    if end > start:
+        ckpt.save(end, state, iterator, force=end not in ckpt.all_steps())
+    ckpt.close()
+    logger.close()
+    return last

@@ -1,0 +1,145 @@
+"""The training state and one pure step ``(state, teacher_params, batch) -> (state, metrics)``.
+
+The teacher runs inside the same jitted step and is frozen by construction: its params are a
+separate argument (never donated, never in the optimiser, never checkpointed) and its hidden
+states and lm_head pass through ``stop_gradient``. The lm_head and the loss are computed
+together in token chunks (``distill_jax.losses.chunked_loss``), so full (batch, length, vocab)
+logits never exist. Gradient accumulation runs over micro-batches inside the step and divides
+by the token count of the whole batch, so it is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from distill_jax import losses
+from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
+
+Array = jax.Array
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+GRAD_NORM = "train/grad_norm"
+LEARNING_RATE = "train/lr"
+PARAM_NORM = "train/param_norm"
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["step", "params", "opt_state", "rng"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a checkpoint holds for the student: step, params, optimiser state, RNG."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+
+    def replace(self, **changes: Any) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """A fresh state; the optimiser state is created with the params' shardings."""
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
+                    spec: losses.LossSpec, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None, *, grad_accum: int = 1,
+                    chunk_size: int = 512) -> Callable:
+    """Build the (unjitted) step. ``teacher_cfg`` may be None when the loss needs no teacher."""
+    if spec.needs_teacher and teacher_cfg is None:
+        raise ValueError("the loss has distillation terms but no teacher model is configured")
+    if spec.needs_teacher and teacher_cfg.vocab_size != student_cfg.vocab_size:
+        raise ValueError(
+            f"teacher vocab {teacher_cfg.vocab_size} != student vocab {student_cfg.vocab_size}: "
+            "same-vocabulary losses need one tokenizer (use cross-tokenizer losses otherwise)")
+
+    def micro_sums(params, teacher_params, mb):
+        kw = dict(positions=mb["positions"], segment_ids=mb["segment_ids"])
+        student = Model(student_cfg, params)
+        h_s = hidden_states(student, mb["tokens"], **kw)
+        h_t = head_t = None
+        if spec.needs_teacher:
+            teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+            h_t = jax.lax.stop_gradient(hidden_states(teacher, mb["tokens"], **kw))
+            head_t = jax.lax.stop_gradient(lm_head(teacher))
+        _, metrics = losses.chunked_loss(
+            h_s, lm_head(student), h_t, head_t, mb["targets"], mb["loss_mask"], spec=spec,
+            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
+            teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
+        sums = {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+        return sums
+
+    def objective(params, teacher_params, mb, total_tokens):
+        sums = micro_sums(params, teacher_params, mb)
+        return sums[losses.LOSS_SUM] / jnp.maximum(total_tokens, 1.0), sums
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        total_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+        if grad_accum == 1:
+            grads, sums = grad_fn(state.params, teacher_params, batch, total_tokens)
+        else:
+            micro = _split_micro(batch, grad_accum)
+
+            def body(carry, mb):
+                g_acc, s_acc = carry
+                g, s = grad_fn(state.params, teacher_params, mb, total_tokens)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+
+            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros_s = jax.tree.map(lambda x: jnp.zeros((), jnp.float32),
+                                   jax.eval_shape(micro_sums, state.params, teacher_params,
+                                                  jax.tree.map(lambda x: x[0], micro)))
+            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = summarize(sums, spec)
+        metrics[GRAD_NORM] = optax.global_norm(grads)
+        metrics[PARAM_NORM] = optax.global_norm(params)
+        if schedule is not None:
+            metrics[LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return step
+
+
+def summarize(sums: dict[str, Array], spec: losses.LossSpec) -> dict[str, Array]:
+    """Means from summed metrics (sums and the token count are kept for exact averaging)."""
+    tokens = sums[losses.TOKENS]
+    out = dict(sums)
+    for name, _ in spec.terms:
+        out[losses.metric_key(name)] = sums[losses.sum_key(name)] / jnp.maximum(tokens, 1.0)
+    out[losses.LOSS] = sums[losses.LOSS_SUM] / jnp.maximum(tokens, 1.0)
+    return out
+
+
+def jit_train_step(step: Callable, state: TrainState, teacher_params: Any, batch_sharding: Any):
+    """``jax.jit`` with explicit in/out shardings taken from the live state, and the state
+    donated. ``batch_sharding`` applies to every batch array."""
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_params)
+    batch_sh = {k: batch_sharding for k in BATCH_KEYS}
+    return jax.jit(step, in_shardings=(state_sh, teacher_sh, batch_sh),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))
