@@ -85,3 +85,21 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete checkpoint step in a checkpoints directory (None if there is none)."""
+    steps = [int(p.name) for p in Path(directory).iterdir()
+             if p.name.isdigit() and (p / "state").is_dir()] if Path(directory).is_dir() else []
+    return max(steps) if steps else None
+
+
+def load_state_dict(directory: str | Path, step: int | None = None) -> dict[str, Any]:
+    """A checkpoint's state as plain nested dicts of arrays (``params``, ``opt_state``, ``step``,
+    ``rng``), without knowing the model; e.g. for export or inspection."""
+    directory = Path(directory).absolute()
+    step = latest_step(directory) if step is None else step
+    if step is None or not (directory / str(step) / "state").is_dir():
+        raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
+                                f"{directory}")
+    return ocp.StandardCheckpointer().restore(directory / str(step) / "state")

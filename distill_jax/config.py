@@ -68,12 +68,14 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes (``-1``: the rest of the devices) and logical-axis rule overrides."""
+    """Mesh axis sizes (``-1``: the rest of the devices), logical-axis rule overrides, and
+    optionally how many devices to use."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_devices: int | None = None  # use only the first N devices (single process; debugging)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import losses
 from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
@@ -45,9 +46,16 @@ class TrainState:
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """A fresh state; the optimiser state is created with the params' shardings."""
-    opt_state = jax.jit(optimizer.init)(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    sharding = jax.tree.leaves(params)[0].sharding
+    if isinstance(sharding, NamedSharding):  # scalars replicated on the params' mesh
+        sharding = NamedSharding(sharding.mesh, PartitionSpec())
+    # Moments follow their params' shardings; counters etc. are replicated on the same mesh.
+    opt_state = jax.tree.map(
+        lambda x: x if x.sharding.device_set == sharding.device_set else jax.device_put(x, sharding),
+        jax.jit(optimizer.init)(params))
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), sharding)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
 def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
@@ -114,8 +122,8 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarize(sums, spec)
-        metrics[GRAD_NORM] = optax.global_norm(grads)
-        metrics[PARAM_NORM] = optax.global_norm(params)
+        metrics[GRAD_NORM] = optax.tree.norm(grads)
+        metrics[PARAM_NORM] = optax.tree.norm(params)
         if schedule is not None:
             metrics[LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
