@@ -102,4 +102,11 @@ def load_state_dict(directory: str | Path, step: int | None = None) -> dict[str,
     if step is None or not (directory / str(step) / "state").is_dir():
         raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
                                 f"{directory}")
-    return ocp.StandardCheckpointer().restore(directory / str(step) / "state")
+    path = directory / str(step) / "state"
+    ckptr = ocp.StandardCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          meta.tree if hasattr(meta, "tree") else meta)
+    return ckptr.restore(path, target)

@@ -275,7 +275,7 @@ def _two_processes(run_dir: Path, *overrides: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_together(tmp_path):
-    args = ("steps=8", "checkpoint.every=4", "mesh.data=2", "mesh.fsdp=4")
+    args = ("steps=8", "checkpoint.every=4", "mesh.data=2", "mesh.fsdp=4", "data.num_shards=2")
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run(_cli(single, *args), env=_env(8), check=True, cwd=REPO, capture_output=True)
     _two_processes(multi, *args)

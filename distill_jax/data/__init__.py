@@ -46,6 +46,7 @@ skipped bad records for training metrics.
 from distill_jax.data.config import DataConfig, SourceConfig
 from distill_jax.data.packing import STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point, row_segments
 from distill_jax.data.pipeline import PackedDataset, PackedIterator, make_dataset, make_iterator
+from distill_jax.data.shards import ShardedIterator, make_process_iterator
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
 from distill_jax.data.tokenize import TokenizedDoc, Tokens, tokenize_record, tokenize_records
 
@@ -58,6 +59,7 @@ __all__ = [
     "Records",
     "STUDENT_FIELDS",
     "Segment",
+    "ShardedIterator",
     "SourceConfig",
     "TEACHER_FIELDS",
     "TokenizedDoc",
@@ -65,6 +67,7 @@ __all__ = [
     "cut_point",
     "make_dataset",
     "make_iterator",
+    "make_process_iterator",
     "read_records",
     "row_segments",
     "tokenize_record",

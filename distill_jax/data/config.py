@@ -61,6 +61,8 @@ class DataConfig:
       on_bad_record: ``raise`` (with the file and record index) or ``skip`` (and count).
       max_records: read at most this many records from each source (the first ones in file
         order); for quick runs.
+      num_shards: data shards of each global batch (None = the process count); a fixed value
+        makes batches independent of how many processes read them (see ``data.shards``).
     """
 
     sources: tuple[SourceConfig, ...] = ()
@@ -82,6 +84,7 @@ class DataConfig:
     workers: int = 0
     on_bad_record: Literal["raise", "skip"] = "raise"
     max_records: Optional[int] = None
+    num_shards: Optional[int] = None
 
     def __post_init__(self):
         if self.seq_len < 2:

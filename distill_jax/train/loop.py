@@ -76,7 +76,7 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     state = init_state(student.params, optimizer, cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer_path())
-    iterator = data.make_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
+    iterator = data.make_process_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                   process_count=jax.process_count())
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
