@@ -1,6 +1,7 @@
 """``distill-jax`` command line: parse, then call library functions (nothing real lives here).
 
   distill-jax train CONFIG [key=value ...]     train (or resume) a student
+  distill-jax export RUN_DIR OUT_DIR           the trained student as a Hugging Face directory
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
   distill-jax mathgen --n N --out FILE         synthetic GSM8K-style problems as JSONL
@@ -51,6 +52,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from distill_jax.export import export_run
+    print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from distill_jax import models
     from distill_jax.models.generate import generate_text
@@ -93,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     t.set_defaults(fn=_cmd_train)
 
+    e = sub.add_parser("export", help="export a run's student as a Hugging Face directory")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.set_defaults(fn=_cmd_export)
+
     g = sub.add_parser("generate", help="generate text from a Hugging Face checkpoint")
     g.add_argument("hf_dir")
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -124,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mathgen"]:  # its own argparse handles the flags
+        from distill_jax.data import mathgen
+        return mathgen.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     _setup_jax()
     try:

@@ -1,0 +1,62 @@
+"""Export a trained student from a run directory as a Hugging Face directory.
+
+``export_run(run_dir, out_dir, step=None)`` reads the run's resolved ``config.yaml``, rebuilds
+the student's architecture (without loading any teacher weights), takes the params of the
+chosen (default: latest) checkpoint and writes config.json + safetensors + tokenizer files
+atomically with :func:`distill_jax.models.save_hf`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax import checkpoint, models as M
+from distill_jax.config import RunConfig, load_run_config
+from distill_jax.train import build
+
+CONFIG_FILE = "config.yaml"
+
+
+def student_config(cfg: RunConfig) -> M.ModelConfig:
+    """The student's ModelConfig as the run built it (no weights are read)."""
+    src = cfg.student
+    if src.init != "teacher_layers":
+        return build.model_config(src)
+    teacher = build.model_config(cfg.teacher)
+    return teacher.replace(num_layers=len(src.layers),
+                           layer_types=tuple(teacher.layer_types[i] for i in src.layers),
+                           dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat,
+                           **src.overrides)
+
+
+def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model, RunConfig]:
+    """The student of a run at ``step`` (default: the latest checkpoint), on one device."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{run_dir / CONFIG_FILE} not found: not a distill-jax run directory")
+    cfg = load_run_config(run_dir / CONFIG_FILE)
+    mcfg = student_config(cfg)
+    state = checkpoint.load_state_dict(run_dir / "checkpoints", step)
+    expected = M.param_shapes(mcfg)
+    got = jax.tree.map(lambda x: x.shape, state["params"])
+    if jax.tree.map(lambda s: s.shape, expected) != got:
+        raise ValueError(f"checkpoint params in {run_dir} do not match the student architecture "
+                         "in its config.yaml")
+    params = jax.tree.map(lambda x: jnp.asarray(x, mcfg.param_dtype), state["params"])
+    return M.Model(mcfg, params), cfg
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
+               dtype: str = "float32") -> Path:
+    """Write the run's student as a Hugging Face directory that transformers loads."""
+    model, cfg = load_student(run_dir, step)
+    tok = cfg.tokenizer_path()
+    if tok == "bytes":
+        from distill_jax.tokenizer import byte_tokenizer
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = tok
+    return M.save_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype)
