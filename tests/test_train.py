@@ -181,10 +181,15 @@ def test_step_matches_unchunked_loss_gradient():
 
 # ----------------------------------------------------------------------------- whole runs
 def test_tiny_run_learns_and_writes_run_dir(tmp_path):
-    cfg = _tiny(tmp_path, "steps=12", "logging.tensorboard=true")
+    cfg = _tiny(tmp_path, "steps=12", "logging.tensorboard=true", "eval.every=6",
+                "eval.batches=2", f"eval.sources=[{{path: {REPO}/configs/data/math_test.jsonl}}]")
     last = run(cfg)
     curve = _losses(tmp_path)
     assert curve[12] < curve[1]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert sorted(evals) == [6, 12] and evals[12] < evals[6]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # one record per step
     assert (tmp_path / "config.yaml").exists() and list((tmp_path / "tensorboard").iterdir())
     assert checkpoint.latest_step(tmp_path / "checkpoints") == 12
     assert set(last) >= {"distill/loss", "train/grad_norm", "train/lr", "perf/tokens_per_sec",

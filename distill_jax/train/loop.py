@@ -7,6 +7,7 @@ fetched to the host after step ``i + 1`` has been dispatched, so the device neve
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from distill_jax.checkpoint import Checkpointer
 from distill_jax.config import RunConfig, dump_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
-from distill_jax.train.step import BATCH_KEYS, init_state, jit_train_step, make_train_step
+from distill_jax.train.step import (BATCH_KEYS, init_state, jit_train_step, make_eval_step,
+                                    make_train_step, summarize)
 
 CONFIG_FILE = "config.yaml"
 # Sections that may change between a run and its resumption (everything else must match).
@@ -47,6 +49,30 @@ def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any) -> dict[str
     """Assemble each process's rows into global arrays sharded over the data axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
             for k in BATCH_KEYS}
+
+
+def make_evaluator(cfg: RunConfig, student_cfg, teacher_cfg, spec, tokenizer, batch_sharding):
+    """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
+    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time)."""
+    if not cfg.eval.sources:
+        raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
+    eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
+                                    num_epochs=None, workers=0)
+    step = jax.jit(make_eval_step(student_cfg, teacher_cfg, spec, chunk_size=cfg.loss.chunk_size))
+
+    def evaluate(params, teacher_params) -> dict[str, float]:
+        iterator = data.make_process_iterator(eval_data, tokenizer,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+        total = None
+        for _ in range(cfg.eval.batches):
+            sums = step(params, teacher_params, _global_batch(next(iterator), batch_sharding))
+            total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
+        iterator.close()
+        return {f"eval/{k.split('/')[-1]}": float(v) for k, v in summarize(total, spec).items()
+                if not k.endswith("_sum")}
+
+    return evaluate
 
 
 def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, float]:
@@ -92,6 +118,10 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
                         chunk_size=cfg.loss.chunk_size),
         state, teacher_params, batch_sharding)
 
+    evaluate = None
+    if cfg.eval.every > 0:
+        evaluate = make_evaluator(cfg, student.config, teacher.config if teacher else None, spec,
+                                  tokenizer, batch_sharding)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = mlog.flops_per_token(student.config.matmul_params(),
                                  teacher.config.matmul_params() if teacher else 0)
@@ -105,6 +135,9 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     last: dict[str, float] = {}
     t_prev = time.perf_counter()
 
+    def eval_due(step: int) -> bool:
+        return evaluate is not None and (step % cfg.eval.every == 0 or step == end)
+
     def flush(item):
         step, device_metrics, dt = item
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -113,7 +146,9 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         if peak:
             host[mlog.MFU] = tokens_per_step * flops / dt / (peak * jax.device_count())
         host.update({k: float(v) for k, v in iterator.stats.items()})
-        if step % cfg.logging.every == 0 or step == end:
+        if eval_due(step):
+            host.update(evaluate(state.params, teacher_params))
+        if step % cfg.logging.every == 0 or step == end or eval_due(step):
             logger.log(step, host)
         return host
 
@@ -126,6 +161,10 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         pending = (step + 1, step_metrics, now - t_prev)
         t_prev = now
         ckpt.save(step + 1, state, iterator)
+        if eval_due(step + 1):  # evaluate the state of this step now, not one step late
+            last = flush(pending)
+            pending = None
+            t_prev = time.perf_counter()
     if pending is not None:
         jax.block_until_ready(state)
         last = flush(pending)

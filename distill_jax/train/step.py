@@ -66,6 +66,35 @@ def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
+def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
+              chunk_size: int, params: Any, teacher_params: Any,
+              batch: dict[str, Array]) -> dict[str, Array]:
+    """Summed loss terms and the token count of one (micro-)batch: the teacher forward (frozen),
+    the student forward, and the chunked lm_head + loss."""
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    student = Model(student_cfg, params)
+    h_s = hidden_states(student, batch["tokens"], **kw)
+    h_t = head_t = None
+    if spec.needs_teacher:
+        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+        h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"], **kw))
+        head_t = jax.lax.stop_gradient(lm_head(teacher))
+    _, metrics = losses.chunked_loss(
+        h_s, lm_head(student), h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
+        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
+        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
+    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+
+
+def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
+                   spec: losses.LossSpec, *, chunk_size: int = 512) -> Callable:
+    """``(params, teacher_params, batch) -> sums`` of the loss terms, without an update."""
+    def step(params, teacher_params, batch):
+        return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params,
+                         {k: batch[k] for k in BATCH_KEYS})
+    return step
+
+
 def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
                     spec: losses.LossSpec, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, *, grad_accum: int = 1,
@@ -78,21 +107,7 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
             f"teacher vocab {teacher_cfg.vocab_size} != student vocab {student_cfg.vocab_size}: "
             "same-vocabulary losses need one tokenizer (use cross-tokenizer losses otherwise)")
 
-    def micro_sums(params, teacher_params, mb):
-        kw = dict(positions=mb["positions"], segment_ids=mb["segment_ids"])
-        student = Model(student_cfg, params)
-        h_s = hidden_states(student, mb["tokens"], **kw)
-        h_t = head_t = None
-        if spec.needs_teacher:
-            teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-            h_t = jax.lax.stop_gradient(hidden_states(teacher, mb["tokens"], **kw))
-            head_t = jax.lax.stop_gradient(lm_head(teacher))
-        _, metrics = losses.chunked_loss(
-            h_s, lm_head(student), h_t, head_t, mb["targets"], mb["loss_mask"], spec=spec,
-            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
-            teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
-        sums = {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
-        return sums
+    micro_sums = functools.partial(loss_sums, student_cfg, teacher_cfg, spec, chunk_size)
 
     def objective(params, teacher_params, mb, total_tokens):
         sums = micro_sums(params, teacher_params, mb)
