@@ -17,7 +17,7 @@ _CHAT_TEMPLATE = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of byte-level BPE (GPT-2)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -37,7 +37,7 @@ def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     vocab.update({table[b]: b + 3 for b in range(256)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -45,6 +45,7 @@ import numpy as np
 
 from distill_jax.data.config import DataConfig
 from distill_jax.data.records import BadRecordError, Record, _Bad, _validate
+from distill_jax.tokenizer import bytes_to_unicode
 
 __all__ = ["Tokens", "TokenizedDoc", "tokenize_record", "tokenize_records"]
 
@@ -109,20 +110,7 @@ class TokenizedDoc:
 # Tokenizer facts, computed once per tokenizer and process
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE vocabularies are written in it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 

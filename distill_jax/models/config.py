@@ -134,11 +134,11 @@ class ModelConfig:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         norms = d * (4 if self.sandwich_norm else 2) + (2 * hd if self.qk_norm else 0)
-        total = self.num_layers * (attn + mlp + norms) + d
+        total = self.num_layers * (attn + mlp + norms) + d  # + the final norm
         if include_embeddings:
             total += v * d
-        if not self.tie_word_embeddings or not include_embeddings:
-            total += v * d if not self.tie_word_embeddings else 0
+        if not self.tie_word_embeddings:
+            total += v * d  # the separate lm_head
         return total
 
     def matmul_params(self) -> int:
