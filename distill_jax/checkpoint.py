@@ -104,7 +104,13 @@ def load_state_dict(directory: str | Path, step: int | None = None) -> dict[str,
                                 f"{directory}")
     path = directory / str(step) / "state"
     ckptr = ocp.StandardCheckpointer()
-    meta = ckptr.metadata(path)
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # "metadata file does not exist" is expected
+    try:
+        meta = ckptr.metadata(path)
+    finally:
+        absl_logging.set_verbosity(level)
     meta = getattr(meta, "item_metadata", meta)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),

