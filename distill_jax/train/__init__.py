@@ -1,0 +1,1 @@
+"""The training engine: optimiser, state and step, model construction, and the loop."""
