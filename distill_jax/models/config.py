@@ -194,14 +194,13 @@ _IGNORED = frozenset({
     "_sliding_window_pattern", "sliding_window_pattern", "use_bidirectional_attention",
     "tie_encoder_decoder", "is_decoder", "add_cross_attention", "torchscript",
     "bad_words_ids", "begin_suppress_tokens", "suppress_tokens", "output_scores",
-    "return_dict_in_generate", "tf_legacy_loss", "use_return_dict", "final_logit_softcapping_",
+    "return_dict_in_generate", "tf_legacy_loss", "use_return_dict",
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
     "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
     "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences",
     "num_beam_groups", "diversity_penalty", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "cross_attention_hidden_size",
-    "pruned_heads", "_attn_implementation_autoset", "quantization_config_", "unsloth_fixed",
-    "head_dim_",
+    "pruned_heads", "_attn_implementation_autoset", "unsloth_fixed",
 })
 
 
@@ -212,7 +211,8 @@ def _rope_from_hf(params: dict[str, Any] | None, where: str) -> tuple[float, Rop
     theta = float(params.pop("rope_theta", 10000.0))
     kind = params.pop("rope_type", params.pop("type", "default"))
     if kind == "default":
-        params.pop("factor", None) if params.get("factor") in (None, 1.0) else None
+        if params.get("factor") in (None, 1.0):
+            params.pop("factor", None)
         if params:
             raise ConfigError(f"{where}: unhandled rope fields {sorted(params)} for rope_type default")
         return theta, None

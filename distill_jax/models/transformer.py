@@ -50,10 +50,10 @@ class RMSNorm(nnx.Module):
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         w = self.scale[...].astype(jnp.float32)
-        if self.gemma:
+        if self.gemma:  # Gemma: (1 + w) in fp32, then cast
             return (x * (1.0 + w)).astype(dtype)
-        return (w * x.astype(dtype).astype(jnp.float32)).astype(dtype) if dtype != jnp.float32 \
-            else w * x
+        # Llama: cast the normalised input to the compute dtype first, then scale (as HF does)
+        return (w * x.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 
 class Attention(nnx.Module):
