@@ -1,0 +1,44 @@
+"""Teacher cache: per-document teacher outputs on disk (tensorstore zarr v3, sharded, zstd).
+
+    from distill_jax.cache import CacheSpec, Manifest, CacheWriter, CacheReader, verify
+    spec = CacheSpec(k=64, vocab_size=151_936)                       # logprob_encoding="bf16" | "q8"
+    m = Manifest(spec, teacher={"name": ..., "config_hash": ..., "weights_hash": ...},
+                 tokenizer_hash=tokenizer_fingerprint(tok), dataset_fingerprint=fp)
+    with CacheWriter(path, m, num_docs=n, process_index=i, process_count=c) as w:
+        for d in w.pending_doc_ids():
+            w.write_document(d, {"topk_ids": ..., "topk_logprobs": ..., "actual_logprob": ...,
+                                 "tail_logmass": ..., "boundary_logmass": ...})
+        w.finalize()
+    r = CacheReader(path); r.check(expected_tokenizer_hash=..., expected_dataset_fingerprint=..., k=64)
+    rows = r.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
+
+Format, encodings and the exactly-once argument: :mod:`distill_jax.cache.store`.
+"""
+
+from distill_jax.cache.store import (
+    CacheError,
+    CacheMismatchError,
+    CacheReader,
+    CacheSpec,
+    CacheWriter,
+    Manifest,
+    VerifyReport,
+    decode_rows,
+    encode_rows,
+    read_manifest,
+    verify,
+)
+
+__all__ = [
+    "CacheError",
+    "CacheMismatchError",
+    "CacheReader",
+    "CacheSpec",
+    "CacheWriter",
+    "Manifest",
+    "VerifyReport",
+    "decode_rows",
+    "encode_rows",
+    "read_manifest",
+    "verify",
+]

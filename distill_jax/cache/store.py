@@ -1,0 +1,870 @@
+"""On-disk teacher cache: ragged per-document teacher outputs in tensorstore zarr v3.
+
+Layout of a cache directory ``PATH``::
+
+    PATH/manifest.json                      # Manifest, written atomically (tmp + rename)
+    PATH/part-00000-of-00002/               # one part per writing process
+        journal.bin                         # committed document index (the "offsets array")
+        topk_ids/  [topk_ids_hi/]           # zarr v3 arrays, flat over the part's tokens
+        topk_logprobs/  [top1_logprob/]
+        actual_logprob/  tail_logmass/  boundary_logmass/
+        DONE.json                           # written by CacheWriter.finalize()
+
+Every per-token array has the part's token count as its first dimension (ragged per document:
+document ``d`` occupies rows ``[start, start + length)`` of its part). Arrays are zarr v3 with
+the ``sharding_indexed`` codec (shards of ``shard_rows`` tokens, inner chunks of ``chunk_rows``)
+and blosc-zstd compression (byte shuffle). One cache serves any packing and sequence length:
+the data pipeline's ``doc_ids`` / ``doc_offsets`` index it directly (:meth:`CacheReader.read_tokens`).
+
+Row ``t`` of a document is the teacher's next-token distribution after tokens ``0..t`` (at the
+manifest's temperature): it predicts token ``t+1``. ``actual_logprob[t]`` is the log-prob of
+token ``t+1``; for the last token of a document there is no next token and the caller stores 0.
+
+Encodings (``k`` = top-k, ``V`` = vocabulary size, ``b = ceil(log2 V)``)
+-------------------------------------------------------------------------
+* ``topk_ids``: uint8 if ``b <= 8``, uint16 if ``b <= 16``; above that the low 16 bits go to
+  ``topk_ids`` (uint16) and the ``b - 16`` high bits of all k ids of a token are bit-packed into
+  ``topk_ids_hi`` (uint8, ``ceil(k (b-16) / 8)`` bytes). Vocab 262,144 (b = 18): 2.25 bytes/id.
+  Supported up to ``V = 2**31``.
+* ``topk_logprobs`` (rows are stored sorted by log-prob, descending; the writer sorts):
+  - ``"bf16"`` (default, lossless w.r.t. bfloat16 rounding): each value is rounded to bfloat16,
+    mapped to its order-preserving 16-bit key and delta-coded along k (modulo 2**16). Sorted rows
+    give small deltas, which compress well. 2 bytes/value before compression.
+  - ``"q8"``: ``top1_logprob`` (float32) plus, per entry, ``q = round(min(gap, G) / (G / 255))``
+    with ``gap = top1 - logprob >= 0`` and ``G = q8_max_gap`` (default 20 nats), delta-coded along
+    k (modulo 256). Absolute error <= ``G / 510`` (0.0392 nats at G = 20) for gaps <= G; gaps
+    beyond G decode as exactly ``top1 - G``. ``-inf`` entries decode as ``top1 - G``.
+    1 byte/value before compression.
+* ``actual_logprob``, ``tail_logmass``, ``boundary_logmass``: float32 (default) or bfloat16
+  (``CacheSpec.scalar_dtype``).
+
+Tail convention (``Manifest.tail_convention``, default ``"log1m_topk_mass"``):
+``tail_logmass = log(1 - sum(exp(topk_logprobs)))`` over the teacher's full-precision
+distribution at the manifest temperature; ``-inf`` when the top-k hold all the mass (k = V).
+``boundary_logmass = log(sum of p(next) over tokens that start a new word or are special))``.
+
+Raw bytes/token before compression: ``k * (id_bytes + lp_bytes) + 3 * scalar_bytes (+4 for q8)``,
+e.g. k=128, V=151,936, bf16, float32 scalars: 128 * (2.25 + 2) + 12 = 556 bytes. Measured on
+disk (tests/test_cache_store.py::test_bytes_per_token, softmax of Gaussian logits): k=128,
+V=151,936 takes 327 (bf16) / 312 (q8) bytes/token with uniformly random ids -- ids alone cannot
+go below log2(V) bits each, 275 bytes at k=128 -- and 256 / 240 with frequency-skewed (Zipf) ids.
+The delta-coded log-probs compress to ~36 (bf16) / ~17 (q8) bytes at k=128.
+
+Exactly-once writing (resumable, multi-process)
+-----------------------------------------------
+Process ``i`` of ``n`` owns the documents with ``doc_id % n == i`` and writes only its own part
+directory, so processes never coordinate. A part is append-only: the writer buffers whole
+documents, writes their rows at the part's current end (``committed tokens``), waits for
+tensorstore to finish (durably), and only then appends one 32-byte record per document
+``(doc_id, start, length, crc32)`` to ``journal.bin`` and fsyncs it. A document is in the cache
+if and only if its journal record is valid. On restart the writer reads the journal, drops a
+torn (incomplete or CRC-invalid) trailing record, resumes writing at the end of the last valid
+record (overwriting any uncommitted rows), and skips every already-committed ``doc_id``
+(:meth:`CacheWriter.write_document` returns ``False``). Hence a killed writer restarted on the
+same path neither loses nor duplicates documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "journal.bin"
+DONE_NAME = "DONE.json"
+TAIL_CONVENTION = "log1m_topk_mass"
+SCALAR_FIELDS = ("actual_logprob", "tail_logmass", "boundary_logmass")
+INPUT_FIELDS = ("topk_ids", "topk_logprobs") + SCALAR_FIELDS
+
+_REC = struct.Struct("<qqqII")  # doc_id, start, length, crc32(first 24 bytes), magic
+_MAGIC = 0x54434A31  # "TCJ1"
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class CacheError(Exception):
+    """A teacher cache is unusable (missing, corrupt, or does not match the run)."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was built for a different tokenizer, dataset or k than the run expects."""
+
+
+# ----------------------------------------------------------------------------- spec / manifest
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What is stored per teacher token and how it is encoded.
+
+    Attributes:
+      k: number of top-k entries per token (1 <= k <= vocab_size).
+      vocab_size: teacher vocabulary size (ids are < vocab_size); decides the id encoding.
+      logprob_encoding: ``"bf16"`` (lossless bfloat16) or ``"q8"`` (uint8 gap to the top-1).
+      q8_max_gap: the largest gap (nats) ``q8`` represents; error <= q8_max_gap / 510.
+      scalar_dtype: ``"float32"`` or ``"bf16"`` for the three per-token scalars.
+      temperature: the temperature the teacher distribution was computed at.
+      chunk_rows: tokens per compressed inner chunk (the unit a read decompresses).
+      shard_rows: tokens per shard file (a multiple of chunk_rows).
+      clevel: zstd level inside blosc.
+      shuffle: blosc filter: "shuffle", "bitshuffle", "noshuffle" or "auto" (bitshuffle for
+        ``topk_logprobs``, byte shuffle for the other arrays).
+    """
+
+    k: int
+    vocab_size: int
+    logprob_encoding: str = "bf16"
+    q8_max_gap: float = 20.0
+    scalar_dtype: str = "float32"
+    temperature: float = 1.0
+    chunk_rows: int = 1024
+    shard_rows: int = 65536
+    clevel: int = 5
+    shuffle: str = "auto"
+
+    def __post_init__(self):
+        if not 1 <= self.vocab_size <= 2**31:
+            raise ValueError(f"vocab_size must be in [1, 2**31], got {self.vocab_size}")
+        if not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+        if self.logprob_encoding not in ("bf16", "q8"):
+            raise ValueError(f"logprob_encoding must be 'bf16' or 'q8', got {self.logprob_encoding!r}")
+        if self.scalar_dtype not in ("float32", "bf16"):
+            raise ValueError(f"scalar_dtype must be 'float32' or 'bf16', got {self.scalar_dtype!r}")
+        if not self.q8_max_gap > 0:
+            raise ValueError(f"q8_max_gap must be > 0, got {self.q8_max_gap}")
+        if self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
+            raise ValueError("shard_rows must be a positive multiple of chunk_rows")
+
+    @property
+    def id_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.vocab_size)))
+
+    @property
+    def id_hi_bits(self) -> int:
+        """Bits per id stored in the packed ``topk_ids_hi`` plane (0 when ids fit in 16 bits)."""
+        return max(0, self.id_bits - 16)
+
+    @property
+    def id_encoding(self) -> str:
+        if self.id_bits <= 8:
+            return "u8"
+        if self.id_bits <= 16:
+            return "u16"
+        return f"u16+hi{self.id_hi_bits}"
+
+    @property
+    def q8_step(self) -> float:
+        return self.q8_max_gap / 255.0
+
+    @property
+    def q8_max_error(self) -> float:
+        """Max absolute error (nats) of a ``q8`` log-prob whose gap to the top-1 is <= q8_max_gap."""
+        return self.q8_step / 2
+
+    def raw_bytes_per_token(self) -> float:
+        """Bytes per token before compression."""
+        id_b = 1 if self.id_encoding == "u8" else 2 + self.id_hi_bits / 8
+        lp_b = 2 if self.logprob_encoding == "bf16" else 1
+        sc = 4 if self.scalar_dtype == "float32" else 2
+        return self.k * (id_b + lp_b) + 3 * sc + (4 if self.logprob_encoding == "q8" else 0)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything that decides whether a cache can serve a run; stored as ``manifest.json``.
+
+    ``teacher`` identifies the teacher (e.g. ``{"name": ..., "config_hash": ..., "weights_hash": ...}``,
+    strings given by the caller). ``tokenizer_hash`` is :func:`distill_jax.tokenizer.tokenizer_fingerprint`
+    of the teacher tokenizer; ``dataset_fingerprint`` identifies the documents and their order.
+    ``num_docs`` and ``process_count`` are filled in by :class:`CacheWriter`.
+    """
+
+    spec: CacheSpec
+    teacher: Mapping[str, str]
+    tokenizer_hash: str
+    dataset_fingerprint: str
+    num_docs: int = -1
+    process_count: int = -1
+    tail_convention: str = TAIL_CONVENTION
+    format_version: int = FORMAT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        spec = self.spec
+        d = {
+            "format_version": self.format_version,
+            "teacher": dict(self.teacher),
+            "tokenizer_hash": self.tokenizer_hash,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "num_docs": self.num_docs,
+            "process_count": self.process_count,
+            "tail_convention": self.tail_convention,
+            "spec": dataclasses.asdict(spec),
+            "encodings": {  # derived, for humans and other readers
+                "topk_ids": spec.id_encoding,
+                "topk_logprobs": spec.logprob_encoding,
+                "scalars": spec.scalar_dtype,
+                "q8_max_error": spec.q8_max_error if spec.logprob_encoding == "q8" else None,
+                "raw_bytes_per_token": spec.raw_bytes_per_token(),
+                "compression": f"blosc-zstd{spec.clevel}-shuffle, sharding_indexed",
+            },
+            "extra": dict(self.extra),
+        }
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"teacher cache format_version {d.get('format_version')} is not supported "
+                f"(this code reads version {FORMAT_VERSION}); rebuild the cache")
+        return cls(
+            spec=CacheSpec(**d["spec"]), teacher=d["teacher"], tokenizer_hash=d["tokenizer_hash"],
+            dataset_fingerprint=d["dataset_fingerprint"], num_docs=d["num_docs"],
+            process_count=d["process_count"], tail_convention=d["tail_convention"],
+            format_version=d["format_version"], extra=d.get("extra", {}))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path: str) -> Manifest:
+    mpath = os.path.join(path, MANIFEST_NAME)
+    if not os.path.exists(mpath):
+        raise CacheError(f"no teacher cache at {path!r} ({MANIFEST_NAME} missing); build it with the "
+                         "`cache` subcommand first")
+    with open(mpath) as f:
+        return Manifest.from_json(f.read())
+
+
+# ----------------------------------------------------------------------------- encodings
+
+
+def _bf16_keys(x: np.ndarray) -> np.ndarray:
+    """float -> order-preserving uint16 key of its bfloat16 rounding."""
+    bits = np.asarray(x, np.float32).astype(_BF16).view(np.uint16)
+    neg = (bits & 0x8000) != 0
+    return np.where(neg, ~bits, bits | 0x8000).astype(np.uint16)
+
+
+def _bf16_from_keys(keys: np.ndarray) -> np.ndarray:
+    keys = keys.astype(np.uint16)
+    pos = (keys & 0x8000) != 0
+    bits = np.where(pos, keys & 0x7FFF, ~keys).astype(np.uint16)
+    return bits.view(_BF16).astype(np.float32)
+
+
+def _delta(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[..., 1:] = x[..., 1:] - x[..., :-1]  # modular (unsigned wrap-around): lossless
+    return out
+
+
+def _undelta(d: np.ndarray) -> np.ndarray:
+    return np.cumsum(d, axis=-1, dtype=d.dtype)  # wraps modulo 2**bits, inverting _delta
+
+
+def encode_rows(spec: CacheSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Validate, sort (by log-prob, descending) and encode a document's rows into stored arrays."""
+    missing = [f for f in INPUT_FIELDS if f not in arrays]
+    if missing:
+        raise ValueError(f"document arrays lack {missing}; need {list(INPUT_FIELDS)}")
+    ids = np.asarray(arrays["topk_ids"])
+    lps = np.asarray(arrays["topk_logprobs"], np.float32)
+    t = ids.shape[0]
+    if ids.ndim != 2 or ids.shape != (t, spec.k) or lps.shape != (t, spec.k):
+        raise ValueError(f"topk_ids/topk_logprobs must have shape (T, k={spec.k}), got "
+                         f"{ids.shape} and {lps.shape}")
+    if t and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+        raise ValueError(f"topk_ids outside [0, vocab_size={spec.vocab_size})")
+    if np.isnan(lps).any():
+        raise ValueError("topk_logprobs contain NaN")
+    if t and spec.k > 1 and not (lps[:, :-1] >= lps[:, 1:]).all():
+        order = np.argsort(-lps, axis=1, kind="stable")
+        lps = np.take_along_axis(lps, order, 1)
+        ids = np.take_along_axis(ids, order, 1)
+    out: dict[str, np.ndarray] = {}
+    ids = ids.astype(np.int64)
+    if spec.id_encoding == "u8":
+        out["topk_ids"] = ids.astype(np.uint8)
+    else:
+        out["topk_ids"] = (ids & 0xFFFF).astype(np.uint16)
+        hb = spec.id_hi_bits
+        if hb:
+            hi = (ids >> 16).astype(np.uint32)
+            bits = ((hi[..., None] >> np.arange(hb, dtype=np.uint32)) & 1).astype(np.uint8)
+            out["topk_ids_hi"] = np.packbits(bits.reshape(t, spec.k * hb), axis=1)
+    if spec.logprob_encoding == "bf16":
+        out["topk_logprobs"] = _delta(_bf16_keys(lps))
+    else:
+        top1 = lps[:, :1] if t else np.zeros((0, 1), np.float32)
+        if t and not np.isfinite(top1).all():
+            raise ValueError("q8 needs a finite top-1 log-prob on every row")
+        gap = np.clip(top1 - lps, 0.0, spec.q8_max_gap)  # -inf -> max gap
+        q = np.rint(gap / spec.q8_step).astype(np.uint8)
+        out["topk_logprobs"] = _delta(q)
+        out["top1_logprob"] = top1[:, 0].astype(np.float32)
+    sd = np.float32 if spec.scalar_dtype == "float32" else _BF16
+    for f in SCALAR_FIELDS:
+        v = np.asarray(arrays[f], np.float32)
+        if v.shape != (t,):
+            raise ValueError(f"{f} must have shape (T={t},), got {v.shape}")
+        if np.isnan(v).any():
+            raise ValueError(f"{f} contains NaN")
+        out[f] = v.astype(sd)
+    return out
+
+
+def decode_rows(spec: CacheSpec, stored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored arrays (leading dims arbitrary) -> ids int32, log-probs and scalars float32."""
+    lo = stored["topk_ids"].astype(np.int32)
+    if spec.id_hi_bits:
+        hb = spec.id_hi_bits
+        packed = stored["topk_ids_hi"]
+        lead = packed.shape[:-1]
+        bits = np.unpackbits(packed, axis=-1, count=spec.k * hb).reshape(*lead, spec.k, hb)
+        hi = (bits.astype(np.int32) << np.arange(hb, dtype=np.int32)).sum(-1, dtype=np.int32)
+        lo = lo | (hi << 16)
+    out = {"topk_ids": lo}
+    if spec.logprob_encoding == "bf16":
+        out["topk_logprobs"] = _bf16_from_keys(_undelta(stored["topk_logprobs"]))
+    else:
+        q = _undelta(stored["topk_logprobs"]).astype(np.float32)
+        out["topk_logprobs"] = stored["top1_logprob"][..., None].astype(np.float32) - q * np.float32(spec.q8_step)
+    for f in SCALAR_FIELDS:
+        out[f] = stored[f].astype(np.float32)
+    return out
+
+
+def _stored_fields(spec: CacheSpec) -> dict[str, tuple[str, int | None]]:
+    """Stored array name -> (zarr data_type, inner width or None for a 1-D array)."""
+    f: dict[str, tuple[str, int | None]] = {
+        "topk_ids": ("uint8" if spec.id_encoding == "u8" else "uint16", spec.k)}
+    if spec.id_hi_bits:
+        f["topk_ids_hi"] = ("uint8", math.ceil(spec.k * spec.id_hi_bits / 8))
+    f["topk_logprobs"] = ("uint16" if spec.logprob_encoding == "bf16" else "uint8", spec.k)
+    if spec.logprob_encoding == "q8":
+        f["top1_logprob"] = ("float32", None)
+    for s in SCALAR_FIELDS:
+        f[s] = ("float32" if spec.scalar_dtype == "float32" else "bfloat16", None)
+    return f
+
+
+_TYPESIZE = {"uint8": 1, "uint16": 2, "bfloat16": 2, "float32": 4}
+
+
+def _shuffle(spec: CacheSpec, path: str) -> str:
+    # Measured (k=128, V=151,936): bit shuffle suits the delta-coded log-probs (bf16: 36 vs 55
+    # bytes/token, q8: 17 vs 21); byte shuffle suits ids (uint16 low plane) and float scalars.
+    if spec.shuffle != "auto":
+        return spec.shuffle
+    return "bitshuffle" if os.path.basename(path) == "topk_logprobs" else "shuffle"
+
+
+def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create: bool) -> dict:
+    kv = {"driver": "file", "path": path}
+    if not create:
+        return {"driver": "zarr3", "kvstore": kv, "open": True}
+    tail = [] if width is None else [width]
+    return {
+        "driver": "zarr3", "kvstore": kv, "open": True, "create": True,
+        "metadata": {
+            "shape": [0] + tail, "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [spec.shard_rows] + tail}},
+            "chunk_key_encoding": {"name": "default"},
+            "fill_value": 0,
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [spec.chunk_rows] + tail,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "blosc", "configuration": {
+                               "cname": "zstd", "clevel": spec.clevel, "shuffle": _shuffle(spec, path),
+                               "typesize": _TYPESIZE[dtype], "blocksize": 0}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end"}}],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- journal
+
+
+def _pack_records(doc_ids, starts, lengths) -> bytes:
+    out = bytearray()
+    for d, s, n in zip(doc_ids, starts, lengths):
+        head = struct.pack("<qqq", int(d), int(s), int(n))
+        out += head + struct.pack("<II", zlib.crc32(head), _MAGIC)
+    return bytes(out)
+
+
+def _read_journal(path: str) -> tuple[np.ndarray, int, list[str]]:
+    """-> (records (n, 3) int64 [doc_id, start, length], valid byte length, problems).
+
+    Reads the longest valid prefix. A torn tail (partial or CRC-invalid *last* record) is what a
+    killed writer leaves and is not a problem; an invalid record followed by more data is.
+    """
+    if not os.path.exists(path):
+        return np.zeros((0, 3), np.int64), 0, []
+    with open(path, "rb") as f:
+        data = f.read()
+    recs, problems = [], []
+    n_full = len(data) // _REC.size
+    for i in range(n_full):
+        d, s, n, crc, magic = _REC.unpack_from(data, i * _REC.size)
+        if magic != _MAGIC or crc != zlib.crc32(data[i * _REC.size: i * _REC.size + 24]):
+            if i < n_full - 1:
+                problems.append(f"{path}: journal record {i} of {n_full} is corrupt (bad CRC/magic)")
+            break
+        recs.append((d, s, n))
+    arr = np.array(recs, np.int64).reshape(-1, 3)
+    return arr, len(arr) * _REC.size, problems
+
+
+def _part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Writes this process's documents into a cache; resumable and exactly-once.
+
+    Usage::
+
+        with CacheWriter(path, manifest, num_docs=n, process_index=i, process_count=c) as w:
+            for doc_id in w.pending_doc_ids():
+                w.write_document(doc_id, teacher_outputs(doc_id))
+            w.finalize()
+
+    ``arrays`` for a document of T tokens: ``topk_ids`` (T, k) int, ``topk_logprobs`` (T, k) float
+    (any order; stored sorted descending), ``actual_logprob``, ``tail_logmass``,
+    ``boundary_logmass`` (T,) float. Documents are buffered and committed once ``flush_tokens``
+    tokens are buffered, on :meth:`flush`, :meth:`finalize` or leaving the ``with`` block.
+    Buffered, uncommitted documents are lost if the process dies and are written again on restart
+    (they stay in :meth:`pending_doc_ids`).
+    """
+
+    def __init__(self, path: str, manifest: Manifest, *, num_docs: int, process_index: int = 0,
+                 process_count: int = 1, flush_tokens: int | None = None):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.path = path
+        self.manifest = dataclasses.replace(manifest, num_docs=int(num_docs), process_count=int(process_count))
+        self.spec = self.manifest.spec
+        self.process_index, self.process_count = process_index, process_count
+        self.num_docs = int(num_docs)
+        self.flush_tokens = flush_tokens or self.spec.shard_rows
+        os.makedirs(path, exist_ok=True)
+        mpath = os.path.join(path, MANIFEST_NAME)
+        if not os.path.exists(mpath):
+            _atomic_write(mpath, self.manifest.to_json().encode())  # racing writers write identical bytes
+        existing = read_manifest(path)
+        if existing.to_json() != self.manifest.to_json():
+            raise CacheMismatchError(
+                f"{path!r} already holds a teacher cache with a different manifest; resume only with the "
+                f"same teacher, tokenizer, dataset, spec, num_docs and process_count, or write to a new "
+                f"path.\n existing: {existing.to_json()}\n new: {self.manifest.to_json()}")
+        self.part_dir = os.path.join(path, _part_name(process_index, process_count))
+        os.makedirs(self.part_dir, exist_ok=True)
+        self._journal_path = os.path.join(self.part_dir, JOURNAL_NAME)
+        recs, valid_len, problems = _read_journal(self._journal_path)
+        if problems:
+            raise CacheError("; ".join(problems) + " -- the cache part is damaged; delete the part "
+                             "directory to rewrite its documents")
+        if os.path.exists(self._journal_path) and os.path.getsize(self._journal_path) != valid_len:
+            with open(self._journal_path, "r+b") as f:  # drop a torn tail record
+                f.truncate(valid_len)
+                os.fsync(f.fileno())
+        self._done = set(int(d) for d in recs[:, 0])
+        self._end = int(recs[-1, 1] + recs[-1, 2]) if len(recs) else 0
+        self._stores = {}
+        for name, (dt, w) in _stored_fields(self.spec).items():
+            apath = os.path.join(self.part_dir, name)
+            exists = os.path.exists(os.path.join(apath, "zarr.json"))  # part dirs are private: no race
+            store = ts.open(_zarr_spec(apath, self.spec, dt, w, not exists)).result()
+            if store.dtype.name != dt or tuple(store.domain.exclusive_max[1:]) != (() if w is None else (w,)):
+                raise CacheError(f"{apath}: existing array is {store.dtype.name}{tuple(store.domain.exclusive_max)}, "
+                                 f"expected {dt}; delete the part directory to rewrite it")
+            self._stores[name] = store
+        self._buf: list[tuple[int, dict[str, np.ndarray]]] = []
+        self._buf_ids: set[int] = set()
+        self._buf_tokens = 0
+
+    # -- bookkeeping
+    def owns(self, doc_id: int) -> bool:
+        return 0 <= doc_id < self.num_docs and doc_id % self.process_count == self.process_index
+
+    def is_done(self, doc_id: int) -> bool:
+        """Whether ``doc_id`` is committed (durably in the cache)."""
+        return int(doc_id) in self._done
+
+    @property
+    def committed_tokens(self) -> int:
+        return self._end
+
+    def pending_doc_ids(self) -> list[int]:
+        """This process's documents not yet committed or buffered, ascending."""
+        return [d for d in range(self.process_index, self.num_docs, self.process_count)
+                if d not in self._done and d not in self._buf_ids]
+
+    # -- writing
+    def write_document(self, doc_id: int, arrays: Mapping[str, np.ndarray]) -> bool:
+        """Buffer one whole document; returns False (and does nothing) if it is already written."""
+        doc_id = int(doc_id)
+        if not self.owns(doc_id):
+            raise ValueError(f"doc {doc_id} does not belong to process {self.process_index} of "
+                             f"{self.process_count} (or is outside [0, {self.num_docs}))")
+        if doc_id in self._done or doc_id in self._buf_ids:
+            return False
+        enc = encode_rows(self.spec, arrays)
+        self._buf.append((doc_id, enc))
+        self._buf_ids.add(doc_id)
+        self._buf_tokens += len(enc["topk_ids"])
+        if self._buf_tokens >= self.flush_tokens:
+            self.flush()
+        return True
+
+    def write_batch(self, doc_ids: Iterable[int], arrays_list: Iterable[Mapping[str, np.ndarray]]) -> int:
+        """Write several whole documents; returns how many were new."""
+        return sum(self.write_document(d, a) for d, a in zip(doc_ids, arrays_list))
+
+    def flush(self) -> None:
+        """Write the buffered documents' rows, wait for them to be durable, then commit them."""
+        if not self._buf:
+            return
+        lengths = [len(e["topk_ids"]) for _, e in self._buf]
+        start, new_end = self._end, self._end + sum(lengths)
+        futures = []
+        for name, store in self._stores.items():
+            if store.domain.exclusive_max[0] < new_end:
+                store = store.resize(exclusive_max=[new_end] + list(store.domain.exclusive_max[1:]),
+                                     expand_only=True).result()
+                self._stores[name] = store
+            if new_end > start:
+                data = np.concatenate([e[name] for _, e in self._buf])
+                futures.append(store[start:new_end].write(data))
+        for fut in futures:
+            fut.result()  # durable before the journal says so
+        starts = start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        ids = [d for d, _ in self._buf]
+        with open(self._journal_path, "ab") as f:
+            f.write(_pack_records(ids, starts, lengths))
+            f.flush()
+            os.fsync(f.fileno())
+        self._done.update(ids)
+        self._end = new_end
+        self._buf, self._buf_ids, self._buf_tokens = [], set(), 0
+
+    def finalize(self, *, allow_missing: bool = False) -> None:
+        """Flush, trim arrays to the committed rows and mark this part complete.
+
+        Raises if some of this process's documents are missing (unless ``allow_missing``).
+        """
+        self.flush()
+        missing = self.pending_doc_ids()
+        if missing and not allow_missing:
+            raise CacheError(f"process {self.process_index}: {len(missing)} documents not written "
+                             f"(first: {missing[:5]}); write them before finalize()")
+        for name, store in self._stores.items():
+            if store.domain.exclusive_max[0] != self._end:
+                self._stores[name] = store.resize(
+                    exclusive_max=[self._end] + list(store.domain.exclusive_max[1:]),
+                    resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
+        _atomic_write(os.path.join(self.part_dir, DONE_NAME), json.dumps(
+            {"documents": len(self._done), "tokens": self._end, "missing": len(missing)}).encode())
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.flush()  # buffered documents are complete; commit them even on error
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def _list_parts(path: str) -> list[str]:
+    return sorted(p for p in os.listdir(path) if p.startswith("part-") and
+                  os.path.isdir(os.path.join(path, p)))
+
+
+class CacheReader:
+    """Reads a cache written by :class:`CacheWriter` (all parts, complete or not).
+
+    ``doc_start``, ``doc_length`` and ``doc_part`` (length ``num_docs``; -1 for a missing
+    document) index the flat per-token arrays of each part.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.spec = self.manifest.spec
+        n = self.manifest.num_docs
+        self.doc_part = np.full(n, -1, np.int32)
+        self.doc_start = np.full(n, -1, np.int64)
+        self.doc_length = np.full(n, -1, np.int64)
+        self.parts = _list_parts(path)
+        self._stores: list[dict[str, ts.TensorStore]] = []
+        for pi, part in enumerate(self.parts):
+            recs, _, problems = _read_journal(os.path.join(path, part, JOURNAL_NAME))
+            if problems:
+                raise CacheError("; ".join(problems) + "; run verify() and rebuild the damaged part")
+            d = recs[:, 0]
+            if len(d) and (d.min() < 0 or d.max() >= n):
+                raise CacheError(f"{part}: doc_id outside [0, {n}); the cache is corrupt")
+            if (self.doc_part[d] >= 0).any() or len(np.unique(d)) != len(d):
+                raise CacheError(f"{part}: document written more than once; the cache is corrupt")
+            self.doc_part[d], self.doc_start[d], self.doc_length[d] = pi, recs[:, 1], recs[:, 2]
+            self._stores.append({
+                name: ts.open(_zarr_spec(os.path.join(path, part, name), self.spec, dt, w, False)).result()
+                for name, (dt, w) in _stored_fields(self.spec).items()})
+
+    @property
+    def num_docs(self) -> int:
+        return self.manifest.num_docs
+
+    @property
+    def complete(self) -> bool:
+        """Every document present and every part finalized."""
+        return bool((self.doc_part >= 0).all()) and len(self.parts) == self.manifest.process_count and all(
+            os.path.exists(os.path.join(self.path, p, DONE_NAME)) for p in self.parts)
+
+    def check(self, *, expected_tokenizer_hash: str | None = None,
+              expected_dataset_fingerprint: str | None = None, k: int | None = None,
+              vocab_size: int | None = None, temperature: float | None = None,
+              require_complete: bool = True) -> None:
+        """Raise :class:`CacheMismatchError` naming the first mismatch and how to fix it."""
+        m, where = self.manifest, f"teacher cache {self.path!r}"
+        fix = "rebuild the cache with the `cache` subcommand for this run's config, or point the run at a matching cache"
+        if expected_tokenizer_hash is not None and m.tokenizer_hash != expected_tokenizer_hash:
+            raise CacheMismatchError(
+                f"{where} was built with tokenizer hash {m.tokenizer_hash} but this run's teacher tokenizer "
+                f"hashes to {expected_tokenizer_hash} (token ids would not match); {fix}")
+        if expected_dataset_fingerprint is not None and m.dataset_fingerprint != expected_dataset_fingerprint:
+            raise CacheMismatchError(
+                f"{where} was built for dataset fingerprint {m.dataset_fingerprint} but this run's data has "
+                f"fingerprint {expected_dataset_fingerprint} (doc_ids would point at other documents); {fix}")
+        if k is not None and m.spec.k != k:
+            raise CacheMismatchError(
+                f"{where} stores top-k with k={m.spec.k} but the run asks for k={k}; set the loss's k to "
+                f"{m.spec.k} or {fix}")
+        if vocab_size is not None and m.spec.vocab_size != vocab_size:
+            raise CacheMismatchError(
+                f"{where} has vocab_size {m.spec.vocab_size} but the teacher has {vocab_size}; {fix}")
+        if temperature is not None and m.spec.temperature != temperature:
+            raise CacheMismatchError(
+                f"{where} was computed at temperature {m.spec.temperature} but the run uses {temperature}; {fix}")
+        if require_complete and not self.complete:
+            missing = int((self.doc_part < 0).sum())
+            raise CacheError(f"{where} is incomplete ({missing} of {m.num_docs} documents missing or parts "
+                             f"not finalized); resume the `cache` run on the same path to finish it")
+
+    def _gather(self, part: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        uniq, inv = np.unique(rows, return_inverse=True)
+        stores = self._stores[part]
+        futs = {name: s[uniq].read() for name, s in stores.items()}
+        return {name: f.result()[inv] for name, f in futs.items()}
+
+    def read_document(self, doc_id: int) -> dict[str, np.ndarray]:
+        """All rows of one document, decoded: ids int32 (T, k), log-probs/scalars float32."""
+        doc_id = int(doc_id)
+        if not 0 <= doc_id < self.num_docs:
+            raise IndexError(f"doc_id {doc_id} outside [0, {self.num_docs})")
+        p = int(self.doc_part[doc_id])
+        if p < 0:
+            raise CacheError(f"document {doc_id} is not in the cache {self.path!r} (incomplete cache?)")
+        s, n = int(self.doc_start[doc_id]), int(self.doc_length[doc_id])
+        futs = {name: st[s:s + n].read() for name, st in self._stores[p].items()}
+        return decode_rows(self.spec, {name: f.result() for name, f in futs.items()})
+
+    def read_tokens(self, doc_ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        """Gather the rows for a packed batch: ``doc_ids``/``offsets`` of any shape S (the batch's
+        ``doc_ids``, ``doc_offsets``; ``doc_id < 0`` is padding). Returns decoded arrays of shape
+        S + (k,) / S, zeros on padding, plus ``valid`` (bool, S)."""
+        doc_ids = np.asarray(doc_ids, np.int64)
+        offsets = np.asarray(offsets, np.int64)
+        if doc_ids.shape != offsets.shape:
+            raise ValueError(f"doc_ids {doc_ids.shape} and offsets {offsets.shape} differ in shape")
+        shape = doc_ids.shape
+        d, o = doc_ids.reshape(-1), offsets.reshape(-1)
+        valid = d >= 0
+        if (d >= self.num_docs).any():
+            raise IndexError(f"doc_id {int(d.max())} outside [0, {self.num_docs})")
+        dv = np.where(valid, d, 0)
+        part = np.where(valid, self.doc_part[dv] if self.num_docs else -1, -1)
+        if (valid & (part < 0)).any():
+            bad = d[valid & (part < 0)][:5]
+            raise CacheError(f"documents {bad.tolist()} are not in the cache {self.path!r}")
+        length = self.doc_length[dv] if self.num_docs else np.zeros_like(d)
+        if (valid & ((o < 0) | (o >= length))).any():
+            i = int(np.flatnonzero(valid & ((o < 0) | (o >= length)))[0])
+            raise IndexError(f"offset {int(o[i])} outside document {int(d[i])} of length {int(length[i])} "
+                             "(the cache and the batch disagree on tokenization?)")
+        rows = (self.doc_start[dv] if self.num_docs else np.zeros_like(d)) + o
+        fields = _stored_fields(self.spec)
+        stored = {name: np.zeros((len(d),) + (() if w is None else (w,)),
+                                 _BF16 if dt == "bfloat16" else np.dtype(dt)) for name, (dt, w) in fields.items()}
+        for p in np.unique(part[valid]):
+            sel = np.flatnonzero(part == p)
+            got = self._gather(int(p), rows[sel])
+            for name in fields:
+                stored[name][sel] = got[name]
+        out = decode_rows(self.spec, stored)
+        out = {k: np.where(valid.reshape(-1, *([1] * (v.ndim - 1))), v, 0).astype(v.dtype) for k, v in out.items()}
+        out = {k: v.reshape(shape + v.shape[1:]) for k, v in out.items()}
+        out["valid"] = valid.reshape(shape)
+        return out
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify`. ``ok`` is True when ``errors`` is empty."""
+
+    ok: bool
+    errors: list[str]
+    documents: int
+    missing_documents: int
+    tokens: int
+    bytes_on_disk: int
+    bytes_per_token: float
+    k: int
+    manifest: Manifest | None = None
+    bytes_by_array: dict[str, int] = field(default_factory=dict)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> VerifyReport:
+    """Check a cache end to end: manifest, per-part offsets (journal records valid, contiguous and
+    monotonic, within the arrays), array shapes/dtypes, NaN/inf in the stored values (``-inf``
+    allowed in ``tail_logmass`` and in top-k log-probs only when k = vocab_size), and coverage
+    (every document present exactly once, in the part that owns it)."""
+    errors: list[str] = []
+    try:
+        m = read_manifest(path)
+    except Exception as e:  # noqa: BLE001
+        return VerifyReport(False, [f"manifest: {e}"], 0, 0, 0, _dir_bytes(path) if os.path.isdir(path) else 0,
+                            0.0, 0)
+    spec, n = m.spec, m.num_docs
+    seen = np.zeros(max(n, 0), np.int64)
+    tokens = 0
+    parts = _list_parts(path)
+    expected_parts = {_part_name(i, m.process_count) for i in range(m.process_count)}
+    for p in parts:
+        if p not in expected_parts:
+            errors.append(f"{p}: unexpected part (manifest process_count={m.process_count})")
+    for i in range(m.process_count):
+        p = _part_name(i, m.process_count)
+        pdir = os.path.join(path, p)
+        if not os.path.isdir(pdir):
+            errors.append(f"{p}: part missing")
+            continue
+        if not os.path.exists(os.path.join(pdir, DONE_NAME)):
+            errors.append(f"{p}: not finalized ({DONE_NAME} missing)")
+        jpath = os.path.join(pdir, JOURNAL_NAME)
+        recs, valid_len, problems = _read_journal(jpath)
+        errors += problems
+        if os.path.exists(jpath) and os.path.getsize(jpath) != valid_len and not problems:
+            errors.append(f"{p}: torn journal tail ({os.path.getsize(jpath) - valid_len} bytes)")
+        d, s, ln = recs[:, 0], recs[:, 1], recs[:, 2]
+        if (ln < 0).any():
+            errors.append(f"{p}: negative document lengths")
+        ends = s + ln
+        if len(s) and (s[0] != 0 or (s[1:] != ends[:-1]).any()):
+            j = 0 if s[0] != 0 else int(np.flatnonzero(s[1:] != ends[:-1])[0]) + 1
+            errors.append(f"{p}: offsets not contiguous/monotonic at record {j} (doc {int(d[j])}: start "
+                          f"{int(s[j])}, expected {0 if j == 0 else int(ends[j - 1])})")
+        inr = (d >= 0) & (d < n)
+        if not inr.all():
+            errors.append(f"{p}: doc_ids outside [0, {n}): {d[~inr][:5].tolist()}")
+        if (d[inr] % m.process_count != i).any():
+            errors.append(f"{p}: holds documents of another process")
+        np.add.at(seen, d[inr], 1)
+        part_tokens = int(ends.max()) if len(ends) else 0
+        tokens += int(ln.clip(0).sum())
+        for name, (dt, w) in _stored_fields(spec).items():
+            try:
+                st = ts.open(_zarr_spec(os.path.join(pdir, name), spec, dt, w, False)).result()
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{p}/{name}: cannot open ({e})")
+                continue
+            shp = tuple(st.domain.exclusive_max)
+            if str(st.dtype.name) != dt or (w is not None and shp[1:] != (w,)) or (w is None and len(shp) != 1):
+                errors.append(f"{p}/{name}: dtype/shape {st.dtype.name}{shp}, expected {dt} (N{'' if w is None else f', {w}'})")
+            if shp[0] < part_tokens:
+                errors.append(f"{p}/{name}: {shp[0]} rows but offsets need {part_tokens}")
+            if check_values and part_tokens and shp[0] >= part_tokens:
+                step = max(spec.shard_rows, 1)
+                for a in range(0, part_tokens, step):
+                    raw = st[a:min(a + step, part_tokens)].read().result()
+                    if dt in ("float32", "bfloat16"):
+                        v = raw.astype(np.float32)
+                        bad = np.isnan(v) | np.isposinf(v)
+                        if name != "tail_logmass":
+                            bad |= np.isneginf(v)
+                        if bad.any():
+                            errors.append(f"{p}/{name}: {int(bad.sum())} NaN/inf values near row {a}")
+                            break
+                    elif name == "topk_logprobs" and spec.logprob_encoding == "bf16":
+                        lp = _bf16_from_keys(_undelta(raw))
+                        bad = np.isnan(lp) | np.isposinf(lp) | (np.isneginf(lp) if spec.k < spec.vocab_size else False)
+                        if bad.any():
+                            errors.append(f"{p}/{name}: {int(bad.sum())} NaN/inf log-probs near row {a}")
+                            break
+                    elif name == "topk_ids" and spec.id_encoding == "u16" and (raw >= spec.vocab_size).any():
+                        errors.append(f"{p}/{name}: ids >= vocab_size near row {a}")
+                        break
+    missing = int((seen == 0).sum())
+    if missing:
+        errors.append(f"coverage: {missing} of {n} documents missing (first: {np.flatnonzero(seen == 0)[:5].tolist()})")
+    dup = int((seen > 1).sum())
+    if dup:
+        errors.append(f"coverage: {dup} documents present more than once (first: {np.flatnonzero(seen > 1)[:5].tolist()})")
+    size = _dir_bytes(path)
+    by_array: dict[str, int] = {}
+    for p in parts:
+        for name in _stored_fields(spec):
+            by_array[name] = by_array.get(name, 0) + _dir_bytes(os.path.join(path, p, name))
+    return VerifyReport(
+        ok=not errors, errors=errors[:max_errors] + ([f"... {len(errors) - max_errors} more"] if len(errors) > max_errors else []),
+        documents=int((seen > 0).sum()), missing_documents=missing, tokens=tokens, bytes_on_disk=size,
+        bytes_per_token=size / tokens if tokens else 0.0, k=spec.k, manifest=m, bytes_by_array=by_array)

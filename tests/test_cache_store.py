@@ -1,0 +1,303 @@
+"""Teacher cache store: encodings, exactly-once resumable writing, multi-process parts, reader checks, verify."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+from scipy.special import logsumexp, ndtri
+
+from distill_jax.cache import CacheError, CacheMismatchError, CacheReader, CacheSpec, CacheWriter, Manifest, verify
+from distill_jax.cache.store import JOURNAL_NAME, _pack_records, _read_journal
+
+TEACHER = {"name": "test-teacher", "config_hash": "c0ffee", "weights_hash": "beef"}
+
+
+def realistic_rows(rng, T, k, V, sigma=2.5, ids="uniform"):
+    """Top-k (sorted descending) of log-softmax over V iid N(0, sigma^2) logits, via order statistics.
+
+    ids: "uniform" (worst case: every id equally likely) or "zipf" (p(id) ~ 1/(id + 10), like a real
+    teacher whose top-k favour frequent tokens, which BPE vocabularies give low ids).
+    """
+    e = rng.exponential(size=(T, k)) / (V - np.arange(k))
+    logits = sigma * ndtri(np.exp(-np.cumsum(e, axis=1)))  # the k largest of V normals, descending
+    logz = np.logaddexp(logsumexp(logits, axis=1), np.log(V - k) + sigma**2 / 2) if V > k else logsumexp(logits, axis=1)
+    lps = (logits - logz[:, None]).astype(np.float32)
+    if ids == "uniform":
+        tid = rng.integers(0, V, size=(T, k))
+    else:
+        tid = np.clip((np.exp(rng.random((T, k)) * np.log(V + 10.0)) - 10).astype(np.int64), 0, V - 1)
+    with np.errstate(divide="ignore"):
+        tail = np.log1p(-np.minimum(np.exp(logsumexp(lps, axis=1)), 1.0)).astype(np.float32)
+    return {"topk_ids": tid, "topk_logprobs": lps,
+            "actual_logprob": lps[np.arange(T), rng.integers(0, k, T)],
+            "tail_logmass": tail,
+            "boundary_logmass": np.log(rng.uniform(0.05, 0.9, T)).astype(np.float32)}
+
+
+def make_docs(seed, n, k, V, max_len=40, **kw):
+    rng = np.random.default_rng(seed)
+    return [realistic_rows(rng, int(rng.integers(0, max_len)), k, V, **kw) for _ in range(n)]
+
+
+def manifest(spec, **kw):
+    return Manifest(spec, teacher=TEACHER, tokenizer_hash=kw.get("tok", "tokhash"),
+                    dataset_fingerprint=kw.get("fp", "datafp"))
+
+
+def write_all(path, spec, docs, process_index=0, process_count=1, **kw):
+    with CacheWriter(str(path), manifest(spec), num_docs=len(docs), process_index=process_index,
+                     process_count=process_count, **kw) as w:
+        for d in w.pending_doc_ids():
+            w.write_document(d, docs[d])
+        w.finalize()
+
+
+def assert_same_cache(a, b):
+    ra, rb = CacheReader(str(a)), CacheReader(str(b))
+    assert ra.num_docs == rb.num_docs and ra.complete and rb.complete
+    for d in range(ra.num_docs):
+        x, y = ra.read_document(d), rb.read_document(d)
+        assert x.keys() == y.keys()
+        for f in x:
+            np.testing.assert_array_equal(x[f], y[f], err_msg=f"doc {d} field {f}")
+
+
+SMALL = dict(chunk_rows=16, shard_rows=64)  # several shards/chunks with few tokens
+
+
+@pytest.mark.parametrize("V", [49_152, 151_936, 262_144])
+def test_round_trip_bf16(tmp_path, V):
+    spec = CacheSpec(k=8, vocab_size=V, **SMALL)
+    docs = make_docs(0, 12, 8, V)
+    for doc in docs:  # include extreme ids
+        if len(doc["topk_ids"]):
+            doc["topk_ids"][0, :2] = [0, V - 1]
+    docs[3]["topk_logprobs"] = docs[3]["topk_logprobs"][:, ::-1].copy()  # unsorted input gets sorted
+    docs[3]["topk_ids"] = docs[3]["topk_ids"][:, ::-1].copy()
+    write_all(tmp_path, spec, docs)
+    r = CacheReader(str(tmp_path))
+    assert r.manifest.spec == spec and r.complete
+    for d, doc in enumerate(docs):
+        got = r.read_document(d)
+        order = np.argsort(-doc["topk_logprobs"], axis=1, kind="stable")
+        ids = np.take_along_axis(doc["topk_ids"], order, 1)
+        lps = np.take_along_axis(doc["topk_logprobs"], order, 1)
+        assert got["topk_ids"].dtype == np.int32 and got["topk_logprobs"].dtype == np.float32
+        np.testing.assert_array_equal(got["topk_ids"], ids)
+        np.testing.assert_array_equal(got["topk_logprobs"], lps.astype(ml_dtypes.bfloat16).astype(np.float32))
+        np.testing.assert_allclose(got["topk_logprobs"], lps, rtol=2**-8, atol=0)  # bf16 precision
+        for f in ("actual_logprob", "tail_logmass", "boundary_logmass"):
+            np.testing.assert_array_equal(got[f], doc[f])
+    rep = verify(str(tmp_path))
+    assert rep.ok, rep.errors
+    assert rep.documents == 12 and rep.tokens == sum(len(d["topk_ids"]) for d in docs)
+
+
+def test_round_trip_q8_error_and_full_vocab(tmp_path):
+    spec = CacheSpec(k=16, vocab_size=151_936, logprob_encoding="q8", **SMALL)
+    docs = make_docs(1, 10, 16, 151_936, sigma=6.0)
+    for doc in docs[:3]:  # gaps beyond q8_max_gap (and -inf) saturate at top1 - q8_max_gap
+        lp = doc["topk_logprobs"]
+        lp[:, -2], lp[:, -1] = lp[:, 0] - 25.0, -np.inf
+    write_all(tmp_path / "q8", spec, docs)
+    r = CacheReader(str(tmp_path / "q8"))
+    assert abs(spec.q8_max_error - 20 / 510) < 1e-12
+    seen_clamped = False
+    for d, doc in enumerate(docs):
+        got, lps = r.read_document(d), doc["topk_logprobs"]
+        np.testing.assert_array_equal(got["topk_ids"], doc["topk_ids"])
+        gap = lps[:, :1] - lps
+        inside = gap <= spec.q8_max_gap
+        assert np.all(np.abs(got["topk_logprobs"] - lps)[inside] <= spec.q8_max_error + 1e-5)
+        np.testing.assert_allclose(got["topk_logprobs"][~inside], (lps[:, :1] - spec.q8_max_gap).repeat(16, 1)[~inside], atol=1e-5)
+        seen_clamped |= bool((~inside).any())
+    assert seen_clamped
+    # k = V: tail mass is -inf (allowed), top-k log-probs may be -inf too
+    spec = CacheSpec(k=6, vocab_size=6, **SMALL)
+    with np.errstate(divide="ignore"):
+        lp = np.log(np.array([[0.5, 0.3, 0.2, 0.0, 0.0, 0.0]], np.float32).repeat(3, 0))
+    doc = {"topk_ids": np.tile(np.arange(6), (3, 1)), "topk_logprobs": lp, "actual_logprob": lp[:, 0],
+           "tail_logmass": np.full(3, -np.inf, np.float32), "boundary_logmass": np.zeros(3, np.float32)}
+    write_all(tmp_path / "full", spec, [doc])
+    got = CacheReader(str(tmp_path / "full")).read_document(0)
+    np.testing.assert_array_equal(got["topk_logprobs"], lp.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.isneginf(got["tail_logmass"]).all()
+    assert verify(str(tmp_path / "full")).ok
+
+
+def test_read_tokens_gathers_packed_batch(tmp_path):
+    spec = CacheSpec(k=4, vocab_size=262_144, **SMALL)
+    docs = make_docs(2, 9, 4, 262_144, max_len=30)
+    for i in range(2):
+        write_all(tmp_path, spec, docs, process_index=i, process_count=2)
+    r = CacheReader(str(tmp_path))
+    rng = np.random.default_rng(0)
+    B, L = 3, 50
+    doc_ids, offs = np.full((B, L), -1), np.zeros((B, L), np.int64)
+    for b in range(B):  # pack random document pieces, then padding
+        pos = 0
+        while pos < L - 5:
+            d = int(rng.integers(0, 9))
+            n = len(docs[d]["topk_ids"])
+            if n == 0:
+                continue
+            s = int(rng.integers(0, n))
+            m = min(n - s, L - 5 - pos)
+            doc_ids[b, pos:pos + m], offs[b, pos:pos + m] = d, np.arange(s, s + m)
+            pos += m
+    got = r.read_tokens(doc_ids, offs)
+    assert got["topk_ids"].shape == (B, L, 4) and got["actual_logprob"].shape == (B, L)
+    np.testing.assert_array_equal(got["valid"], doc_ids >= 0)
+    for b in range(B):
+        for t in range(L):
+            if doc_ids[b, t] < 0:
+                assert (got["topk_ids"][b, t] == 0).all() and got["tail_logmass"][b, t] == 0
+                continue
+            ref = r.read_document(int(doc_ids[b, t]))
+            for f in ref:
+                np.testing.assert_array_equal(got[f][b, t], ref[f][offs[b, t]])
+    with pytest.raises(IndexError, match="outside document"):
+        r.read_tokens(np.array([1]), np.array([1000]))
+
+
+def test_resume_after_kill_is_exactly_once(tmp_path):
+    spec = CacheSpec(k=8, vocab_size=151_936, **SMALL)
+    docs = make_docs(3, 30, 8, 151_936)
+    write_all(tmp_path / "ref", spec, docs)
+    path = str(tmp_path / "resumed")
+    # run 1: commits some documents, then "dies" with documents still buffered
+    w = CacheWriter(path, manifest(spec), num_docs=30, flush_tokens=50)
+    for d in range(30):
+        w.write_document(d, docs[d])
+        if w._done and w._buf and d >= 8:
+            break
+    committed = sorted(w._done)
+    assert 0 < len(committed) < 30 and w._buf
+    del w  # killed: no flush, no finalize
+    # run 2: the data of a flush reaches disk but the process dies before the journal commit,
+    # and a torn half record is left at the journal's end
+    w = CacheWriter(path, manifest(spec), num_docs=30, flush_tokens=10**9)
+    assert sorted(w._done) == committed and not w.write_document(committed[0], docs[committed[0]])
+    for d in w.pending_doc_ids()[:6]:
+        w.write_document(d, docs[d])
+    w._journal_path = os.path.join(path, "not-the-journal")  # the rows are written, the commit is lost
+    w.flush()
+    del w
+    jpath = os.path.join(path, "part-00000-of-00001", JOURNAL_NAME)
+    with open(jpath, "ab") as f:
+        f.write(_pack_records([29], [123], [4])[:17])
+    assert not CacheReader(path).complete
+    assert "torn journal tail" in " ".join(verify(path).errors)
+    # run 3: finishes; every document exactly once, identical to an uninterrupted write
+    w = CacheWriter(path, manifest(spec), num_docs=30, flush_tokens=40)
+    assert sorted(w._done) == committed
+    for d in w.pending_doc_ids():
+        assert w.write_document(d, docs[d])
+    w.finalize()
+    rep = verify(path)
+    assert rep.ok, rep.errors
+    assert rep.documents == 30 and rep.tokens == verify(str(tmp_path / "ref")).tokens
+    recs, _, _ = _read_journal(jpath)
+    assert sorted(recs[:, 0].tolist()) == list(range(30))
+    assert_same_cache(tmp_path / "ref", path)
+
+
+def test_two_processes_equal_single_writer(tmp_path):
+    spec = CacheSpec(k=8, vocab_size=49_152, logprob_encoding="q8", **SMALL)
+    docs = make_docs(4, 25, 8, 49_152)
+    write_all(tmp_path / "one", spec, docs)
+    threads = [threading.Thread(target=write_all, args=(tmp_path / "two", spec, docs, i, 2)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rep = verify(str(tmp_path / "two"))
+    assert rep.ok, rep.errors
+    assert sorted(os.listdir(tmp_path / "two")) == ["manifest.json", "part-00000-of-00002", "part-00001-of-00002"]
+    assert_same_cache(tmp_path / "one", tmp_path / "two")
+    w = CacheWriter(str(tmp_path / "two"), manifest(spec), num_docs=25, process_index=1, process_count=2)
+    with pytest.raises(ValueError, match="does not belong"):
+        w.write_document(4, docs[4])
+    with pytest.raises(CacheMismatchError, match="different manifest"):
+        CacheWriter(str(tmp_path / "two"), manifest(spec), num_docs=25, process_index=0, process_count=3)
+
+
+def test_reader_refuses_mismatch(tmp_path):
+    spec = CacheSpec(k=8, vocab_size=49_152, **SMALL)
+    docs = make_docs(5, 4, 8, 49_152)
+    write_all(tmp_path, spec, docs)
+    r = CacheReader(str(tmp_path))
+    r.check(expected_tokenizer_hash="tokhash", expected_dataset_fingerprint="datafp", k=8)
+    with pytest.raises(CacheMismatchError, match=r"tokenizer hash tokhash .* hashes to other.*rebuild the cache"):
+        r.check(expected_tokenizer_hash="other")
+    with pytest.raises(CacheMismatchError, match=r"dataset fingerprint datafp .* fingerprint fp2"):
+        r.check(expected_dataset_fingerprint="fp2")
+    with pytest.raises(CacheMismatchError, match=r"k=8 but the run asks for k=16"):
+        r.check(k=16)
+    with pytest.raises(CacheMismatchError, match="different manifest"):
+        CacheWriter(str(tmp_path), manifest(spec, tok="other"), num_docs=4)
+    with pytest.raises(CacheError, match="no teacher cache"):
+        CacheReader(str(tmp_path / "nope"))
+
+
+def test_verify_detects_corrupt_offsets_and_missing_doc(tmp_path):
+    spec = CacheSpec(k=4, vocab_size=49_152, **SMALL)
+    docs = make_docs(6, 10, 4, 49_152, max_len=20)
+    write_all(tmp_path, spec, docs)
+    jpath = os.path.join(tmp_path, "part-00000-of-00001", JOURNAL_NAME)
+    good = open(jpath, "rb").read()
+    recs, _, _ = _read_journal(jpath)
+    assert verify(str(tmp_path)).ok
+    # a shifted start (valid CRC): offsets no longer contiguous
+    bad = recs.copy()
+    bad[4, 1] += 3
+    open(jpath, "wb").write(_pack_records(*bad.T))
+    rep = verify(str(tmp_path))
+    assert not rep.ok and any("not contiguous" in e for e in rep.errors), rep.errors
+    # a flipped byte in a middle record: CRC mismatch
+    raw = bytearray(good)
+    raw[32 * 3 + 9] ^= 0xFF
+    open(jpath, "wb").write(bytes(raw))
+    rep = verify(str(tmp_path))
+    assert not rep.ok and any("corrupt" in e for e in rep.errors), rep.errors
+    with pytest.raises(CacheError, match="corrupt"):
+        CacheReader(str(tmp_path))
+    # a missing document
+    keep = recs[recs[:, 0] != 7]
+    open(jpath, "wb").write(_pack_records(*keep.T))
+    rep = verify(str(tmp_path))
+    assert not rep.ok and any("1 of 10 documents missing (first: [7])" in e for e in rep.errors), rep.errors
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(str(tmp_path)).check()
+    open(jpath, "wb").write(good)
+    assert verify(str(tmp_path)).ok
+
+
+def test_bytes_per_token(tmp_path, capsys):
+    """Measured on-disk size (all files) per token, 4096 tokens per configuration."""
+    rows = []
+    for ids in ("uniform", "zipf"):
+        for V in (49_152, 151_936):
+            for k in (16, 64, 128):
+                for enc in ("bf16", "q8"):
+                    spec = CacheSpec(k=k, vocab_size=V, logprob_encoding=enc)
+                    rng = np.random.default_rng(0)
+                    path = str(tmp_path / f"{ids}-{V}-{k}-{enc}")
+                    docs = [realistic_rows(rng, 1024, k, V, ids=ids) for _ in range(4)]
+                    write_all(path, spec, docs)
+                    rep = verify(path, check_values=False)
+                    assert rep.ok and rep.tokens == 4096
+                    assert rep.bytes_per_token < spec.raw_bytes_per_token()
+                    rows.append((ids, V, k, enc, rep.bytes_per_token, spec.raw_bytes_per_token()))
+    with capsys.disabled():
+        print("\nids      vocab    k  enc   bytes/token  raw")
+        for r in rows:
+            print(f"{r[0]:8s} {r[1]:6d} {r[2]:4d}  {r[3]:4s}  {r[4]:10.1f}  {r[5]:5.1f}")
+    got = {r[:4]: r[4] for r in rows}
+    # target <= 256 bytes/token at k=128, V=151,936 with a realistic (frequency-skewed) id distribution
+    assert got[("zipf", 151_936, 128, "q8")] <= 256
+    assert got[("zipf", 151_936, 128, "bf16")] <= 260
