@@ -36,7 +36,23 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig(ModelSource):
-    """The frozen teacher (no optimiser state, never checkpointed)."""
+    """The frozen teacher (no optimiser state, never checkpointed). ``cache``: a teacher cache
+    directory; ``train`` then reads the teacher's top-k distributions from it instead of
+    running the teacher, and ``cache`` (the command) writes it."""
+
+    cache: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """How ``distill-jax cache`` writes the teacher cache: ``k`` top log-probs per token,
+    their encoding, the temperature they are taken at, and the teacher batch size (rows;
+    default ``data.batch_size``)."""
+
+    k: int = 64
+    logprob_encoding: Literal["bf16", "q8"] = "bf16"
+    temperature: float = 1.0
+    batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +68,15 @@ class StudentConfig(ModelSource):
 class LossConfig:
     """Weighted terms (``forward_kl``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_kl``,
     ``skew_reverse_kl``, ``cross_entropy``), their options, and the token chunk size of the
-    fused lm_head + loss."""
+    fused lm_head + loss. ``tail`` says how a cached (top-k) teacher's remaining mass is
+    treated: one extra ``bucket`` on both sides, or dropped (``renormalize``)."""
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"forward_kl": 1.0})
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     chunk_size: int = 512
+    tail: Literal["bucket", "renormalize"] = "bucket"  # teacher mass outside a cached top-k
 
     def spec(self):
         from distill_jax.losses import LossSpec
@@ -102,6 +120,7 @@ class RunConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 

@@ -295,3 +295,29 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path):
     _two_processes(multi, *args)
     assert checkpoint.latest_step(multi / "checkpoints") == 8
     _assert_same_params(_final_params(single), _final_params(multi), atol=1e-5)
+
+
+def test_cached_teacher_step_equals_live_teacher_at_full_k():
+    """With k = vocab, the step fed a cached top-k teacher equals the live-teacher step."""
+    from distill_jax.losses.sparse import topk_from_logits
+    tc = M.ModelConfig.tiny("gemma2", vocab_size=97)
+    sc = M.ModelConfig.tiny("gemma2", vocab_size=97, num_layers=1)
+    teacher, student = M.init(tc, 1), M.init(sc, 2)
+    spec = losses.LossSpec(terms={"forward_kl": 1.0, "jsd": 0.5, "cross_entropy": 0.1},
+                           temperature=2.0)
+    opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-3), 10)
+    batch = _batch(np.random.RandomState(2), vocab=97)
+    logits = M.forward(teacher, batch["tokens"], positions=batch["positions"],
+                       segment_ids=batch["segment_ids"])
+    ids, logprobs, tail = topk_from_logits(logits, 97, temperature=2.0)
+    cached = dict(batch, teacher_topk_ids=np.asarray(ids), teacher_topk_logprobs=np.asarray(logprobs),
+                  teacher_tail_logmass=np.asarray(tail))
+    live_step = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=20))
+    cache_step = jax.jit(make_train_step(sc, None, spec, opt, chunk_size=20, cache_tail="bucket"))
+    s_live, s_cache = init_state(student.params, opt), init_state(student.params, opt)
+    for _ in range(3):
+        s_live, m_live = live_step(s_live, teacher.params, batch)
+        s_cache, m_cache = cache_step(s_cache, None, cached)
+        assert abs(float(m_live["distill/loss"]) - float(m_cache["distill/loss"])) <= 1e-5
+    for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_cache.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -20,7 +20,7 @@ from distill_jax.checkpoint import Checkpointer
 from distill_jax.config import RunConfig, dump_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
-from distill_jax.train.step import (BATCH_KEYS, init_state, jit_train_step, make_eval_step,
+from distill_jax.train.step import (batch_keys, init_state, jit_train_step, make_eval_step,
                                     make_train_step, summarize)
 
 CONFIG_FILE = "config.yaml"
@@ -45,10 +45,30 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     tmp.replace(path)
 
 
-def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any) -> dict[str, jax.Array]:
+def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
+                  keys: tuple[str, ...]) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays sharded over the data axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-            for k in BATCH_KEYS}
+            for k in keys}
+
+
+def open_cache(cfg: RunConfig, tokenizer, vocab_size: int):
+    """The run's teacher cache reader, checked against this run's tokenizer, data and loss."""
+    from distill_jax.cache import CacheReader
+    from distill_jax.cache.build import dataset_fingerprint
+    from distill_jax.tokenizer import tokenizer_fingerprint
+    reader = CacheReader(cfg.teacher.cache)
+    reader.check(expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
+                 expected_dataset_fingerprint=dataset_fingerprint(cfg.data),
+                 vocab_size=vocab_size, temperature=cfg.loss.temperature)
+    return reader
+
+
+def with_cache(iterator, reader):
+    if reader is None:
+        return iterator
+    from distill_jax.cache.join import CachedBatches
+    return CachedBatches(iterator, reader)
 
 
 def make_evaluator(cfg: RunConfig, student_cfg, teacher_cfg, spec, tokenizer, batch_sharding):
@@ -58,6 +78,9 @@ def make_evaluator(cfg: RunConfig, student_cfg, teacher_cfg, spec, tokenizer, ba
         raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
     eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
                                     num_epochs=None, workers=0)
+    if cfg.teacher is not None and cfg.teacher.cache:
+        raise ValueError("eval.every with a cached teacher is not supported yet: the cache covers "
+                         "the training data only; set eval.every=0")
     step = jax.jit(make_eval_step(student_cfg, teacher_cfg, spec, chunk_size=cfg.loss.chunk_size))
 
     def evaluate(params, teacher_params) -> dict[str, float]:
@@ -66,7 +89,8 @@ def make_evaluator(cfg: RunConfig, student_cfg, teacher_cfg, spec, tokenizer, ba
                                               process_count=jax.process_count())
         total = None
         for _ in range(cfg.eval.batches):
-            sums = step(params, teacher_params, _global_batch(next(iterator), batch_sharding))
+            sums = step(params, teacher_params,
+                        _global_batch(next(iterator), batch_sharding, batch_keys(False)))
             total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
         iterator.close()
         return {f"eval/{k.split('/')[-1]}": float(v) for k, v in summarize(total, spec).items()
@@ -91,19 +115,24 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     rules = {**sharding.DEFAULT_RULES, **cfg.mesh.rules}
     spec = cfg.loss.spec()
 
+    cached = bool(cfg.teacher is not None and cfg.teacher.cache and spec.needs_teacher)
     teacher = None
-    if cfg.teacher is not None and (spec.needs_teacher or cfg.student.init == "teacher_layers"):
+    if cfg.teacher is not None and ((spec.needs_teacher and not cached)
+                                    or cfg.student.init == "teacher_layers"):
         teacher = build.load_model(cfg.teacher, mesh, rules)
     student = build.build_student(cfg.student, teacher, mesh, rules)
-    if not spec.needs_teacher:
-        teacher = None
+    if not spec.needs_teacher or cached:
+        teacher = None  # a cached teacher never runs
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     state = init_state(student.params, optimizer, cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer_path())
-    iterator = data.make_process_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    reader = open_cache(cfg, tokenizer, student.config.vocab_size) if cached else None
+    iterator = with_cache(data.make_process_iterator(
+        cfg.data, tokenizer, process_index=jax.process_index(),
+        process_count=jax.process_count()), reader)
+    keys = batch_keys(cached)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
     if ckpt.latest_step() is not None:
@@ -115,8 +144,8 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     step_fn = jit_train_step(
         make_train_step(student.config, teacher.config if teacher else None, spec, optimizer,
                         schedule, grad_accum=cfg.optimizer.grad_accum,
-                        chunk_size=cfg.loss.chunk_size),
-        state, teacher_params, batch_sharding)
+                        chunk_size=cfg.loss.chunk_size, cache_tail=cfg.loss.tail if cached else None),
+        state, teacher_params, batch_sharding, keys)
 
     evaluate = None
     if cfg.eval.every > 0:
@@ -153,7 +182,7 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         return host
 
     for step in range(start, end):
-        batch = _global_batch(next(iterator), batch_sharding)
+        batch = _global_batch(next(iterator), batch_sharding, keys)
         state, step_metrics = step_fn(state, teacher_params, batch)
         if pending is not None:
             last = flush(pending)

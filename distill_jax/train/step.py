@@ -24,6 +24,12 @@ from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
 
 Array = jax.Array
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+# A cached teacher's per-token top-k distribution, joined into the batch by document index.
+CACHE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass")
+
+
+def batch_keys(cached: bool) -> tuple[str, ...]:
+    return BATCH_KEYS + (CACHE_KEYS if cached else ())
 GRAD_NORM = "train/grad_norm"
 LEARNING_RATE = "train/lr"
 PARAM_NORM = "train/param_norm"
@@ -68,12 +74,20 @@ def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
 
 def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
               chunk_size: int, params: Any, teacher_params: Any,
-              batch: dict[str, Array]) -> dict[str, Array]:
+              batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
     """Summed loss terms and the token count of one (micro-)batch: the teacher forward (frozen),
-    the student forward, and the chunked lm_head + loss."""
+    the student forward, and the chunked lm_head + loss. With ``tail`` set, the teacher is the
+    cached top-k distribution in the batch (``CACHE_KEYS``) and no teacher runs."""
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
     student = Model(student_cfg, params)
     h_s = hidden_states(student, batch["tokens"], **kw)
+    if tail is not None:
+        from distill_jax.losses import sparse
+        _, metrics = sparse.sparse_chunked_loss(
+            h_s, lm_head(student), batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
+            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
+        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
     h_t = head_t = None
     if spec.needs_teacher:
         teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
@@ -87,27 +101,36 @@ def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: l
 
 
 def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
-                   spec: losses.LossSpec, *, chunk_size: int = 512) -> Callable:
+                   spec: losses.LossSpec, *, chunk_size: int = 512,
+                   cache_tail: str | None = None) -> Callable:
     """``(params, teacher_params, batch) -> sums`` of the loss terms, without an update."""
+    keys = batch_keys(cache_tail is not None)
+
     def step(params, teacher_params, batch):
         return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params,
-                         {k: batch[k] for k in BATCH_KEYS})
+                         {k: batch[k] for k in keys}, cache_tail)
     return step
 
 
 def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
                     spec: losses.LossSpec, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, *, grad_accum: int = 1,
-                    chunk_size: int = 512) -> Callable:
-    """Build the (unjitted) step. ``teacher_cfg`` may be None when the loss needs no teacher."""
-    if spec.needs_teacher and teacher_cfg is None:
+                    chunk_size: int = 512, cache_tail: str | None = None) -> Callable:
+    """Build the (unjitted) step. ``teacher_cfg`` may be None when the loss needs no teacher
+    or when the teacher comes from a cache (``cache_tail`` = "bucket" or "renormalize")."""
+    cached = cache_tail is not None
+    if spec.needs_teacher and teacher_cfg is None and not cached:
         raise ValueError("the loss has distillation terms but no teacher model is configured")
-    if spec.needs_teacher and teacher_cfg.vocab_size != student_cfg.vocab_size:
+    if spec.needs_teacher and not cached and teacher_cfg.vocab_size != student_cfg.vocab_size:
         raise ValueError(
             f"teacher vocab {teacher_cfg.vocab_size} != student vocab {student_cfg.vocab_size}: "
             "same-vocabulary losses need one tokenizer (use cross-tokenizer losses otherwise)")
 
-    micro_sums = functools.partial(loss_sums, student_cfg, teacher_cfg, spec, chunk_size)
+    keys = batch_keys(cached)
+
+    def micro_sums(params, teacher_params, mb):
+        return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params, mb,
+                         cache_tail)
 
     def objective(params, teacher_params, mb, total_tokens):
         sums = micro_sums(params, teacher_params, mb)
@@ -116,7 +139,7 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
     grad_fn = jax.grad(objective, has_aux=True)
 
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = {k: batch[k] for k in keys}
         total_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
         if grad_accum == 1:
             grads, sums = grad_fn(state.params, teacher_params, batch, total_tokens)
@@ -158,11 +181,12 @@ def summarize(sums: dict[str, Array], spec: losses.LossSpec) -> dict[str, Array]
     return out
 
 
-def jit_train_step(step: Callable, state: TrainState, teacher_params: Any, batch_sharding: Any):
+def jit_train_step(step: Callable, state: TrainState, teacher_params: Any, batch_sharding: Any,
+                   keys: tuple[str, ...] = BATCH_KEYS):
     """``jax.jit`` with explicit in/out shardings taken from the live state, and the state
-    donated. ``batch_sharding`` applies to every batch array."""
+    donated. ``batch_sharding`` applies to every batch array (``keys``)."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_params)
-    batch_sh = {k: batch_sharding for k in BATCH_KEYS}
+    batch_sh = {k: batch_sharding for k in keys}
     return jax.jit(step, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))

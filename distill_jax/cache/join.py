@@ -1,0 +1,48 @@
+"""Join a teacher cache to packed batches by document index (the training side of the cache).
+
+Each packed row carries ``doc_ids`` and ``doc_offsets``; the cache holds, per document token,
+the teacher's top-k distribution for predicting the next token. :class:`CachedBatches` wraps the
+data iterator (keeping its checkpointable state) and adds ``teacher_topk_ids``,
+``teacher_topk_logprobs`` and ``teacher_tail_logmass`` to every batch, so the training step
+needs no teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from distill_jax.cache.store import CacheReader
+
+
+class CachedBatches(grain.DatasetIterator):
+    """Batches of ``iterator`` with the cached teacher rows of their tokens."""
+
+    def __init__(self, iterator: Any, reader: CacheReader):
+        super().__init__()
+        self._it = iterator
+        self.reader = reader
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._it))
+        rows = self.reader.read_tokens(batch["doc_ids"], batch["doc_offsets"])
+        batch["teacher_topk_ids"] = rows["topk_ids"].astype(np.int32)
+        batch["teacher_topk_logprobs"] = rows["topk_logprobs"].astype(np.float32)
+        batch["teacher_tail_logmass"] = rows["tail_logmass"].astype(np.float32)
+        batch["loss_mask"] = batch["loss_mask"] * rows["valid"]
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._it.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self._it.stats
+
+    def close(self) -> None:
+        self._it.close()
