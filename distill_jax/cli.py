@@ -1,6 +1,8 @@
 """``distill-jax`` command line: parse, then call library functions (nothing real lives here).
 
   distill-jax train CONFIG [key=value ...]     train (or resume) a student
+  distill-jax cache CONFIG [key=value ...]     build (or resume) the teacher cache at teacher.cache
+  distill-jax cache verify DIR                 check a teacher cache; non-zero exit on errors
   distill-jax export RUN_DIR OUT_DIR           the trained student as a Hugging Face directory
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
@@ -52,6 +54,26 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    if args.config == "verify":
+        if len(args.overrides) != 1:
+            print("usage: distill-jax cache verify DIR", file=sys.stderr)
+            return 2
+        from distill_jax.cache import verify
+        r = verify(args.overrides[0])
+        print(f"cache {args.overrides[0]}: {r.documents} documents ({r.missing_documents} missing), "
+              f"{r.tokens} tokens, {r.bytes_per_token:.1f} bytes/token, k={r.k}: "
+              f"{'ok' if r.ok else f'{len(r.errors)} errors'}")
+        for e in r.errors:
+            print(f"  error: {e}")
+        return 0 if r.ok else 1
+    from distill_jax.cache.build import build_cache
+    from distill_jax.config import load_run_config
+    cfg = load_run_config(args.config, args.overrides)
+    print(build_cache(cfg))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from distill_jax.export import export_run
     print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
@@ -99,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     t.set_defaults(fn=_cmd_train)
+
+    ch = sub.add_parser("cache", help="build the teacher cache (or: cache verify DIR)")
+    ch.add_argument("config", help="YAML run config, or 'verify'")
+    ch.add_argument("overrides", nargs="*", help="dotted overrides (or the cache DIR after 'verify')")
+    ch.set_defaults(fn=_cmd_cache)
 
     e = sub.add_parser("export", help="export a run's student as a Hugging Face directory")
     e.add_argument("run_dir")

@@ -12,6 +12,9 @@
     r = CacheReader(path); r.check(expected_tokenizer_hash=..., expected_dataset_fingerprint=..., k=64)
     rows = r.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
 
+Building one from a run config (``distill-jax cache CONFIG``): :mod:`distill_jax.cache.build`
+(``build_cache``, ``dataset_fingerprint``, ``word_start_mask``).
+
 Format, encodings and the exactly-once argument: :mod:`distill_jax.cache.store`.
 """
 
@@ -28,6 +31,7 @@ from distill_jax.cache.store import (
     read_manifest,
     verify,
 )
+from distill_jax.cache.build import build_cache, dataset_fingerprint, word_start_mask
 
 __all__ = [
     "CacheError",
@@ -37,8 +41,11 @@ __all__ = [
     "CacheWriter",
     "Manifest",
     "VerifyReport",
+    "build_cache",
+    "dataset_fingerprint",
     "decode_rows",
     "encode_rows",
     "read_manifest",
     "verify",
+    "word_start_mask",
 ]

@@ -52,8 +52,11 @@ The delta-coded log-probs compress to ~36 (bf16) / ~17 (q8) bytes at k=128.
 
 Exactly-once writing (resumable, multi-process)
 -----------------------------------------------
-Process ``i`` of ``n`` owns the documents with ``doc_id % n == i`` and writes only its own part
-directory, so processes never coordinate. A part is append-only: the writer buffers whole
+Process ``i`` of ``n`` owns the documents with ``doc_id % n == i`` (``Manifest.ownership ==
+"modulo"``, the default) or exactly the ``doc_id``s it is handed (``"explicit"``:
+``CacheWriter(..., owned_doc_ids=...)``, e.g. the data pipeline's shard of a multi-source mixture,
+whose positions are not doc_ids), and writes only its own part directory, so processes never
+coordinate; :func:`verify` checks global exactly-once coverage either way. A part is append-only: the writer buffers whole
 documents, writes their rows at the part's current end (``committed tokens``), waits for
 tensorstore to finish (durably), and only then appends one 32-byte record per document
 ``(doc_id, start, length, crc32)`` to ``journal.bin`` and fsyncs it. A document is in the cache
@@ -200,6 +203,7 @@ class Manifest:
     tail_convention: str = TAIL_CONVENTION
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    ownership: str = "modulo"  # "modulo" (doc_id % process_count) or "explicit" (owned_doc_ids)
 
     def to_json(self) -> str:
         spec = self.spec
@@ -211,6 +215,7 @@ class Manifest:
             "num_docs": self.num_docs,
             "process_count": self.process_count,
             "tail_convention": self.tail_convention,
+            "ownership": self.ownership,
             "spec": dataclasses.asdict(spec),
             "encodings": {  # derived, for humans and other readers
                 "topk_ids": spec.id_encoding,
@@ -235,7 +240,8 @@ class Manifest:
             spec=CacheSpec(**d["spec"]), teacher=d["teacher"], tokenizer_hash=d["tokenizer_hash"],
             dataset_fingerprint=d["dataset_fingerprint"], num_docs=d["num_docs"],
             process_count=d["process_count"], tail_convention=d["tail_convention"],
-            format_version=d["format_version"], extra=d.get("extra", {}))
+            format_version=d["format_version"], extra=d.get("extra", {}),
+            ownership=d.get("ownership", "modulo"))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -479,9 +485,19 @@ class CacheWriter:
     """
 
     def __init__(self, path: str, manifest: Manifest, *, num_docs: int, process_index: int = 0,
-                 process_count: int = 1, flush_tokens: int | None = None):
+                 process_count: int = 1, flush_tokens: int | None = None,
+                 owned_doc_ids: Iterable[int] | None = None):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if owned_doc_ids is not None:
+            manifest = dataclasses.replace(manifest, ownership="explicit")
+            owned = np.unique(np.asarray(list(owned_doc_ids), np.int64))
+            if len(owned) and (owned[0] < 0 or owned[-1] >= num_docs):
+                raise ValueError(f"owned_doc_ids outside [0, {num_docs})")
+            self._owned: set[int] | None = set(owned.tolist())
+            self._owned_sorted = owned.tolist()
+        else:
+            self._owned = None
         self.path = path
         self.manifest = dataclasses.replace(manifest, num_docs=int(num_docs), process_count=int(process_count))
         self.spec = self.manifest.spec
@@ -526,6 +542,8 @@ class CacheWriter:
 
     # -- bookkeeping
     def owns(self, doc_id: int) -> bool:
+        if self._owned is not None:
+            return int(doc_id) in self._owned
         return 0 <= doc_id < self.num_docs and doc_id % self.process_count == self.process_index
 
     def is_done(self, doc_id: int) -> bool:
@@ -538,8 +556,9 @@ class CacheWriter:
 
     def pending_doc_ids(self) -> list[int]:
         """This process's documents not yet committed or buffered, ascending."""
-        return [d for d in range(self.process_index, self.num_docs, self.process_count)
-                if d not in self._done and d not in self._buf_ids]
+        ids = (self._owned_sorted if self._owned is not None
+               else range(self.process_index, self.num_docs, self.process_count))
+        return [d for d in ids if d not in self._done and d not in self._buf_ids]
 
     # -- writing
     def write_document(self, doc_id: int, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -816,7 +835,7 @@ def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> Ver
         inr = (d >= 0) & (d < n)
         if not inr.all():
             errors.append(f"{p}: doc_ids outside [0, {n}): {d[~inr][:5].tolist()}")
-        if (d[inr] % m.process_count != i).any():
+        if m.ownership == "modulo" and (d[inr] % m.process_count != i).any():
             errors.append(f"{p}: holds documents of another process")
         np.add.at(seen, d[inr], 1)
         part_tokens = int(ends.max()) if len(ends) else 0
