@@ -50,7 +50,7 @@ class CacheConfig:
     default ``data.batch_size``)."""
 
     k: int = 64
-    logprob_encoding: Literal["bf16", "q8"] = "bf16"
+    logprob_encoding: Literal["bf16", "q8", "f32"] = "bf16"
     temperature: float = 1.0
     batch_size: int | None = None
 

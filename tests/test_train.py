@@ -321,3 +321,22 @@ def test_cached_teacher_step_equals_live_teacher_at_full_k():
         assert abs(float(m_live["distill/loss"]) - float(m_cache["distill/loss"])) <= 1e-5
     for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_cache.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_training_from_full_k_cache_matches_live_teacher(tmp_path):
+    """k = the whole (byte) vocabulary, fp32 log-probs: training from the cache reproduces the
+    live-teacher loss curve; a cache built for other data is refused."""
+    from distill_jax.cache import build_cache
+    common = ["data.max_records=48", "data.seq_len=1024", "data.batch_size=8", "steps=6",
+              "cache.k=259", "cache.logprob_encoding=f32", "loss.chunk_size=512"]
+    cache_dir = tmp_path / "cache"
+    build_cache(_tiny(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
+    run(_tiny(tmp_path / "live", *common))
+    run(_tiny(tmp_path / "cached", *common, f"teacher.cache={cache_dir}"))
+    live, cached = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert sorted(live) == sorted(cached) == list(range(1, 7))
+    for step in live:
+        assert abs(live[step] - cached[step]) <= 1e-5, (step, live[step], cached[step])
+    from distill_jax.cache.store import CacheMismatchError
+    with pytest.raises(CacheMismatchError, match="dataset"):
+        run(_tiny(tmp_path / "other", *common, "data.max_records=40", f"teacher.cache={cache_dir}"))

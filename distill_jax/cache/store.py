@@ -114,7 +114,8 @@ class CacheSpec:
     Attributes:
       k: number of top-k entries per token (1 <= k <= vocab_size).
       vocab_size: teacher vocabulary size (ids are < vocab_size); decides the id encoding.
-      logprob_encoding: ``"bf16"`` (lossless bfloat16) or ``"q8"`` (uint8 gap to the top-1).
+      logprob_encoding: ``"bf16"`` (lossless bfloat16), ``"q8"`` (uint8 gap to the top-1) or
+        ``"f32"`` (float32, exact; for checks that need full precision).
       q8_max_gap: the largest gap (nats) ``q8`` represents; error <= q8_max_gap / 510.
       scalar_dtype: ``"float32"`` or ``"bf16"`` for the three per-token scalars.
       temperature: the temperature the teacher distribution was computed at.
@@ -141,8 +142,8 @@ class CacheSpec:
             raise ValueError(f"vocab_size must be in [1, 2**31], got {self.vocab_size}")
         if not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
-        if self.logprob_encoding not in ("bf16", "q8"):
-            raise ValueError(f"logprob_encoding must be 'bf16' or 'q8', got {self.logprob_encoding!r}")
+        if self.logprob_encoding not in ("bf16", "q8", "f32"):
+            raise ValueError(f"logprob_encoding must be 'bf16', 'q8' or 'f32', got {self.logprob_encoding!r}")
         if self.scalar_dtype not in ("float32", "bf16"):
             raise ValueError(f"scalar_dtype must be 'float32' or 'bf16', got {self.scalar_dtype!r}")
         if not self.q8_max_gap > 0:
@@ -179,7 +180,7 @@ class CacheSpec:
     def raw_bytes_per_token(self) -> float:
         """Bytes per token before compression."""
         id_b = 1 if self.id_encoding == "u8" else 2 + self.id_hi_bits / 8
-        lp_b = 2 if self.logprob_encoding == "bf16" else 1
+        lp_b = {"bf16": 2, "q8": 1, "f32": 4}[self.logprob_encoding]
         sc = 4 if self.scalar_dtype == "float32" else 2
         return self.k * (id_b + lp_b) + 3 * sc + (4 if self.logprob_encoding == "q8" else 0)
 
@@ -335,6 +336,8 @@ def encode_rows(spec: CacheSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, 
             out["topk_ids_hi"] = np.packbits(bits.reshape(t, spec.k * hb), axis=1)
     if spec.logprob_encoding == "bf16":
         out["topk_logprobs"] = _delta(_bf16_keys(lps))
+    elif spec.logprob_encoding == "f32":
+        out["topk_logprobs"] = lps.astype(np.float32)
     else:
         top1 = lps[:, :1] if t else np.zeros((0, 1), np.float32)
         if t and not np.isfinite(top1).all():
@@ -367,6 +370,8 @@ def decode_rows(spec: CacheSpec, stored: Mapping[str, np.ndarray]) -> dict[str, 
     out = {"topk_ids": lo}
     if spec.logprob_encoding == "bf16":
         out["topk_logprobs"] = _bf16_from_keys(_undelta(stored["topk_logprobs"]))
+    elif spec.logprob_encoding == "f32":
+        out["topk_logprobs"] = stored["topk_logprobs"].astype(np.float32)
     else:
         q = _undelta(stored["topk_logprobs"]).astype(np.float32)
         out["topk_logprobs"] = stored["top1_logprob"][..., None].astype(np.float32) - q * np.float32(spec.q8_step)
@@ -381,7 +386,8 @@ def _stored_fields(spec: CacheSpec) -> dict[str, tuple[str, int | None]]:
         "topk_ids": ("uint8" if spec.id_encoding == "u8" else "uint16", spec.k)}
     if spec.id_hi_bits:
         f["topk_ids_hi"] = ("uint8", math.ceil(spec.k * spec.id_hi_bits / 8))
-    f["topk_logprobs"] = ("uint16" if spec.logprob_encoding == "bf16" else "uint8", spec.k)
+    f["topk_logprobs"] = ({"bf16": "uint16", "q8": "uint8", "f32": "float32"}[spec.logprob_encoding],
+                          spec.k)
     if spec.logprob_encoding == "q8":
         f["top1_logprob"] = ("float32", None)
     for s in SCALAR_FIELDS:
