@@ -177,3 +177,52 @@ def test_multi_source_explicit_ownership_and_resume_skips_teacher(tmp_path, monk
     monkeypatch.setattr(B, "make_teacher_fn", lambda *a, **k: (lambda *x: calls.append(1) or real(*a, **k)(*x)))
     build_cache(cfg)
     assert calls == []
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_cache_as_one(tmp_path):
+    """Two local processes (jax.distributed, 4 fake devices each) each write their own
+    documents; the result equals a one-process cache document for document."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from distill_jax.cache import CacheReader, verify
+
+    repo = Path(__file__).resolve().parents[1]
+    # Rows long enough that no document is split: a split document's pieces (and so their teacher
+    # context) depend on how documents are packed, which differs between process layouts.
+    args = ["configs/tiny.yaml", "data.max_records=40", "data.batch_size=8", "cache.k=16",
+            "data.seq_len=1024",
+            "logging.progress=false"]
+
+    def env(devices, **extra):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_JAX_")}
+        e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                 JAX_PLATFORMS="cpu", **extra)
+        return e
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "distill_jax.cli", "cache", *args,
+                    f"teacher.cache={one}"], cwd=repo, env=env(8), check=True,
+                   capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "distill_jax.cli", "cache", *args, f"teacher.cache={two}"],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env(4, DISTILL_JAX_COORDINATOR=f"127.0.0.1:{port}", DISTILL_JAX_NUM_PROCESSES="2",
+                DISTILL_JAX_PROCESS_ID=str(i))) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    report = verify(two)
+    assert report.ok, report.errors
+    a, b = CacheReader(one), CacheReader(two)
+    assert a.num_docs == b.num_docs == 40
+    for doc in range(40):
+        da, db = a.read_document(doc), b.read_document(doc)
+        for key in da:
+            np.testing.assert_allclose(da[key], db[key], atol=1e-5, err_msg=f"doc {doc} {key}")
