@@ -15,6 +15,9 @@ BENCHMARKS = {
     "train_throughput": ["--steps", "10"],
     "loss_memory": [],
     "data_throughput": [],
+    "cache_training": ["--steps", "3"],
+    "cache_fidelity": [],
+    "cache_size": [],
 }
 
 
