@@ -51,6 +51,19 @@ def _chunks(x_N: Array, n_chunks: int, chunk_size: int) -> Array:
     return x_N.reshape((n_chunks, chunk_size) + x_N.shape[1:])
 
 
+def check_student_inputs(student_h: Array, student_head: Array, labels: Array | None,
+                         spec: kd.LossSpec) -> None:
+    """Shape checks shared by the chunked losses (dense and cached teacher)."""
+    if student_head.shape[0] != student_h.shape[-1]:
+        raise ValueError(f"student_head {student_head.shape} does not match hidden size "
+                         f"{student_h.shape[-1]}; pass the (D, V) projection")
+    if spec.needs_labels:
+        if labels is None:
+            raise ValueError("this loss has a cross_entropy term but no labels were given")
+        if labels.shape != student_h.shape[:-1]:
+            raise ValueError(f"labels have shape {labels.shape}, expected {student_h.shape[:-1]}")
+
+
 def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
                  teacher_head: Array | None, labels: Array | None, mask: Array, *,
                  spec: kd.LossSpec, chunk_size: int = 512, student_softcap: float | None = None,
@@ -78,9 +91,7 @@ def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
     w_x = kd.token_weights(mask, lead)
     n = math.prod(lead)
     vocab = student_head.shape[-1]
-    if student_head.shape[0] != student_h.shape[-1]:
-        raise ValueError(f"student_head {student_head.shape} does not match hidden size "
-                         f"{student_h.shape[-1]}; pass the (D, V) projection")
+    check_student_inputs(student_h, student_head, labels, spec)
     use_teacher = spec.needs_teacher
     if use_teacher:
         if teacher_h is None or teacher_head is None:
@@ -92,11 +103,6 @@ def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
             raise ValueError(f"teacher vocabulary {teacher_head.shape[-1]} != student {vocab}; "
                              "same-vocabulary losses need equal sizes (slice a padded head to "
                              "the common tokenizer size first)")
-    if spec.needs_labels:
-        if labels is None:
-            raise ValueError("this loss has a cross_entropy term but no labels were given")
-        if labels.shape != lead:
-            raise ValueError(f"labels have shape {labels.shape}, expected {lead}")
 
     chunk_size = min(chunk_size, max(n, 1))
     n_chunks = max(1, -(-n // chunk_size))

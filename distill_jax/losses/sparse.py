@@ -334,9 +334,7 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
     w_x = kd.token_weights(mask, lead)
     n = math.prod(lead)
     vocab = student_head.shape[-1]
-    if student_head.shape[0] != student_h.shape[-1]:
-        raise ValueError(f"student_head {student_head.shape} does not match hidden size "
-                         f"{student_h.shape[-1]}; pass the (D, V) projection")
+    chunked.check_student_inputs(student_h, student_head, labels, spec)
     use_teacher = spec.needs_teacher
     if use_teacher:
         if topk_ids is None or topk_logprobs is None:
@@ -344,11 +342,6 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
         # Shape checks against a stand-in of the logits' shape (nothing is materialised).
         _check_cache(jax.ShapeDtypeStruct(lead + (vocab,), jnp.float32), topk_ids,
                      topk_logprobs, tail_logmass, tail)
-    if spec.needs_labels:
-        if labels is None:
-            raise ValueError("this loss has a cross_entropy term but no labels were given")
-        if labels.shape != lead:
-            raise ValueError(f"labels have shape {labels.shape}, expected {lead}")
 
     chunk_size = min(chunk_size, max(n, 1))
     n_chunks = max(1, -(-n // chunk_size))
