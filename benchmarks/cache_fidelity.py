@@ -14,12 +14,14 @@ sdist). For k in (16, 64, 128), per token:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
 
 from distill_jax import assets, models as M
 from distill_jax.cache.store import CacheSpec, decode_rows, encode_rows
@@ -68,10 +70,7 @@ def main(argv=None) -> int:
               f"encoding KL bf16 {row['kl_encoding_bf16']:.2e} q8 {row['kl_encoding_q8']:.2e}",
               file=sys.stderr)
     result = {"model": "SmolLM2-135M-Instruct", "vocab": vocab, "tokens": len(ids), "rows": rows}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
     return 0
 
 

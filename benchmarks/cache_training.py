@@ -11,7 +11,6 @@ written with CacheWriter) is timed separately and added.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from distill_jax.train import optim
 from distill_jax.train.step import init_state, make_train_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
 from train_throughput import BATCH, LENGTH, STUDENT, TEACHER  # noqa: E402
 
 
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
     print(f"live teacher {n / live_s:8.0f} tokens/s | from cache (k={args.k}) "
           f"{n / (cached_s + read_s):8.0f} tokens/s (step {cached_s:.3f} s + read {read_s:.3f} s) | "
           f"x{result['speedup']:.2f}", file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
     return 0
 
 

@@ -12,13 +12,15 @@ embeddings excluded, lm_head included). MFU is relative to the matmul peak measu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
 
 from distill_jax import losses, models as M
 from distill_jax.train import optim
@@ -95,10 +97,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     result = {"device": jax.devices()[0].device_kind, "batch": BATCH, "length": LENGTH,
               "teacher": TEACHER, "student": STUDENT, "results": rows}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.out)
     return 0
 
 

@@ -302,11 +302,7 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     pi, pc = jax.process_index(), jax.process_count()
 
     # Mesh and teacher, as train.loop.run builds them.
-    devices = jax.devices()
-    if cfg.mesh.num_devices is not None:
-        devices = devices[:cfg.mesh.num_devices]
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    rules = {**sharding.DEFAULT_RULES, **cfg.mesh.rules}
+    mesh, rules = build.make_mesh(cfg.mesh)
     teacher = build.load_model(cfg.teacher, mesh, rules)
     vocab = teacher.config.vocab_size
     tokenizer = load_tokenizer(cfg.tokenizer_path())

@@ -10,8 +10,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from distill_jax import models as M
+from distill_jax import models as M, sharding
 from distill_jax.models import presets
+
+
+def make_mesh(mesh_cfg: Any) -> tuple[Mesh, dict[str, Any]]:
+    """The (data, fsdp, tensor) mesh and the logical-axis rules a ``MeshConfig`` describes."""
+    devices = jax.devices()
+    if mesh_cfg.num_devices is not None:
+        if jax.process_count() > 1:
+            raise ValueError("mesh.num_devices is for single-process runs; leave it unset")
+        devices = devices[:mesh_cfg.num_devices]
+    mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices)
+    return mesh, {**sharding.DEFAULT_RULES, **mesh_cfg.rules}
 
 
 def model_config(src: Any) -> M.ModelConfig:

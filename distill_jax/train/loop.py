@@ -106,13 +106,7 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _check_resume_config(run_dir, cfg)
-    devices = jax.devices()
-    if cfg.mesh.num_devices is not None:
-        if jax.process_count() > 1:
-            raise ValueError("mesh.num_devices is for single-process runs; leave it unset")
-        devices = devices[:cfg.mesh.num_devices]
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    rules = {**sharding.DEFAULT_RULES, **cfg.mesh.rules}
+    mesh, rules = build.make_mesh(cfg.mesh)
     spec = cfg.loss.spec()
 
     cached = bool(cfg.teacher is not None and cfg.teacher.cache and spec.needs_teacher)
