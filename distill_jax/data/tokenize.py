@@ -8,11 +8,17 @@ whether it is *trained*: whether predicting it (from the tokens before it) count
 Offsets. Fast tokenizers report character offsets; they are converted to byte offsets. For a
 byte-level BPE the spans are exact: the tokens' bytes are concatenated and checked against the
 text, so tokens holding part of a multi-byte character get their exact sub-character spans (and
-trimmed offsets, ``trim_offsets=True``, are undone). For other tokenizers, runs of tokens whose
-character spans overlap (byte-fallback pieces of one character) are split by the tokens' own
-bytes when those are known; otherwise they keep the character's span. Added BOS/EOS tokens are
-zero-width, at the start and the end of the text. EOS is not added to a text that already
-ends with it (trailing whitespace aside), as chat templates whose end-of-turn token is EOS do.
+trimmed offsets, ``trim_offsets=True``, are undone); bytes its vocabulary lacks, which it drops,
+are left uncovered (its character offsets misplace the tokens around them). For other
+tokenizers, runs of tokens whose character spans overlap (byte-fallback pieces of one character)
+are split by the tokens' own bytes when those are known, a SentencePiece dummy-prefix ``▁`` (a
+space the text does not have) getting no byte; a run that cannot be split so (its pieces spell
+the normalised text, or are unknown) gives all but its last token zero width at the run's start
+and the last one the run's bytes. So spans never overlap. Combining marks that a normaliser
+composed into the character before them (NFC: no token's span covers them) go to the token
+before them. Added BOS/EOS tokens are zero-width, at the start and the end of the text. EOS is
+not added to a text that already ends with it (trailing whitespace aside), as chat templates
+whose end-of-turn token is EOS do.
 
 Masks. ``text``: every token but BOS. ``prompt_response``: prompt and response are tokenized
 separately (so no token straddles them) and only the response tokens (and EOS) are trained.
@@ -28,7 +34,9 @@ trained when its first byte lies in a trained span; EOS when the text's last non
 does. ``loss_on_prompt`` trains everything but BOS.
 
 Cross-tokenizer: the teacher tokenizes the same text (the student's rendering, for chat) the same
-way, with its own BOS/EOS, so both tokenizations share the byte coordinates.
+way, with its own BOS/EOS, so both tokenizations share the byte coordinates, and the document
+carries their chunk alignment (:func:`distill_jax.xtok.align_tokens`, in mode
+``config.alignment``): each token's chunk as a target, on both sides.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import dataclasses
 import json
 import operator
 import re
+import unicodedata
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +55,7 @@ import numpy as np
 from distill_jax.data.config import DataConfig
 from distill_jax.data.records import BadRecordError, Record, _Bad, _validate
 from distill_jax.tokenizer import bytes_to_unicode
+from distill_jax.xtok.align import Alignment, align_tokens
 
 __all__ = ["Tokens", "TokenizedDoc", "tokenize_record", "tokenize_records"]
 
@@ -79,6 +89,8 @@ class TokenizedDoc:
       teacher: the teacher tokenizer's tokens of the same text, or None.
       doc_id: global document index (-1 when tokenized outside a pipeline).
       source, index: provenance (file and record index).
+      alignment: with a teacher, the chunk alignment of the two tokenizations (chunk ids per
+        token as a target, and each chunk's token range); None otherwise.
     """
 
     text: str
@@ -87,6 +99,7 @@ class TokenizedDoc:
     doc_id: int = -1
     source: str = ""
     index: int = -1
+    alignment: Alignment | None = None
 
     # The student's arrays, for convenience.
     @property
@@ -143,9 +156,14 @@ class _TokenizerInfo:
         self.default_bos = bool(self.bos_id is not None and with_special[:1] == [self.bos_id]
                                 and without[:1] != [self.bos_id])
         self._token_bytes: list[bytes | None] | None = None
+        self._missing_bytes: frozenset[int] | None = None
         self.byte_level = False
         self.special_strings: tuple[str, ...] = tuple(
             t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t)
+        special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
+        if backend is not None:
+            special |= {int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = np.array(sorted(special), np.int64)
 
     def encode(self, text: str):
         """``(ids, offsets)`` of ``text`` without added special tokens; ``offsets()`` gives the
@@ -167,29 +185,41 @@ class _TokenizerInfo:
     def token_bytes(self) -> list[bytes | None] | None:
         """Each id's exact bytes where the vocabulary spells them (byte-level BPE, byte fallback)."""
         if self._token_bytes is None and self.backend is not None:
-            spec = json.loads(self.backend.to_str())
-            decoder, pre = spec.get("decoder"), spec.get("pre_tokenizer")
-            self.byte_level = _has_type(decoder, "ByteLevel") or _has_type(pre, "ByteLevel")
-            metaspace = (_has_type(decoder, "Metaspace") or _has_type(pre, "Metaspace")
-                         or "▁" in json.dumps(spec.get("normalizer")))
-            byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
-            vocab = self.backend.get_vocab(with_added_tokens=True)
-            table: list[bytes | None] = [None] * (max(vocab.values(), default=-1) + 1)
-            added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
-            for piece, i in vocab.items():
-                if byte_fallback and (m := _BYTE_FALLBACK.match(piece)):
-                    table[i] = bytes([int(m.group(1), 16)])
-                elif i in added:
-                    table[i] = added[i].encode("utf-8")
-                elif self.byte_level:
-                    try:
-                        table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-                    except KeyError:
-                        table[i] = None
-                elif metaspace:
-                    table[i] = piece.replace("▁", " ").encode("utf-8")
-            self._token_bytes = table
+            self._build_token_bytes()
         return self._token_bytes
+
+    @property
+    def missing_bytes(self) -> frozenset[int]:
+        """Bytes a byte-level vocabulary cannot spell (the tokenizer drops them); empty otherwise."""
+        if self._missing_bytes is None:
+            table = self.token_bytes
+            single = {p[0] for p in table or () if p is not None and len(p) == 1}
+            self._missing_bytes = frozenset(set(range(256)) - single) if self.byte_level else frozenset()
+        return self._missing_bytes
+
+    def _build_token_bytes(self) -> None:
+        spec = json.loads(self.backend.to_str())
+        decoder, pre = spec.get("decoder"), spec.get("pre_tokenizer")
+        self.byte_level = _has_type(decoder, "ByteLevel") or _has_type(pre, "ByteLevel")
+        metaspace = (_has_type(decoder, "Metaspace") or _has_type(pre, "Metaspace")
+                     or "▁" in json.dumps([spec.get("normalizer"), decoder], ensure_ascii=False))
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        table: list[bytes | None] = [None] * (max(vocab.values(), default=-1) + 1)
+        added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+        for piece, i in vocab.items():
+            if byte_fallback and (m := _BYTE_FALLBACK.match(piece)):
+                table[i] = bytes([int(m.group(1), 16)])
+            elif i in added:
+                table[i] = added[i].encode("utf-8")
+            elif self.byte_level:
+                try:
+                    table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+                except KeyError:
+                    table[i] = None
+            elif metaspace:
+                table[i] = piece.replace("▁", " ").encode("utf-8")
+        self._token_bytes = table
 
 
 _INFOS: "weakref.WeakKeyDictionary[Any, _TokenizerInfo]" = weakref.WeakKeyDictionary()
@@ -236,19 +266,62 @@ def _encode(info: _TokenizerInfo, text: str, data: bytes, encoding) -> tuple[np.
             lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
             ends = np.cumsum(lengths)
             return ids, ends - lengths, ends
+        if None not in pieces and info.missing_bytes:
+            placed = _place_skipping(pieces, data, info.missing_bytes)
+            if placed is not None:
+                return ids, placed[0], placed[1]
     offs = np.asarray(offsets(), np.int64).reshape(-1, 2)
     table = _char_to_byte(text)
     if table is not None:
         offs = table[np.clip(offs, 0, len(table) - 1)]
     starts, ends = offs[:, 0].copy(), offs[:, 1].copy()
-    if tb is not None:
-        _split_overlaps(ids_list, starts, ends, tb, data)
+    _split_overlaps(ids_list, starts, ends, tb, data)
+    _absorb_combining_marks(starts, ends, data)
     return ids, starts, ends
 
 
+def _place_skipping(pieces: Sequence[bytes], data: bytes, missing: frozenset[int]):
+    """Exact spans of a byte-level tokenization that dropped bytes its vocabulary lacks, or None.
+
+    The tokens' bytes must be ``data`` with only such bytes removed; the dropped bytes are left
+    uncovered (the tokenizer's character offsets misplace the tokens around them).
+    """
+    starts = np.empty(len(pieces), np.int64)
+    ends = np.empty(len(pieces), np.int64)
+    pos = 0
+    for k, piece in enumerate(pieces):
+        while not data.startswith(piece, pos):
+            if pos >= len(data) or data[pos] not in missing:
+                return None
+            pos += 1
+        starts[k], ends[k] = pos, pos + len(piece)
+        pos += len(piece)
+    if any(b not in missing for b in data[pos:]):
+        return None
+    return starts, ends
+
+
+def _absorb_combining_marks(starts: np.ndarray, ends: np.ndarray, data: bytes) -> None:
+    """Give uncovered combining marks (composed into the character before them) to the token before."""
+    follow = np.concatenate([starts[1:], [len(data)]])
+    reach = np.maximum.accumulate(ends)
+    for k in np.flatnonzero((follow > reach) & (ends == reach)):
+        lo, hi = int(ends[k]), int(follow[k])
+        try:
+            chars = data[lo:hi].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if chars and all(unicodedata.category(c).startswith("M") for c in chars):
+            ends[k] = hi
+
+
 def _split_overlaps(ids: Sequence[int], starts: np.ndarray, ends: np.ndarray,
-                    tb: list[bytes | None], data: bytes) -> None:
-    """Give runs of tokens sharing one character's span their own bytes, where the vocabulary says."""
+                    tb: list[bytes | None] | None, data: bytes) -> None:
+    """Give runs of tokens sharing one character's span their own bytes, where the vocabulary says.
+
+    A leading SentencePiece dummy-prefix space gets no byte; a run the vocabulary cannot split
+    gives all but its last token zero width at the run's start.
+    """
     overlap = np.flatnonzero(starts[1:] < ends[:-1]) + 1
     if not overlap.size:
         return
@@ -261,13 +334,19 @@ def _split_overlaps(ids: Sequence[int], starts: np.ndarray, ends: np.ndarray,
             last += 1
         i += 1
         lo, hi = int(starts[first]), int(ends[first:last + 1].max())
-        pieces = [tb[t] if t < len(tb) else None for t in ids[first:last + 1]]
-        if None in pieces or b"".join(pieces) != data[lo:hi]:
-            continue
-        pos = lo
-        for k, piece in enumerate(pieces):
-            starts[first + k], ends[first + k] = pos, pos + len(piece)
-            pos += len(piece)
+        pieces = [tb[t] if tb is not None and t < len(tb) else None for t in ids[first:last + 1]]
+        joined = None if None in pieces else b"".join(pieces)
+        if joined is not None and joined != data[lo:hi] and joined[:1] == b" " and joined[1:] == data[lo:hi]:
+            pieces[0], joined = pieces[0][1:], joined[1:]  # the dummy prefix: a space not in the text
+        if joined == data[lo:hi]:
+            pos = lo
+            for k, piece in enumerate(pieces):
+                starts[first + k], ends[first + k] = pos, pos + len(piece)
+                pos += len(piece)
+        else:
+            starts[first:last + 1] = lo
+            ends[first:last] = lo
+            ends[last] = hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,9 +516,12 @@ def tokenize_records(records: Sequence[Record | dict], tokenizer, config: DataCo
         source, index, doc_id, text, segs, spans = p
         own = [next(encoded["student"]) for _ in segs]
         tokens = _tokenize(student, text, segs, spans, config, own)
-        teacher_tokens = None
+        teacher_tokens = alignment = None
         if teacher is not None:
             theirs = [next(encoded["teacher"]) for _ in segs]
             teacher_tokens = _tokenize(teacher, text, segs, spans, config, theirs)
-        out.append(TokenizedDoc(text, tokens, teacher_tokens, doc_id, source, index))
+            chunks = align_tokens(tokens, teacher_tokens, text.encode("utf-8"), student.special_ids,
+                                  teacher.special_ids, config.alignment)
+            alignment = Alignment.from_chunks(*chunks)
+        out.append(TokenizedDoc(text, tokens, teacher_tokens, doc_id, source, index, alignment))
     return out

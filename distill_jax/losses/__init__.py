@@ -1,5 +1,15 @@
 """Distillation losses: pure, masked, fp32 functions returning ``(loss, metrics)``."""
 
+from distill_jax.losses.alm import (
+    ALM_CHUNKS,
+    ALM_DISTANCES,
+    ChunkScores,
+    alm_groups,
+    alm_loss,
+    alm_sums,
+    chunk_scores,
+    token_stats,
+)
 from distill_jax.losses.chunked import chunked_loss, logits_from_hidden
 from distill_jax.losses.kd import (
     CROSS_ENTROPY,
@@ -31,6 +41,8 @@ from distill_jax.losses.kd import (
 )
 
 __all__ = [
+    "ALM_CHUNKS", "ALM_DISTANCES", "ChunkScores", "alm_groups", "alm_loss", "alm_sums",
+    "chunk_scores", "token_stats",
     "CROSS_ENTROPY", "DIVERGENCE_TERMS", "DIVERGENCES", "FORWARD_KL", "JSD", "LOSS", "LOSS_SUM",
     "REVERSE_KL", "SKEW_KL", "SKEW_REVERSE_KL", "TERMS", "TOKENS", "TVD", "LossSpec",
     "chunked_loss", "combined_loss", "cross_entropy", "finalize", "forward_kl", "jsd",

@@ -1,0 +1,240 @@
+"""Cross-tokenizer loss terms on one packed batch: ALM, its companion ``sft``, and the baselines.
+
+A cross-tokenizer batch holds the student's rows and the teacher's rows of the same bytes, with
+``chunk_ids`` / ``teacher_chunk_ids`` saying which aligned chunk each position's target belongs to
+(``distill_jax.xtok``). The terms:
+
+* ``alm``: approximate likelihood matching of aligned chunks (``distill_jax.losses.alm``),
+  normalised by the number of (merged) chunks of the whole global batch;
+* ``sft``: the student's next-token cross-entropy on its own tokens, normalised by tokens;
+* ``uld``, ``mined``: the token-level baselines (``distill_jax.losses.xtok_baselines``) on the
+  pairs of positions that start the same chunk on both sides, normalised by pairs.
+
+The teacher side of ``alm`` needs only two numbers per teacher token (the actual next token's
+log-prob and the log-mass of next tokens that start a word), so it comes either from the live
+teacher or from a cache. Each term is a masked *sum*; the normaliser of each term is a function
+of the batch and the teacher alone (:func:`normalisers`), computed over the whole global batch
+before any micro-batch, which keeps gradient accumulation and multi-host averaging exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.losses import alm, kd
+
+Array = jax.Array
+
+ALM = "alm"
+SFT = "sft"
+ULD = "uld"
+MINED = "mined"
+TERMS = (ALM, SFT, ULD, MINED)
+DISTANCES = ("binary_ce", "abs", "reverse_binary_kl")
+
+CHUNKS = kd.PREFIX + "alm_chunks"   # number of (merged) chunks ALM averages over
+PAIRS = kd.PREFIX + "aligned_pairs"  # number of chunk-start pairs the baselines average over
+
+
+@dataclasses.dataclass(frozen=True)
+class XtokSpec:
+    """Weighted cross-tokenizer loss terms and their options (hashable: a static jit argument).
+
+    Attributes:
+      terms: term name (``alm``, ``sft``, ``uld``, ``mined``) -> weight; stored sorted.
+      distance: ALM's distance between binarised chunk likelihoods (``binary_ce``, ``abs``,
+        ``reverse_binary_kl``).
+      tau: ALM's binarisation temperature (chunk probabilities are raised to ``1/tau``).
+      append_space: ALM's boundary debias (score "these bytes, then a word boundary").
+      merge_threshold: merge consecutive chunks until the teacher's boundary probability exceeds
+        this (None: no merging).
+      temperature: softmax temperature of the baselines' distributions.
+      uld_top_k: truncate ULD's sorted probability vectors to their top k (None: exact).
+    """
+
+    terms: Any = ((ALM, 1.0),)
+    distance: str = "binary_ce"
+    tau: float = 100.0
+    append_space: bool = True
+    merge_threshold: float | None = 0.1
+    temperature: float = 1.0
+    uld_top_k: int | None = None
+
+    def __post_init__(self):
+        items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
+        terms = tuple(sorted((str(k), float(v)) for k, v in items))
+        if not terms:
+            raise ValueError("a cross-tokenizer loss needs at least one term, e.g. {alm: 1.0}")
+        for name, _ in terms:
+            if name not in TERMS:
+                close = difflib.get_close_matches(name, TERMS + kd.TERMS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"loss term {name!r} is not a cross-tokenizer term.{hint} The teacher and the "
+                    f"student have different tokenizers, so the terms are {', '.join(TERMS)} "
+                    "(same-vocabulary divergences need one tokenizer).")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown ALM distance {self.distance!r}; known: {', '.join(DISTANCES)}")
+        if not self.tau > 0:
+            raise ValueError(f"the ALM binarisation temperature tau must be > 0, got {self.tau}")
+        if self.merge_threshold is not None and not 0.0 < self.merge_threshold < 1.0:
+            raise ValueError(f"merge_threshold must be in (0, 1) or null, got {self.merge_threshold}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "tau", float(self.tau))
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self.terms)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether a term needs the teacher's full distributions (the baselines), not just the
+        two per-token numbers ALM uses."""
+        return any(name in (ULD, MINED) for name, _ in self.terms)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(name != SFT for name, _ in self.terms)
+
+
+def trained_chunks(chunk_ids: Array, teacher_chunk_ids: Array, loss_mask: Array,
+                   teacher_valid: Array | None = None) -> tuple[Array, Array]:
+    """Chunk ids with every chunk dropped (set to -1 on both sides) that has an untrained
+    student position (``loss_mask == 0``: a prompt token, say) or an invalid teacher position
+    (``teacher_valid == 0``: a token a cache does not cover)."""
+    B, L = chunk_ids.shape
+    Lt = teacher_chunk_ids.shape[1]
+    n = max(L, Lt)
+
+    def bad_counts(ids, bad):
+        seg = jnp.where(ids >= 0, ids, n)
+        return jax.vmap(lambda s, b: jax.ops.segment_sum(b, s, num_segments=n + 1))(seg, bad)
+
+    bad = bad_counts(chunk_ids, ((loss_mask <= 0) & (chunk_ids >= 0)).astype(jnp.int32))
+    if teacher_valid is not None:
+        bad = bad + bad_counts(teacher_chunk_ids,
+                               ((teacher_valid <= 0) & (teacher_chunk_ids >= 0)).astype(jnp.int32))
+
+    def drop(ids):
+        hit = jnp.take_along_axis(bad, jnp.where(ids >= 0, ids, n), axis=1) > 0
+        return jnp.where((ids >= 0) & ~hit, ids, -1)
+
+    return drop(chunk_ids), drop(teacher_chunk_ids)
+
+
+def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Array | None
+                ) -> dict[str, Array]:
+    """The count each term's sum is divided by, from the whole (global) batch: trained student
+    tokens (``sft``), merged chunks (``alm``; needs the teacher's boundary log-mass) and aligned
+    chunk-start pairs (``uld``, ``mined``)."""
+    out = {kd.TOKENS: jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)}
+    if ALM in spec.weights:
+        groups = alm.alm_groups(teacher_boundary, batch["teacher_chunk_ids"],
+                                batch["teacher_segment_ids"], student_chunk_ids=batch["chunk_ids"],
+                                merge_threshold=spec.merge_threshold)
+        out[CHUNKS] = jnp.asarray(groups["count"], jnp.float32)
+    if spec.needs_teacher_logits:
+        from distill_jax.losses import xtok_baselines
+        _, _, mask = xtok_baselines.aligned_pairs(batch["chunk_ids"], batch["teacher_chunk_ids"])
+        out[PAIRS] = jnp.sum(mask).astype(jnp.float32)
+    return out
+
+
+def _norm_key(name: str) -> str:
+    return {ALM: CHUNKS, SFT: kd.TOKENS}.get(name, PAIRS)
+
+
+def _gather_rows(x_BLD: Array, pos_BC: Array) -> Array:
+    return jnp.take_along_axis(x_BLD, pos_BC[..., None], axis=1)
+
+
+def _pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: Array,
+               head_t: Array, w_BC: Array, *, student_softcap, teacher_softcap, chunk_size: int,
+               mined_map: Array | None) -> Array:
+    """A baseline's sum over aligned pairs, computing both sides' logits in pair chunks."""
+    from distill_jax.losses import xtok_baselines
+    from distill_jax.losses.chunked import _chunks, logits_from_hidden
+
+    n = hs_BCD.shape[0] * hs_BCD.shape[1]
+    size = max(1, min(chunk_size, n))
+    k = -(-n // size)
+    xs = {"hs": _chunks(hs_BCD.reshape(n, -1), k, size), "ht": _chunks(ht_BCD.reshape(n, -1), k, size),
+          "w": _chunks(w_BC.reshape(n).astype(jnp.float32), k, size)}
+
+    def body(total, c):
+        zs = logits_from_hidden(c["hs"], head_s, student_softcap)
+        zt = jax.lax.stop_gradient(logits_from_hidden(c["ht"], head_t, teacher_softcap))
+        if name == ULD:
+            out = xtok_baselines.uld_sums(zs, zt, c["w"], temperature=spec.temperature,
+                                          top_k=spec.uld_top_k)
+        else:
+            out = xtok_baselines.mined_sums(zs, zt, mined_map, c["w"], temperature=spec.temperature)
+        return total + out["sum"], None
+
+    total, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, student_head: Array,
+              student_word_start: Array, teacher_logp: Array | None, teacher_boundary: Array | None,
+              teacher_h: Array | None = None, teacher_head: Array | None = None,
+              student_softcap: float | None = None, teacher_softcap: float | None = None,
+              mined_map: Array | None = None, chunk_size: int = 512) -> dict[str, Array]:
+    """Each term's sum over one (micro-)batch, keyed by ``kd.sum_key(term)``.
+
+    ``student_h`` are the student's final hidden states (B, L, D) and ``student_head`` its (D, V)
+    projection; ``teacher_logp`` / ``teacher_boundary`` (B, Lt) the teacher's per-token numbers
+    (for ``alm``); ``teacher_h`` / ``teacher_head`` its hidden states and head (for the baselines).
+    """
+    w = spec.weights
+    sums: dict[str, Array] = {}
+    logp, boundary = alm.token_stats(student_h, student_head, batch["targets"], student_word_start,
+                                     softcap=student_softcap, chunk_size=chunk_size)
+    if SFT in w:
+        sums[kd.sum_key(SFT)] = -jnp.sum(jnp.where(batch["loss_mask"] > 0, logp, 0.0))
+    if ALM in w:
+        out = alm.alm_sums(logp, boundary, batch["chunk_ids"], batch["segment_ids"],
+                           jax.lax.stop_gradient(teacher_logp), jax.lax.stop_gradient(teacher_boundary),
+                           batch["teacher_chunk_ids"], batch["teacher_segment_ids"],
+                           append_space=spec.append_space, merge_threshold=spec.merge_threshold,
+                           distance=spec.distance, tau=spec.tau)
+        sums[kd.sum_key(ALM)] = out["sum"]
+    if spec.needs_teacher_logits:
+        from distill_jax.losses import xtok_baselines
+        spos, tpos, mask = xtok_baselines.aligned_pairs(batch["chunk_ids"], batch["teacher_chunk_ids"])
+        hs = _gather_rows(student_h, spos)
+        ht = _gather_rows(jax.lax.stop_gradient(teacher_h), tpos)
+        for name in (ULD, MINED):
+            if name in w:
+                sums[kd.sum_key(name)] = _pair_sums(
+                    spec, name, hs, student_head, ht, jax.lax.stop_gradient(teacher_head), mask,
+                    student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                    chunk_size=chunk_size, mined_map=mined_map)
+    return sums
+
+
+def objective(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]) -> Array:
+    """The weighted loss of a (micro-)batch's sums: sum_t w_t * sum_t / count_t, with the counts
+    of the whole global batch (so micro-batch objectives add up to the batch's loss)."""
+    total = jnp.zeros((), jnp.float32)
+    for name, weight in spec.terms:
+        total = total + weight * sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
+    return total
+
+
+def summarize(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]) -> dict[str, Array]:
+    """Metrics: each term's sum and mean, the counts, and the weighted total ``distill/loss``."""
+    out = dict(sums)
+    out.update(norms)
+    for name, _ in spec.terms:
+        out[kd.metric_key(name)] = sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
+    out[kd.LOSS] = objective(spec, sums, norms)
+    return out
