@@ -3,6 +3,8 @@
   distill-jax train CONFIG [key=value ...]     train (or resume) a student
   distill-jax cache CONFIG [key=value ...]     build (or resume) the teacher cache at teacher.cache
   distill-jax cache verify DIR                 check a teacher cache; non-zero exit on errors
+  distill-jax eval CONFIG [key=value ...]      bits per byte, agreement and math exact match of
+                                               teacher and student -> RUN_DIR/eval/eval_stepN.json
   distill-jax export RUN_DIR OUT_DIR           the trained student as a Hugging Face directory
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
@@ -74,6 +76,15 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from distill_jax.config import load_run_config
+    from distill_jax.eval.run import main_eval
+    cfg = load_run_config(args.config, args.overrides)
+    models = args.models.split(",") if args.models else None
+    main_eval(cfg, step=args.step, models=models)
+    return 0
+
+
 def _cmd_export(args) -> int:
     from distill_jax.export import export_run
     print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
@@ -126,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("config", help="YAML run config, or 'verify'")
     ch.add_argument("overrides", nargs="*", help="dotted overrides (or the cache DIR after 'verify')")
     ch.set_defaults(fn=_cmd_cache)
+
+    ev = sub.add_parser("eval", help="evaluate a run's teacher and student (held-out bits per "
+                        "byte, agreement, math exact match)")
+    ev.add_argument("config", help="YAML run config (see configs/)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.math=FILE")
+    ev.add_argument("--step", type=int, default=None,
+                    help="student checkpoint step (default: the latest)")
+    ev.add_argument("--models", default=None,
+                    help="comma-separated: teacher,student (default: both that exist)")
+    ev.set_defaults(fn=_cmd_eval)
 
     e = sub.add_parser("export", help="export a run's student as a Hugging Face directory")
     e.add_argument("run_dir")

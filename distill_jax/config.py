@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from distill_jax import configlib
 from distill_jax.checkpoint import CheckpointConfig
@@ -38,9 +38,13 @@ class ModelSource:
 class TeacherConfig(ModelSource):
     """The frozen teacher (no optimiser state, never checkpointed). ``cache``: a teacher cache
     directory; ``train`` then reads the teacher's top-k distributions from it instead of
-    running the teacher, and ``cache`` (the command) writes it."""
+    running the teacher, and ``cache`` (the command) writes it. ``tokenizer``: the teacher's
+    tokenizer when it differs from the student's (``bytes``, ``smollm2``, ``qwen``, ``mistral`` or
+    a directory; default: the run's ``tokenizer``, or ``hf_path``): the run is then
+    cross-tokenizer and uses the cross-tokenizer loss terms (``alm``, ``uld``, ``mined``)."""
 
     cache: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +61,32 @@ class CacheConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig(ModelSource):
-    """``init``: ``hf`` (load ``hf_path``), ``scratch`` (random, from ``preset``+``overrides``)
-    or ``teacher_layers`` (copy the teacher, keeping the layers listed in ``layers``)."""
+    """``init``: ``hf`` (load ``hf_path``), ``scratch`` (random, from ``preset``+``overrides``),
+    ``teacher_layers`` (copy the teacher, keeping the layers listed in ``layers``; all when
+    empty) or ``transfer`` (the same, with the run's tokenizer in place of the teacher's: new
+    embeddings initialised by FVT, the mean of the teacher embeddings of each new token's
+    teacher tokenization)."""
 
-    init: Literal["hf", "scratch", "teacher_layers"] = "scratch"
+    init: Literal["hf", "scratch", "teacher_layers", "transfer"] = "scratch"
     layers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weighted terms (``forward_kl``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_kl``,
-    ``skew_reverse_kl``, ``cross_entropy``), their options, and the token chunk size of the
-    fused lm_head + loss. ``tail`` says how a cached (top-k) teacher's remaining mass is
-    treated: one extra ``bucket`` on both sides, or dropped (``renormalize``)."""
+    """Weighted terms, their options, and the token chunk size of the fused lm_head + loss.
+
+    Same tokenizer: ``forward_kl``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_kl``,
+    ``skew_reverse_kl``, ``cross_entropy``. ``tail`` says how a cached (top-k) teacher's
+    remaining mass is treated: one extra ``bucket`` on both sides, or dropped (``renormalize``).
+
+    Cross-tokenizer (any tokenizers; see ``distill_jax.losses.xtok``): ``alm`` (approximate
+    likelihood matching of aligned chunks), ``sft`` (the student's own next-token
+    cross-entropy), and the baselines ``uld`` and ``mined``. ALM's options: ``alm_distance``
+    (``binary_ce``, ``abs``, ``reverse_binary_kl``), ``alm_tau`` (binarisation temperature),
+    ``alm_append_space`` (boundary debias), ``alm_merge_threshold`` (merge chunks until the
+    teacher's word-boundary probability exceeds it; null: no merging). ``uld_top_k`` truncates
+    ULD's sorted distributions (null: exact). ``temperature`` applies to the baselines.
+    """
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"forward_kl": 1.0})
     temperature: float = 1.0
@@ -77,8 +94,26 @@ class LossConfig:
     skew_alpha: float = 0.1
     chunk_size: int = 512
     tail: Literal["bucket", "renormalize"] = "bucket"  # teacher mass outside a cached top-k
+    alm_distance: Literal["binary_ce", "abs", "reverse_binary_kl"] = "binary_ce"
+    alm_tau: float = 100.0
+    alm_append_space: bool = True
+    alm_merge_threshold: Optional[float] = 0.1
+    uld_top_k: Optional[int] = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the terms are the cross-tokenizer ones (``alm``, ``sft``, ``uld``, ``mined``)."""
+        from distill_jax.losses.xtok import TERMS
+        return any(name in TERMS for name in self.terms)
 
     def spec(self):
+        """The loss spec: a ``LossSpec`` (same tokenizer) or an ``XtokSpec`` (cross-tokenizer)."""
+        if self.cross_tokenizer:
+            from distill_jax.losses.xtok import XtokSpec
+            return XtokSpec(terms=self.terms, distance=self.alm_distance, tau=self.alm_tau,
+                            append_space=self.alm_append_space,
+                            merge_threshold=self.alm_merge_threshold,
+                            temperature=self.temperature, uld_top_k=self.uld_top_k)
         from distill_jax.losses import LossSpec
         return LossSpec(terms=self.terms, temperature=self.temperature,
                         jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha)
@@ -98,11 +133,50 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out loss every ``every`` steps (0: never) over ``batches`` batches of ``sources``."""
+    """Evaluation. In training: the held-out loss every ``every`` steps (0: never) over
+    ``batches`` batches of ``sources``.
+
+    ``distill-jax eval`` (:func:`distill_jax.eval.run_eval`): bits per byte and perplexity of
+    each model over the first ``max_documents`` records (all when null) of ``sources``, read as
+    ``data`` reads records; documents are scored in windows of ``seq_len`` tokens (default
+    ``data.seq_len``), ``batch_size`` rows per forward pass, the lm_head ``chunk_size`` tokens at
+    a time; teacher/student top-1 agreement and KL(teacher || student) over the same tokens when
+    both share a tokenizer; exact-match accuracy on the first ``math_samples`` problems (all
+    when null) of the JSONL file ``math`` (``prompt`` plus ``response`` ending ``#### <answer>``),
+    generating up to ``max_new_tokens`` tokens, ``batch_size`` sequences at a time: greedy when
+    ``num_samples`` is 1, else ``num_samples`` samples per problem at ``temperature`` and a
+    majority vote over their answers.
+    """
 
     every: int = 0
     batches: int = 4
     sources: tuple[SourceConfig, ...] = ()
+    max_documents: int | None = None
+    seq_len: int | None = None
+    batch_size: int = 8
+    chunk_size: int = 1024
+    math: str | None = None
+    math_samples: int | None = None
+    max_new_tokens: int = 256
+    num_samples: int = 1
+    temperature: float = 0.7
+
+    def __post_init__(self):
+        positive = {"batches": self.batches, "batch_size": self.batch_size,
+                    "chunk_size": self.chunk_size, "max_new_tokens": self.max_new_tokens,
+                    "num_samples": self.num_samples, "max_documents": self.max_documents,
+                    "math_samples": self.math_samples}
+        bad = [f"eval.{k}={v}" for k, v in positive.items() if v is not None and v < 1]
+        if self.every < 0:
+            bad.append(f"eval.every={self.every} (0 means never)")
+        if self.seq_len is not None and self.seq_len < 2:
+            bad.append(f"eval.seq_len={self.seq_len} (at least 2, or null for data.seq_len)")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive")
+        if self.num_samples > 1 and not self.temperature > 0:
+            raise ValueError(f"eval.num_samples={self.num_samples} samples for a majority vote "
+                             f"need eval.temperature > 0 (got {self.temperature}); or set "
+                             "eval.num_samples=1 for greedy decoding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +186,9 @@ class RunConfig:
     run_dir: str = "runs/default"
     steps: int = 100
     seed: int = 0
-    tokenizer: str | None = None  # "bytes" or a directory; default: the student's/teacher's hf_path
+    # the student's tokenizer: "bytes", "smollm2", "qwen", "mistral" or a directory;
+    # default: the student's (else the teacher's) hf_path
+    tokenizer: str | None = None
     teacher: TeacherConfig | None = None
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     data: DataConfig | None = None
@@ -135,8 +211,15 @@ class RunConfig:
                           self.teacher.hf_path if self.teacher else None):
             if candidate:
                 return candidate
-        raise ValueError("set `tokenizer` (a directory, or 'bytes') or give the student or "
+        raise ValueError("set `tokenizer` (a directory, or one of 'bytes', 'smollm2', 'qwen', "
+                         "'mistral') or give the student or "
                          "teacher an hf_path to take the tokenizer from")
+
+    def teacher_tokenizer_path(self) -> str:
+        """The teacher's tokenizer: ``teacher.tokenizer``, else the run's tokenizer."""
+        if self.teacher is not None and self.teacher.tokenizer:
+            return self.teacher.tokenizer
+        return self.tokenizer_path()
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:

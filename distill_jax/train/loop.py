@@ -7,21 +7,19 @@ fetched to the host after step ``i + 1`` has been dispatched, so the device neve
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import numpy as np
 
-from distill_jax import configlib, data, metrics as mlog, sharding
+from distill_jax import configlib, metrics as mlog, sharding
 from distill_jax.checkpoint import Checkpointer
 from distill_jax.config import RunConfig, dump_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
-from distill_jax.train.step import (batch_keys, init_state, jit_train_step, make_eval_step,
-                                    make_train_step, summarize)
+from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
+                                     teacher_tokenizer)
+from distill_jax.train.step import init_state, jit_train_step
 
 CONFIG_FILE = "config.yaml"
 # Sections that may change between a run and its resumption (everything else must match).
@@ -45,60 +43,6 @@ def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     tmp.replace(path)
 
 
-def _global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
-                  keys: tuple[str, ...]) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-            for k in keys}
-
-
-def open_cache(cfg: RunConfig, tokenizer, vocab_size: int):
-    """The run's teacher cache reader, checked against this run's tokenizer, data and loss."""
-    from distill_jax.cache import CacheReader
-    from distill_jax.cache.build import dataset_fingerprint
-    from distill_jax.tokenizer import tokenizer_fingerprint
-    reader = CacheReader(cfg.teacher.cache)
-    reader.check(expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
-                 expected_dataset_fingerprint=dataset_fingerprint(cfg.data),
-                 vocab_size=vocab_size, temperature=cfg.loss.temperature)
-    return reader
-
-
-def with_cache(iterator, reader):
-    if reader is None:
-        return iterator
-    from distill_jax.cache.join import CachedBatches
-    return CachedBatches(iterator, reader)
-
-
-def make_evaluator(cfg: RunConfig, student_cfg, teacher_cfg, spec, tokenizer, batch_sharding):
-    """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
-    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time)."""
-    if not cfg.eval.sources:
-        raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
-    eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
-                                    num_epochs=None, workers=0)
-    if cfg.teacher is not None and cfg.teacher.cache:
-        raise ValueError("eval.every with a cached teacher is not supported yet: the cache covers "
-                         "the training data only; set eval.every=0")
-    step = jax.jit(make_eval_step(student_cfg, teacher_cfg, spec, chunk_size=cfg.loss.chunk_size))
-
-    def evaluate(params, teacher_params) -> dict[str, float]:
-        iterator = data.make_process_iterator(eval_data, tokenizer,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count())
-        total = None
-        for _ in range(cfg.eval.batches):
-            sums = step(params, teacher_params,
-                        _global_batch(next(iterator), batch_sharding, batch_keys(False)))
-            total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
-        iterator.close()
-        return {f"eval/{k.split('/')[-1]}": float(v) for k, v in summarize(total, spec).items()
-                if not k.endswith("_sum")}
-
-    return evaluate
-
-
 def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, float]:
     """Train (or resume) the run ``cfg`` describes; returns the last logged metrics."""
     run_dir = Path(cfg.run_dir)
@@ -110,23 +54,27 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     spec = cfg.loss.spec()
 
     cached = bool(cfg.teacher is not None and cfg.teacher.cache and spec.needs_teacher)
+    tokenizer = load_tokenizer(cfg.tokenizer_path())
+    teacher_tok = teacher_tokenizer(cfg, tokenizer)
     teacher = None
     if cfg.teacher is not None and ((spec.needs_teacher and not cached)
-                                    or cfg.student.init == "teacher_layers"):
+                                    or cfg.student.init in ("teacher_layers", "transfer")):
         teacher = build.load_model(cfg.teacher, mesh, rules)
-    student = build.build_student(cfg.student, teacher, mesh, rules)
+    student = build.build_student(cfg.student, teacher, mesh, rules, student_tokenizer=tokenizer,
+                                  teacher_tokenizer=teacher_tok)
     if not spec.needs_teacher or cached:
         teacher = None  # a cached teacher never runs
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     state = init_state(student.params, optimizer, cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.tokenizer_path())
-    reader = open_cache(cfg, tokenizer, student.config.vocab_size) if cached else None
-    iterator = with_cache(data.make_process_iterator(
-        cfg.data, tokenizer, process_index=jax.process_index(),
-        process_count=jax.process_count()), reader)
-    keys = batch_keys(cached)
+    reader = None
+    if cached:
+        reader = open_cache(cfg, teacher_tok,
+                            None if cfg.loss.cross_tokenizer else student.config.vocab_size)
+    setup = RunSetup(cfg, spec, tokenizer, teacher_tok, student.config,
+                   teacher.config if teacher else None, cached)
+    iterator = setup.data_iterator(cfg.data, reader)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
     if ckpt.latest_step() is not None:
@@ -135,16 +83,19 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
 
     batch_sharding = sharding.batch_sharding(mesh, 2, rules)
     teacher_params = teacher.params if teacher is not None else None
-    step_fn = jit_train_step(
-        make_train_step(student.config, teacher.config if teacher else None, spec, optimizer,
-                        schedule, grad_accum=cfg.optimizer.grad_accum,
-                        chunk_size=cfg.loss.chunk_size, cache_tail=cfg.loss.tail if cached else None),
-        state, teacher_params, batch_sharding, keys)
+    step_fn = jit_train_step(setup.train_step(optimizer, schedule), state, teacher_params,
+                             batch_sharding, setup.keys)
 
-    evaluate = None
+    evaluate, eval_teacher_params = None, teacher_params
     if cfg.eval.every > 0:
-        evaluate = make_evaluator(cfg, student.config, teacher.config if teacher else None, spec,
-                                  tokenizer, batch_sharding)
+        if cached and (cfg.teacher.hf_path or cfg.teacher.preset):
+            teacher_eval = build.load_model(cfg.teacher, mesh, rules)
+            eval_setup = RunSetup(cfg, spec, tokenizer, teacher_tok, student.config,
+                                teacher_eval.config, False)
+            eval_teacher_params = teacher_eval.params
+        else:
+            eval_setup = setup
+        evaluate = make_evaluator(eval_setup, batch_sharding)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = mlog.flops_per_token(student.config.matmul_params(),
                                  teacher.config.matmul_params() if teacher else 0)
@@ -170,13 +121,13 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
             host[mlog.MFU] = tokens_per_step * flops / dt / (peak * jax.device_count())
         host.update({k: float(v) for k, v in iterator.stats.items()})
         if eval_due(step):
-            host.update(evaluate(state.params, teacher_params))
+            host.update(evaluate(state.params, eval_teacher_params))
         if step % cfg.logging.every == 0 or step == end or eval_due(step):
             logger.log(step, host)
         return host
 
     for step in range(start, end):
-        batch = _global_batch(next(iterator), batch_sharding, keys)
+        batch = global_batch(next(iterator), batch_sharding, setup.keys)
         state, step_metrics = step_fn(state, teacher_params, batch)
         if pending is not None:
             last = flush(pending)

@@ -28,8 +28,19 @@ BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 CACHE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass")
 
 
-def batch_keys(cached: bool) -> tuple[str, ...]:
-    return BATCH_KEYS + (CACHE_KEYS if cached else ())
+# Cross-tokenizer runs: the alignment, and the teacher's rows (live) or two cached numbers per
+# teacher token (what ALM needs) with their validity.
+XTOK_KEYS = ("chunk_ids", "teacher_chunk_ids", "teacher_segment_ids")
+XTOK_LIVE_KEYS = ("teacher_tokens", "teacher_positions", "teacher_targets")
+XTOK_CACHE_KEYS = ("teacher_actual_logprob", "teacher_boundary_logmass", "teacher_valid")
+
+
+def batch_keys(cached: bool, xtok: bool = False) -> tuple[str, ...]:
+    """The batch arrays a step reads: same-tokenizer (live or cached top-k teacher) or
+    cross-tokenizer (live teacher rows, or the cached per-token numbers ALM needs)."""
+    if not xtok:
+        return BATCH_KEYS + (CACHE_KEYS if cached else ())
+    return BATCH_KEYS + XTOK_KEYS + (XTOK_CACHE_KEYS if cached else XTOK_LIVE_KEYS)
 GRAD_NORM = "train/grad_norm"
 LEARNING_RATE = "train/lr"
 PARAM_NORM = "train/param_norm"
@@ -132,41 +143,169 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
         return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params, mb,
                          cache_tail)
 
-    def objective(params, teacher_params, mb, total_tokens):
-        sums = micro_sums(params, teacher_params, mb)
-        return sums[losses.LOSS_SUM] / jnp.maximum(total_tokens, 1.0), sums
-
-    grad_fn = jax.grad(objective, has_aux=True)
-
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
         batch = {k: batch[k] for k in keys}
         total_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
-        if grad_accum == 1:
-            grads, sums = grad_fn(state.params, teacher_params, batch, total_tokens)
+
+        def objective(params, mb):
+            sums = micro_sums(params, teacher_params, mb)
+            return sums[losses.LOSS_SUM] / jnp.maximum(total_tokens, 1.0), sums
+
+        grads, sums = _accumulate(jax.grad(objective, has_aux=True), state.params, batch,
+                                  grad_accum)
+        return _apply_update(state, grads, summarize(sums, spec), optimizer, schedule)
+
+    return step
+
+
+def _apply_update(state: TrainState, grads: Any, metrics: dict[str, Array],
+                  optimizer: optax.GradientTransformation, schedule: optax.Schedule | None):
+    """The optimiser update shared by every step: new state, plus norms and learning rate."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics[GRAD_NORM] = optax.tree.norm(grads)
+    metrics[PARAM_NORM] = optax.tree.norm(params)
+    if schedule is not None:
+        metrics[LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_accum: int):
+    """Gradients and summed metrics of ``grad_fn(params, micro_batch)`` over ``grad_accum``
+    micro-batches (added up: each micro objective is already divided by whole-batch counts)."""
+    if grad_accum == 1:
+        return grad_fn(params, batch)
+    micro = _split_micro(batch, grad_accum)
+
+    def body(carry, mb):
+        g, s = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    return grads, sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-tokenizer step
+
+
+def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: dict[str, Array],
+                        word_start: Array, *, chunk_size: int = 512, micro_batches: int = 1,
+                        keep_hidden: bool = False) -> dict[str, Array]:
+    """The live teacher over its rows of a cross-tokenizer batch (frozen): per teacher token the
+    actual next token's log-prob and the log-mass of next tokens that start a word, and with
+    ``keep_hidden`` its final hidden states. Runs ``micro_batches`` row groups one after the
+    other, bounding activation memory as gradient accumulation does."""
+    from distill_jax.losses import alm
+    teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+    head = jax.lax.stop_gradient(lm_head(teacher))
+
+    def one(mb):
+        h = jax.lax.stop_gradient(hidden_states(
+            teacher, mb["teacher_tokens"], positions=mb["teacher_positions"],
+            segment_ids=mb["teacher_segment_ids"]))
+        logp, boundary = alm.token_stats(h, head, mb["teacher_targets"], word_start,
+                                         softcap=teacher_cfg.final_logit_softcap,
+                                         chunk_size=chunk_size)
+        out = {"teacher_actual_logprob": logp, "teacher_boundary_logmass": boundary}
+        if keep_hidden:
+            out["teacher_hidden"] = h
+        return jax.lax.stop_gradient(out)
+
+    keys = ("teacher_tokens", "teacher_positions", "teacher_segment_ids", "teacher_targets")
+    sub = {k: batch[k] for k in keys}
+    if micro_batches == 1:
+        return one(sub)
+    out = jax.lax.map(one, _split_micro(sub, micro_batches))
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
+
+
+def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
+                         optimizer: optax.GradientTransformation,
+                         schedule: optax.Schedule | None = None, *, student_word_start: Any,
+                         teacher_word_start: Any = None, mined_map: Any = None,
+                         grad_accum: int = 1, chunk_size: int = 512, cached: bool = False,
+                         eval_only: bool = False) -> Callable:
+    """The cross-tokenizer step ``(state, teacher_params, batch) -> (state, metrics)``.
+
+    ``spec`` is a :class:`distill_jax.losses.xtok.XtokSpec`. The teacher signal comes first for
+    the whole batch: the live teacher over its rows (``teacher_token_stats``), or the cached
+    per-token numbers in the batch (``cached``). Then the normalisers of every term are counted
+    over the whole batch, and the student's micro-batches are differentiated one by one, each
+    divided by those counts, so gradient accumulation is exact. With ``eval_only`` the function
+    is ``(params, teacher_params, batch) -> metrics`` and no update happens.
+    """
+    from distill_jax.losses import xtok
+    if cached and spec.needs_teacher_logits:
+        raise ValueError("uld/mined need the teacher's full distributions; a cache holds only "
+                         "what alm needs. Train them with a live teacher (unset teacher.cache)")
+    if spec.needs_teacher and not cached and teacher_cfg is None:
+        raise ValueError("the cross-tokenizer loss needs a teacher model (or teacher.cache for alm)")
+    if xtok.MINED in spec.weights and mined_map is None:
+        raise ValueError("the mined term needs the student->teacher vocabulary mapping")
+    s_word = jnp.asarray(student_word_start)
+    t_word = None if teacher_word_start is None else jnp.asarray(teacher_word_start)
+    keys = batch_keys(cached, xtok=True)
+
+    def prepare(teacher_params, batch):
+        batch = dict(batch)
+        if spec.needs_teacher and not cached:
+            batch.update(teacher_token_stats(
+                teacher_cfg, teacher_params, batch, t_word, chunk_size=chunk_size,
+                micro_batches=grad_accum, keep_hidden=spec.needs_teacher_logits))
+        if cached:
+            chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
+                batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
+                batch["teacher_valid"])
         else:
-            micro = _split_micro(batch, grad_accum)
+            chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
+                batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"])
+        batch["chunk_ids"], batch["teacher_chunk_ids"] = chunk_ids, teacher_chunk_ids
+        norms = xtok.normalisers(spec, batch, batch.get("teacher_boundary_logmass"))
+        return batch, norms
 
-            def body(carry, mb):
-                g_acc, s_acc = carry
-                g, s = grad_fn(state.params, teacher_params, mb, total_tokens)
-                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+    def teacher_head(teacher_params):
+        if not spec.needs_teacher_logits:
+            return None
+        return jax.lax.stop_gradient(lm_head(Model(teacher_cfg, teacher_params)))
 
-            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zeros_s = jax.tree.map(lambda x: jnp.zeros((), jnp.float32),
-                                   jax.eval_shape(micro_sums, state.params, teacher_params,
-                                                  jax.tree.map(lambda x: x[0], micro)))
-            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = summarize(sums, spec)
-        metrics[GRAD_NORM] = optax.tree.norm(grads)
-        metrics[PARAM_NORM] = optax.tree.norm(params)
-        if schedule is not None:
-            metrics[LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-        return new_state, metrics
+    def micro_sums(params, mb, head_t):
+        student = Model(student_cfg, params)
+        h = hidden_states(student, mb["tokens"], positions=mb["positions"],
+                          segment_ids=mb["segment_ids"])
+        return xtok.term_sums(
+            spec, mb, student_h=h, student_head=lm_head(student), student_word_start=s_word,
+            teacher_logp=mb.get("teacher_actual_logprob"),
+            teacher_boundary=mb.get("teacher_boundary_logmass"),
+            teacher_h=mb.get("teacher_hidden"),
+            teacher_head=head_t,
+            student_softcap=student_cfg.final_logit_softcap,
+            teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
+            mined_map=None if mined_map is None else jnp.asarray(mined_map),
+            chunk_size=chunk_size)
+
+    if eval_only:
+        def evaluate(params, teacher_params, batch):
+            batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
+            return xtok.summarize(spec, micro_sums(params, batch, teacher_head(teacher_params)),
+                                  norms)
+        return evaluate
+
+    def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
+        batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
+        head_t = teacher_head(teacher_params)
+
+        def objective(params, mb):
+            sums = micro_sums(params, mb, head_t)
+            return xtok.objective(spec, sums, norms), sums
+
+        grads, sums = _accumulate(jax.grad(objective, has_aux=True), state.params, batch,
+                                  grad_accum)
+        return _apply_update(state, grads, xtok.summarize(spec, sums, norms), optimizer, schedule)
 
     return step
 

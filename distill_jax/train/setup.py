@@ -1,0 +1,163 @@
+"""What a run needs around its step: tokenizers, the teacher signal (live or cached), the data
+iterator, and the held-out evaluator, built from the run config for :mod:`distill_jax.train.loop`.
+
+``RunSetup`` decides, once, whether the run is cross-tokenizer (its loss terms are ``alm``,
+``sft``, ``uld`` or ``mined``) and whether the teacher comes from a cache, and builds the matching
+step, batches and evaluator, so the loop itself stays free of those choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from distill_jax import data
+from distill_jax.config import RunConfig
+from distill_jax.losses import TOKENS
+from distill_jax.losses.xtok import CHUNKS, PAIRS
+from distill_jax.tokenizer import load_tokenizer
+from distill_jax.train.step import (batch_keys, make_eval_step, make_train_step,
+                                    make_xtok_train_step, summarize)
+
+
+def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
+                  keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+            for k in keys}
+
+
+def open_cache(cfg: RunConfig, tokenizer, vocab_size: int | None):
+    """The run's teacher cache reader, checked against the teacher's tokenizer, the run's data
+    and loss (``tokenizer`` is the teacher's: the student's unless the run is cross-tokenizer)."""
+    from distill_jax.cache import CacheReader
+    from distill_jax.cache.build import dataset_fingerprint
+    from distill_jax.tokenizer import tokenizer_fingerprint
+    reader = CacheReader(cfg.teacher.cache)
+    reader.check(expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
+                 expected_dataset_fingerprint=dataset_fingerprint(cfg.data),
+                 vocab_size=vocab_size,
+                 # ALM reads log-probs at temperature 1; the divergences at loss.temperature
+                 temperature=1.0 if cfg.loss.cross_tokenizer else cfg.loss.temperature)
+    return reader
+
+
+def with_cache(iterator, reader, *, cross_tokenizer: bool = False):
+    if reader is None:
+        return iterator
+    from distill_jax.cache.join import CachedBatches
+    return CachedBatches(iterator, reader, cross_tokenizer=cross_tokenizer)
+
+
+class RunSetup:
+    """What the step, the evaluator and the data need to know about the run's teacher signal
+    and tokenizers (built once per run)."""
+
+    def __init__(self, cfg: RunConfig, spec, tokenizer, teacher_tokenizer, student_cfg,
+                 teacher_cfg, cached: bool):
+        self.cfg, self.spec, self.cached = cfg, spec, cached
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+        self.student_cfg, self.teacher_cfg = student_cfg, teacher_cfg
+        self.xtok = cfg.loss.cross_tokenizer
+        self.keys = batch_keys(cached, xtok=self.xtok)
+        self.xtok_args: dict[str, Any] = {}
+        if self.xtok:
+            from distill_jax.cache.build import word_start_mask
+            from distill_jax.losses.xtok import MINED
+            args = {"student_word_start": word_start_mask(tokenizer, student_cfg.vocab_size)}
+            if teacher_cfg is not None:
+                args["teacher_word_start"] = word_start_mask(teacher_tokenizer,
+                                                             teacher_cfg.vocab_size)
+            if MINED in spec.weights:
+                from distill_jax.losses.xtok_baselines import mined_mapping
+                args["mined_map"] = mined_mapping(tokenizer, teacher_tokenizer,
+                                                 student_vocab_size=student_cfg.vocab_size)
+            self.xtok_args = args
+
+    def data_iterator(self, data_cfg, reader=None):
+        iterator = data.make_process_iterator(
+            data_cfg, self.tokenizer, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            teacher_tokenizer=self.teacher_tokenizer if self.xtok else None)
+        return with_cache(iterator, reader, cross_tokenizer=self.xtok)
+
+    def train_step(self, optimizer, schedule):
+        cfg = self.cfg
+        if self.xtok:
+            return make_xtok_train_step(
+                self.student_cfg, self.teacher_cfg, self.spec, optimizer, schedule,
+                grad_accum=cfg.optimizer.grad_accum, chunk_size=cfg.loss.chunk_size,
+                cached=self.cached, **self.xtok_args)
+        return make_train_step(self.student_cfg, self.teacher_cfg, self.spec, optimizer, schedule,
+                               grad_accum=cfg.optimizer.grad_accum, chunk_size=cfg.loss.chunk_size,
+                               cache_tail=cfg.loss.tail if self.cached else None)
+
+    def eval_step(self):
+        if self.xtok:
+            return make_xtok_train_step(
+                self.student_cfg, self.teacher_cfg, self.spec, None, None,
+                chunk_size=self.cfg.loss.chunk_size, cached=False, eval_only=True,
+                **self.xtok_args)
+        step = make_eval_step(self.student_cfg, self.teacher_cfg, self.spec,
+                              chunk_size=self.cfg.loss.chunk_size)
+        return lambda params, teacher_params, batch: summarize(
+            step(params, teacher_params, batch), self.spec)
+
+
+def make_evaluator(setup: RunSetup, batch_sharding):
+    """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
+    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time)."""
+    cfg = setup.cfg
+    if not cfg.eval.sources:
+        raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
+    if setup.cached and setup.teacher_cfg is None:
+        raise ValueError("eval.every with a cached teacher needs the teacher model for the "
+                         "held-out data (the cache covers the training data only): give the "
+                         "teacher its hf_path/preset, or set eval.every=0")
+    eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
+                                    num_epochs=None, workers=0)
+    step = jax.jit(setup.eval_step())
+    keys = batch_keys(False, xtok=setup.xtok)
+
+    def evaluate(params, teacher_params) -> dict[str, float]:
+        iterator = setup.data_iterator(eval_data)
+        total = None
+        for _ in range(cfg.eval.batches):
+            metrics = step(params, teacher_params,
+                           global_batch(next(iterator), batch_sharding, keys))
+            sums = {k: v for k, v in metrics.items()
+                    if k.endswith("_sum") or k in (TOKENS, CHUNKS, PAIRS)}
+            total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
+        iterator.close()
+        if setup.xtok:
+            from distill_jax.losses import xtok
+            means = xtok.summarize(setup.spec, total, {k: total[k] for k in (TOKENS, CHUNKS, PAIRS)
+                                                       if k in total})
+        else:
+            means = summarize(total, setup.spec)
+        return {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
+                if not k.endswith("_sum")}
+
+    return evaluate
+
+
+def teacher_tokenizer(cfg: RunConfig, tokenizer):
+    """The teacher's tokenizer; refuses same-vocabulary terms when it is not the student's."""
+    if cfg.teacher is None:
+        return tokenizer
+    path = cfg.teacher_tokenizer_path()
+    if path == cfg.tokenizer_path():
+        return tokenizer
+    teacher_tokenizer = load_tokenizer(path)
+    if not cfg.loss.cross_tokenizer and cfg.loss.spec().needs_teacher:
+        from distill_jax.tokenizer import tokenizer_fingerprint
+        if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                f"the teacher's tokenizer ({path}) differs from the student's "
+                f"({cfg.tokenizer_path()}), so same-vocabulary terms ({sorted(cfg.loss.terms)}) "
+                "cannot compare their distributions: use the cross-tokenizer terms, e.g. "
+                "loss.terms={alm: 1.0, sft: 0.1}")
+    return teacher_tokenizer
