@@ -86,6 +86,8 @@ class LossConfig:
     ``alm_append_space`` (boundary debias), ``alm_merge_threshold`` (merge chunks until the
     teacher's word-boundary probability exceeds it; null: no merging). ``uld_top_k`` truncates
     ULD's sorted distributions (null: exact). ``temperature`` applies to the baselines.
+    ``balance: gradmag`` reweighs the terms every step by their gradient magnitude at the
+    student's last-layer output (GradMag), so each moves it in proportion to its weight.
     """
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"forward_kl": 1.0})
@@ -99,6 +101,7 @@ class LossConfig:
     alm_append_space: bool = True
     alm_merge_threshold: Optional[float] = 0.1
     uld_top_k: Optional[int] = None
+    balance: Literal["none", "gradmag"] = "none"
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -113,7 +116,11 @@ class LossConfig:
             return XtokSpec(terms=self.terms, distance=self.alm_distance, tau=self.alm_tau,
                             append_space=self.alm_append_space,
                             merge_threshold=self.alm_merge_threshold,
-                            temperature=self.temperature, uld_top_k=self.uld_top_k)
+                            temperature=self.temperature, uld_top_k=self.uld_top_k,
+                            balance=self.balance)
+        if self.balance != "none":
+            raise ValueError(f"loss.balance={self.balance} balances the cross-tokenizer terms "
+                             "(alm, sft, uld, mined); set loss.balance=none for these terms")
         from distill_jax.losses import LossSpec
         return LossSpec(terms=self.terms, temperature=self.temperature,
                         jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha)

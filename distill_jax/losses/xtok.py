@@ -36,6 +36,7 @@ ULD = "uld"
 MINED = "mined"
 TERMS = (ALM, SFT, ULD, MINED)
 DISTANCES = ("binary_ce", "abs", "reverse_binary_kl")
+BALANCES = ("none", "gradmag")
 
 CHUNKS = kd.PREFIX + "alm_chunks"   # number of (merged) chunks ALM averages over
 PAIRS = kd.PREFIX + "aligned_pairs"  # number of chunk-start pairs the baselines average over
@@ -55,6 +56,9 @@ class XtokSpec:
         this (None: no merging).
       temperature: softmax temperature of the baselines' distributions.
       uld_top_k: truncate ULD's sorted probability vectors to their top k (None: exact).
+      balance: ``none`` (the configured weights) or ``gradmag`` (weights set every step so each
+        term's gradient at the last layer's output has a size proportional to its weight;
+        see :func:`balance_weights`).
     """
 
     terms: Any = ((ALM, 1.0),)
@@ -64,6 +68,7 @@ class XtokSpec:
     merge_threshold: float | None = 0.1
     temperature: float = 1.0
     uld_top_k: int | None = None
+    balance: str = "none"
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
@@ -80,6 +85,8 @@ class XtokSpec:
                     "(same-vocabulary divergences need one tokenizer).")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown ALM distance {self.distance!r}; known: {', '.join(DISTANCES)}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown loss balance {self.balance!r}; known: {', '.join(BALANCES)}")
         if not self.tau > 0:
             raise ValueError(f"the ALM binarisation temperature tau must be > 0, got {self.tau}")
         if self.merge_threshold is not None and not 0.0 < self.merge_threshold < 1.0:
@@ -219,6 +226,40 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
                     student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                     chunk_size=chunk_size, mined_map=mined_map)
     return sums
+
+
+def weight_key(term: str) -> str:
+    """Metric name of a term's effective weight (GradMag changes it every step)."""
+    return f"{kd.PREFIX}weight_{term}"
+
+
+def normalised_terms(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]
+                     ) -> dict[str, Array]:
+    """Each term's (micro-)batch sum divided by its whole-batch count, keyed by term name."""
+    return {name: sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
+            for name, _ in spec.terms}
+
+
+def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[str, Array]:
+    """The weight of every term in the gradient. ``balance="none"``: the configured weights.
+    ``balance="gradmag"`` (GradMag): weights proportional to configured weight / ||g_t||, where
+    g_t is the gradient of the term at the student's last-layer output (the final hidden
+    states), rescaled to the configured weights' total, so every term moves the last layer by
+    an amount proportional to its configured weight. ``vjp`` maps a cotangent per term (a dict
+    like ``normed``) to the gradients w.r.t. (hidden states, lm_head); the weights carry no
+    gradient. With gradient accumulation they are set per micro-batch."""
+    configured = spec.weights
+    if spec.balance == "none" or len(configured) == 1:
+        return {k: jnp.asarray(configured[k], jnp.float32) for k in normed}
+    raw = {}
+    for name in normed:
+        onehot = {k: jnp.asarray(1.0 if k == name else 0.0, jnp.float32) for k in normed}
+        g_h, _ = vjp(onehot)
+        raw[name] = configured[name] / (jnp.sqrt(jnp.sum(jnp.square(g_h.astype(jnp.float32))))
+                                        + 1e-12)
+    total = sum(configured.values())
+    scale = total / jnp.maximum(sum(raw.values()), 1e-12)
+    return {k: jax.lax.stop_gradient(v * scale) for k, v in raw.items()}
 
 
 def objective(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]) -> Array:

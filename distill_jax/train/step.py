@@ -273,12 +273,15 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             return None
         return jax.lax.stop_gradient(lm_head(Model(teacher_cfg, teacher_params)))
 
-    def micro_sums(params, mb, head_t):
+    def trunk(params, mb):
         student = Model(student_cfg, params)
         h = hidden_states(student, mb["tokens"], positions=mb["positions"],
                           segment_ids=mb["segment_ids"])
+        return h, lm_head(student)
+
+    def head_sums(h, head, mb, head_t):
         return xtok.term_sums(
-            spec, mb, student_h=h, student_head=lm_head(student), student_word_start=s_word,
+            spec, mb, student_h=h, student_head=head, student_word_start=s_word,
             teacher_logp=mb.get("teacher_actual_logprob"),
             teacher_boundary=mb.get("teacher_boundary_logmass"),
             teacher_h=mb.get("teacher_hidden"),
@@ -287,6 +290,9 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
             mined_map=None if mined_map is None else jnp.asarray(mined_map),
             chunk_size=chunk_size)
+
+    def micro_sums(params, mb, head_t):
+        return head_sums(*trunk(params, mb), mb, head_t)
 
     if eval_only:
         def evaluate(params, teacher_params, batch):
@@ -299,13 +305,30 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
         batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
         head_t = teacher_head(teacher_params)
 
-        def objective(params, mb):
-            sums = micro_sums(params, mb, head_t)
-            return xtok.objective(spec, sums, norms), sums
+        def grad_fn(params, mb):
+            # Forward once: the trunk (params -> final hidden states and lm_head), then every
+            # term from them. Backward: each term's cotangent through the head region (one per
+            # term with GradMag, which weighs terms by their gradient magnitude at the last
+            # layer's output), then the trunk once with the weighted sum.
+            (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), params)
 
-        grads, sums = _accumulate(jax.grad(objective, has_aux=True), state.params, batch,
-                                  grad_accum)
-        return _apply_update(state, grads, xtok.summarize(spec, sums, norms), optimizer, schedule)
+            def terms(h, head):
+                sums = head_sums(h, head, mb, head_t)
+                return xtok.normalised_terms(spec, sums, norms), sums
+
+            normed, terms_vjp, sums = jax.vjp(terms, h, head, has_aux=True)
+            weights = xtok.balance_weights(spec, normed, terms_vjp)
+            g_h, g_head = terms_vjp({k: jnp.asarray(weights[k], jnp.float32) for k in normed})
+            (grads,) = trunk_vjp((g_h, g_head))
+            sums = dict(sums)
+            sums.update({xtok.weight_key(k): w for k, w in weights.items()})
+            return grads, sums
+
+        grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
+        metrics = xtok.summarize(spec, sums, norms)
+        for name, _ in spec.terms:  # mean weight over micro-batches
+            metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
+        return _apply_update(state, grads, metrics, optimizer, schedule)
 
     return step
 
