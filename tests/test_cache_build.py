@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import pytest
 
 from distill_jax import data as D
 from distill_jax.cache import CacheMismatchError, CacheReader, verify
-from distill_jax.cache.build import build_cache, cache_data_config, dataset_fingerprint, word_start_mask
+from distill_jax.cache.build import (build_cache, cache_data_config, dataset_fingerprint, pack_windows,
+                                     teacher_token_stats, word_start_mask)
 from distill_jax.config import load_run_config
 from distill_jax.tokenizer import byte_tokenizer, tokenizer_fingerprint
 
@@ -42,41 +44,163 @@ def test_word_start_mask_byte_tokenizer():
     assert m.sum() == 3 + 6
 
 
+def test_teacher_token_stats_match_float64_reference():
+    """Top-k, tail, actual and boundary log-mass against float64 numpy, with ties at the k-th
+    largest logit (tied entries not taken belong to the tail), at T = 2, and k = V."""
+    rng = np.random.default_rng(0)
+    C, V, k, T = 6, 50, 5, 2.0
+    z = rng.normal(0, 3, (C, V)).astype(np.float32)
+    z[0, [3, 9, 20, 21, 40]] = 9.0  # row 0: the 4th..7th largest tie
+    z[0, [7, 8]] = [11.0, 12.0]
+    z[0, 41] = 10.0
+    wmask = rng.random(V) < 0.3
+    targets = rng.integers(0, V, C)
+    ids, lps, actual, tail, bound = (np.asarray(x) for x in jax.jit(
+        lambda z, t: teacher_token_stats(z, t, k, jnp.asarray(wmask), T))(z, targets))
+    ref = z.astype(np.float64) / T
+    ref -= np.log(np.exp(ref - ref.max(1, keepdims=True)).sum(1, keepdims=True)) + ref.max(1, keepdims=True)
+    for c in range(C):
+        order = np.lexsort((np.arange(V), -z[c]))  # descending, ties to the lower id
+        np.testing.assert_array_equal(ids[c], order[:k])
+        np.testing.assert_allclose(lps[c], ref[c, order[:k]], atol=1e-5, rtol=0)
+        rest = np.setdiff1d(np.arange(V), ids[c])
+        np.testing.assert_allclose(tail[c], np.log(np.exp(ref[c, rest]).sum()), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(actual[c], ref[c, targets[c]], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(bound[c], np.log(np.exp(ref[c, wmask]).sum()), atol=1e-5, rtol=0)
+    assert ids[0].tolist() == [8, 7, 41, 3, 9]  # 20, 21, 40 tie with 3 and 9 but go to the tail
+    _, _, _, tail_full, _ = teacher_token_stats(jnp.asarray(z), jnp.asarray(targets), V, jnp.asarray(wmask))
+    assert np.isneginf(np.asarray(tail_full)).all()
+
+
+def _doc_tokens(cfg):
+    """Every document's token ids, as the data pipeline tokenizes them (doc_id order)."""
+    ds = D.make_dataset(cache_data_config(cfg), byte_tokenizer())
+    return [np.asarray(doc.ids) for g in range(len(ds.docs)) for doc in ds.docs[g]]
+
+
 def test_build_k_full_vocab_matches_live_teacher(tmp_path):
+    """k = V (every log-prob of every token): the cache equals the live teacher run on each
+    document's fixed windows [0, W), [W, 2W), ... on its own, with documents longer than W."""
     from distill_jax import models, sharding
     from distill_jax.train import build
 
-    cfg = _cfg(tmp_path / "c", "data.max_records=24", "cache.k=259", "cache.batch_size=4")
+    W = 96
+    cfg = _cfg(tmp_path / "c", "data.max_records=24", "cache.k=259", "cache.batch_size=4",
+               f"data.seq_len={W}", "cache.logprob_encoding=f32", "mesh.num_devices=1")
     build_cache(cfg, spec_overrides={"chunk_rows": 256, "shard_rows": 1024})
     assert verify(str(tmp_path / "c")).ok
     r = CacheReader(str(tmp_path / "c"))
     r.check(expected_tokenizer_hash=tokenizer_fingerprint(byte_tokenizer()),
             expected_dataset_fingerprint=dataset_fingerprint(cfg.data), k=259, vocab_size=259)
-    assert r.manifest.num_docs == 24
+    assert r.manifest.num_docs == 24 and r.manifest.window == W
+    docs = _doc_tokens(cfg)
+    assert [len(d) for d in docs] == r.doc_length.tolist() and max(map(len, docs)) > 3 * W
+    # The reference: every window alone, one row each (padding after it is never attended to).
+    windows = [(d, s) for d, ids in enumerate(docs) for s in range(0, len(ids), W)]
+    toks = np.zeros((len(windows), W), np.int32)
+    for i, (d, s) in enumerate(windows):
+        toks[i, :len(docs[d][s:s + W])] = docs[d][s:s + W]
     mesh = sharding.make_mesh(-1, 1, 1, jax.devices())
     teacher = build.load_model(cfg.teacher, mesh, sharding.DEFAULT_RULES)
-    fwd = jax.jit(lambda p, t, pos, seg: jax.nn.log_softmax(
-        models.forward(models.Model(teacher.config, p), t, positions=pos, segment_ids=seg), -1))
-    it = D.make_iterator(cache_data_config(cfg), byte_tokenizer())
+    pos = np.tile(np.arange(W, dtype=np.int32), (len(windows), 1))
+    lp = np.asarray(jax.jit(lambda p, t: jax.nn.log_softmax(models.forward(
+        models.Model(teacher.config, p), t, positions=pos, segment_ids=jnp.ones_like(t)), -1))(teacher.params, toks),
+        np.float64)
     wmask = word_start_mask(byte_tokenizer(), 259)
     checked = 0
-    for batch in it:
-        lp = np.asarray(fwd(teacher.params, batch["tokens"], batch["positions"], batch["segment_ids"]))
-        got = r.read_tokens(batch["doc_ids"], batch["doc_offsets"])
-        valid = got["valid"]
-        lengths = np.where(valid, r.doc_length[np.maximum(batch["doc_ids"], 0)], 0)
-        has_next = valid & (batch["doc_offsets"] < lengths - 1)
-        live_actual = np.take_along_axis(lp, batch["targets"][..., None], -1)[..., 0]
-        np.testing.assert_allclose(got["actual_logprob"][has_next], live_actual[has_next], atol=1e-5, rtol=0)
-        assert (got["actual_logprob"][valid & ~has_next] == 0).all()
-        live_topk = np.take_along_axis(lp, got["topk_ids"], -1)  # all 259 ids, cached order
-        np.testing.assert_allclose(got["topk_logprobs"][valid], live_topk[valid], rtol=2 ** -8, atol=1e-6)
-        assert (np.sort(got["topk_ids"][valid], -1) == np.arange(259)).all()
-        assert np.isneginf(got["tail_logmass"][valid]).all()
-        live_b = np.log(np.exp(lp)[..., wmask].sum(-1))
-        np.testing.assert_allclose(got["boundary_logmass"][valid], live_b[valid], atol=1e-5)
-        checked += int(valid.sum())
+    for i, (d, s) in enumerate(windows):
+        ids = docs[d]
+        n = len(ids[s:s + W])
+        got = r.read_tokens(np.full(n, d), np.arange(s, s + n))
+        ref = lp[i, :n]
+        assert (got["topk_ids"] == np.arange(259)).all()  # k = V, in id order
+        np.testing.assert_allclose(got["topk_logprobs"], ref, atol=2e-5, rtol=0)
+        nxt = np.arange(s + 1, s + n + 1)
+        has_next = nxt < len(ids)  # the window's last token predicts the next window's first
+        np.testing.assert_allclose(got["actual_logprob"][has_next],
+                                   ref[np.arange(n)[has_next], ids[nxt[has_next]]], atol=2e-5, rtol=0)
+        assert (got["actual_logprob"][~has_next] == 0).all()
+        assert np.isneginf(got["tail_logmass"]).all()
+        np.testing.assert_allclose(got["boundary_logmass"], np.log(np.exp(ref)[:, wmask].sum(-1)), atol=2e-5)
+        checked += n
     assert checked == int(r.doc_length.sum()) > 1000
+
+
+def test_pack_windows_cuts_documents_at_fixed_windows():
+    """Windows [0, W), [W, 2W), ... of each document, each a segment with positions from 0 and
+    the document's next tokens as targets, packed first-fit in order."""
+    W, rows = 5, 2
+    docs = [(0, np.arange(100, 112)), (1, np.arange(200, 203)), (2, np.arange(300, 302)),
+            (3, np.arange(400, 406))]
+    batches = list(pack_windows(iter(docs), rows, W))
+    pieces = {}
+    for b in batches:
+        assert b.tokens.shape == (rows, W)
+        for doc, length, start, r, c, n in b.placements:
+            ids = dict(docs)[doc]
+            assert length == len(ids) and start % W == 0 and n == min(W, len(ids) - start)
+            np.testing.assert_array_equal(b.tokens[r, c:c + n], ids[start:start + n])
+            np.testing.assert_array_equal(b.positions[r, c:c + n], np.arange(n))
+            np.testing.assert_array_equal(b.targets[r, c:c + n], np.append(ids, 0)[start + 1:start + n + 1])
+            seg = b.segment_ids[r, c:c + n]
+            assert (seg == seg[0]).all() and seg[0] > 0
+            assert (b.segment_ids[r] == seg[0]).sum() == n  # a segment of its own
+            pieces.setdefault(doc, []).append(start)
+        occupied = b.segment_ids > 0
+        assert (b.tokens[~occupied] == 0).all()
+    assert pieces == {0: [0, 5, 10], 1: [0], 2: [0], 3: [0, 5]}
+    # first fit, in stream order: doc 0's tail (2 tokens) shares a row with docs 1 (3 tokens)...
+    assert [[p[:3] for p in b.placements] for b in batches] == [
+        [(0, 12, 0), (0, 12, 5)], [(0, 12, 10), (1, 3, 0), (2, 2, 0)], [(3, 6, 0), (3, 6, 5)]]
+
+
+def _all_docs_equal(a, b, atol=0.0):
+    ra, rb = CacheReader(str(a)), CacheReader(str(b))
+    assert ra.num_docs == rb.num_docs and (ra.doc_length == rb.doc_length).all()
+    for d in range(ra.num_docs):
+        da, db = ra.read_document(d), rb.read_document(d)
+        for key in da:
+            np.testing.assert_allclose(da[key], db[key], atol=atol, rtol=0, err_msg=f"doc {d} {key}")
+
+
+def test_cache_independent_of_batch_size(tmp_path):
+    """Documents longer than the window are cut at fixed windows, so caches built with 2 and 3
+    rows per batch (different packings) hold the same values."""
+    over = ["data.max_records=20", "cache.k=8", "data.seq_len=64", "cache.logprob_encoding=f32"]
+    build_cache(_cfg(tmp_path / "b2", *over, "cache.batch_size=2"))
+    build_cache(_cfg(tmp_path / "b3", *over, "cache.batch_size=3"))
+    for c in ("b2", "b3"):
+        assert verify(str(tmp_path / c)).ok
+    r = CacheReader(str(tmp_path / "b2"))
+    assert r.manifest.window == 64 and (r.doc_length > 3 * 64).any()
+    _all_docs_equal(tmp_path / "b2", tmp_path / "b3", atol=1e-5)
+
+
+def test_cross_tokenizer_cache_holds_the_teachers_tokens(tmp_path):
+    """A cross-tokenizer run's cache is keyed by the teacher's tokens: its tokenizer's hash, one
+    row per teacher token, windows of data.teacher_seq_len; the pipeline's teacher rows index it."""
+    from distill_jax.tokenizer import load_tokenizer
+
+    teacher_tok = load_tokenizer("smollm2")
+    cfg = _cfg(tmp_path / "c", "data.max_records=6", "cache.k=4", "teacher.tokenizer=smollm2",
+               "teacher.overrides={vocab_size: 49152, num_layers: 1, hidden_size: 32, intermediate_size: 64, "
+               "num_heads: 2, num_kv_heads: 1}", "loss.terms={alm: 1.0, sft: 0.1}", "data.teacher_seq_len=48",
+               "mesh.num_devices=1")
+    build_cache(cfg)
+    r = CacheReader(str(tmp_path / "c"))
+    r.check(expected_tokenizer_hash=tokenizer_fingerprint(teacher_tok), require_complete=True)
+    assert r.manifest.window == 48
+    ds = D.make_dataset(cache_data_config(cfg), byte_tokenizer(), teacher_tokenizer=teacher_tok)
+    docs = [doc for g in range(len(ds.docs)) for doc in ds.docs[g]]
+    assert r.doc_length.tolist() == [len(doc.teacher) for doc in docs] != [len(doc.student) for doc in docs]
+    assert r.doc_length.max() > 48
+    data_cfg = dataclasses.replace(cache_data_config(cfg), batch_size=2)
+    seen = 0
+    for batch in D.make_iterator(data_cfg, byte_tokenizer(), teacher_tokenizer=teacher_tok):
+        rows = r.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
+        np.testing.assert_array_equal(rows["valid"], batch["teacher_doc_ids"] >= 0)
+        seen += int(rows["valid"].sum())
+    assert seen == int(r.doc_length.sum())
 
 
 def _cli(*args, **kw):
@@ -85,14 +209,10 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _all_docs(path):
-    r = CacheReader(str(path))
-    return r, [r.read_document(d) for d in range(r.num_docs)]
-
-
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    over = ["data.max_records=200", "cache.k=8", "cache.batch_size=2", f"data.sources=[{{path: {TRAIN}}}]"]
+    over = ["data.max_records=200", "cache.k=8", "cache.batch_size=2", "cache.logprob_encoding=f32",
+            f"data.sources=[{{path: {TRAIN}}}]"]
     killed = tmp_path / "killed"
     p = _cli("cache", TINY, f"teacher.cache={killed}", *over)
     journal = killed / "part-00000-of-00001" / "journal.bin"
@@ -113,12 +233,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert rep.returncode == 0, (stdout, out)
     assert "200 documents (0 missing)" in stdout and "ok" in stdout
     build_cache(_cfg(tmp_path / "clean", *over))
-    r1, docs1 = _all_docs(killed)
-    r2, docs2 = _all_docs(tmp_path / "clean")
-    assert (r1.doc_length == r2.doc_length).all()
-    for a, b in zip(docs1, docs2):
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    # The resumed run packs the remaining documents' windows differently: the same values up to
+    # the rounding of where a window sits in its row.
+    _all_docs_equal(killed, tmp_path / "clean", atol=1e-5)
 
 
 def test_cli_verify_and_corruption(tmp_path):
@@ -191,11 +308,10 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     from distill_jax.cache import CacheReader, verify
 
     repo = Path(__file__).resolve().parents[1]
-    # Rows long enough that no document is split: a split document's pieces (and so their teacher
-    # context) depend on how documents are packed, which differs between process layouts.
-    args = ["configs/tiny.yaml", "data.max_records=40", "data.batch_size=8", "cache.k=16",
-            "data.seq_len=1024",
-            "logging.progress=false"]
+    # Rows shorter than most documents: the documents are cut into fixed windows, so the cache
+    # does not depend on how each process layout packs them.
+    args = ["configs/tiny.yaml", "data.max_records=24", "data.batch_size=8", "cache.k=16",
+            "data.seq_len=64", "cache.logprob_encoding=f32", "logging.progress=false"]
 
     def env(devices, **extra):
         e = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_JAX_")}
@@ -221,8 +337,6 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     report = verify(two)
     assert report.ok, report.errors
     a, b = CacheReader(one), CacheReader(two)
-    assert a.num_docs == b.num_docs == 40
-    for doc in range(40):
-        da, db = a.read_document(doc), b.read_document(doc)
-        for key in da:
-            np.testing.assert_allclose(da[key], db[key], atol=1e-5, err_msg=f"doc {doc} {key}")
+    assert a.num_docs == b.num_docs == 24
+    assert a.manifest.window == b.manifest.window == 64 and (a.doc_length > 2 * 64).sum() > 10
+    _all_docs_equal(one, two, atol=1e-5)

@@ -1,7 +1,7 @@
 """Teacher cache: per-document teacher outputs on disk (tensorstore zarr v3, sharded, zstd).
 
     from distill_jax.cache import CacheSpec, Manifest, CacheWriter, CacheReader, verify
-    spec = CacheSpec(k=64, vocab_size=151_936)                       # logprob_encoding="bf16" | "q8"
+    spec = CacheSpec(k=64, vocab_size=151_936)              # logprob_encoding="q8" | "bf16" | "f32"
     m = Manifest(spec, teacher={"name": ..., "config_hash": ..., "weights_hash": ...},
                  tokenizer_hash=tokenizer_fingerprint(tok), dataset_fingerprint=fp)
     with CacheWriter(path, m, num_docs=n, process_index=i, process_count=c) as w:
@@ -10,10 +10,12 @@
                                  "tail_logmass": ..., "boundary_logmass": ...})
         w.finalize()
     r = CacheReader(path); r.check(expected_tokenizer_hash=..., expected_dataset_fingerprint=..., k=64)
-    rows = r.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
+    rows = r.read_tokens(batch["doc_ids"], batch["doc_offsets"])   # top-k in ascending id order
 
 Building one from a run config (``distill-jax cache CONFIG``): :mod:`distill_jax.cache.build`
-(``build_cache``, ``dataset_fingerprint``, ``word_start_mask``).
+(``build_cache``, ``dataset_fingerprint``, ``word_start_mask``); it cuts every document into
+fixed windows of the run's ``seq_len`` (``Manifest.window``), so the cache does not depend on
+packing, batch size or process count.
 
 Format, encodings and the exactly-once argument: :mod:`distill_jax.cache.store`.
 """

@@ -6,7 +6,7 @@ Layout of a cache directory ``PATH``::
     PATH/part-00000-of-00002/               # one part per writing process
         journal.bin                         # committed document index (the "offsets array")
         topk_ids/  [topk_ids_hi/]           # zarr v3 arrays, flat over the part's tokens
-        topk_logprobs/  [top1_logprob/]
+        topk_logprobs/
         actual_logprob/  tail_logmass/  boundary_logmass/
         DONE.json                           # written by CacheWriter.finalize()
 
@@ -20,21 +20,31 @@ Row ``t`` of a document is the teacher's next-token distribution after tokens ``
 manifest's temperature): it predicts token ``t+1``. ``actual_logprob[t]`` is the log-prob of
 token ``t+1``; for the last token of a document there is no next token and the caller stores 0.
 
-Encodings (``k`` = top-k, ``V`` = vocabulary size, ``b = ceil(log2 V)``)
--------------------------------------------------------------------------
-* ``topk_ids``: uint8 if ``b <= 8``, uint16 if ``b <= 16``; above that the low 16 bits go to
-  ``topk_ids`` (uint16) and the ``b - 16`` high bits of all k ids of a token are bit-packed into
-  ``topk_ids_hi`` (uint8, ``ceil(k (b-16) / 8)`` bytes). Vocab 262,144 (b = 18): 2.25 bytes/id.
-  Supported up to ``V = 2**31``.
-* ``topk_logprobs`` (rows are stored sorted by log-prob, descending; the writer sorts):
-  - ``"bf16"`` (default, lossless w.r.t. bfloat16 rounding): each value is rounded to bfloat16,
-    mapped to its order-preserving 16-bit key and delta-coded along k (modulo 2**16). Sorted rows
-    give small deltas, which compress well. 2 bytes/value before compression.
-  - ``"q8"``: ``top1_logprob`` (float32) plus, per entry, ``q = round(min(gap, G) / (G / 255))``
-    with ``gap = top1 - logprob >= 0`` and ``G = q8_max_gap`` (default 20 nats), delta-coded along
-    k (modulo 256). Absolute error <= ``G / 510`` (0.0392 nats at G = 20) for gaps <= G; gaps
-    beyond G decode as exactly ``top1 - G``. ``-inf`` entries decode as ``top1 - G``.
-    1 byte/value before compression.
+Encodings (format version 2; ``k`` = top-k, ``V`` = vocabulary size)
+--------------------------------------------------------------------
+A row's top-k entries are stored **in ascending id order**, and read back in that order: the k
+ids of a token are a set, and a sorted set costs far less than a ranked list (``log2 C(V, k)``
+bits instead of ``log2(V! / (V-k)!)``, about ``k (log2(V/k) + 1.44)`` instead of ``k log2 V``).
+Every consumer of the top-k (the sparse losses) is order-independent.
+
+* ``topk_ids``: the gaps ``g_0 = id_0``, ``g_i = id_i - id_{i-1} - 1`` (ids must be distinct
+  within a row), as uint8 if ``V <= 256``, uint16 if ``V <= 65,536``; above that the low 16
+  bits go to ``topk_ids`` (uint16) and ``g >> 16`` to ``topk_ids_hi`` (uint8 up to ``V = 2**24``,
+  else uint16; almost all zeros, so it compresses to almost nothing). Supported up to ``V = 2**31``.
+* ``topk_logprobs``, one of (:attr:`CacheSpec.logprob_encoding`):
+  - ``"q8"`` (default): one byte per entry, a KL-budgeted quantisation of ``x = -logprob``.
+    The step is ``s(x) = min(s0 exp(x / 2), 1 nat)`` -- uniform in ``sqrt(p)`` for likely tokens,
+    1 nat for unlikely ones -- so every entry adds at most ``s0**2 / 24`` to the expected KL of
+    the decoded distribution, whatever its probability: the expected ``KL(exact || decoded)`` of
+    a row's ``k + 1`` outcomes (top-k plus tail) is at most about ``k s0**2 / 24`` (reached by
+    flat rows, whose entries all lie where the step is below 1 nat), and ``s0`` is chosen so that
+    this, with 10% to spare, is ``q8_kl`` (default 5e-4 nats; :attr:`CacheSpec.q8_kl_bound` is
+    the bound achieved, larger than ``q8_kl`` only when 255 levels covering 30 nats cannot meet
+    it, i.e. for k above about 250). A code decodes to the middle of the values it stands for.
+    Code 255 is ``-inf`` (probability exactly 0, e.g. when k = V); log-probs below the last
+    level (at least 30 nats down) decode as that level.
+  - ``"bf16"``: bfloat16 (log-probs rounded to 8 significant bits).
+  - ``"f32"``: float32, exact; for checks that need full precision.
 * ``actual_logprob``, ``tail_logmass``, ``boundary_logmass``: float32 (default) or bfloat16
   (``CacheSpec.scalar_dtype``).
 
@@ -43,12 +53,13 @@ Tail convention (``Manifest.tail_convention``, default ``"log1m_topk_mass"``):
 distribution at the manifest temperature; ``-inf`` when the top-k hold all the mass (k = V).
 ``boundary_logmass = log(sum of p(next) over tokens that start a new word or are special))``.
 
-Raw bytes/token before compression: ``k * (id_bytes + lp_bytes) + 3 * scalar_bytes (+4 for q8)``,
-e.g. k=128, V=151,936, bf16, float32 scalars: 128 * (2.25 + 2) + 12 = 556 bytes. Measured on
-disk (tests/test_cache_store.py::test_bytes_per_token, softmax of Gaussian logits): k=128,
-V=151,936 takes 327 (bf16) / 312 (q8) bytes/token with uniformly random ids -- ids alone cannot
-go below log2(V) bits each, 275 bytes at k=128 -- and 256 / 240 with frequency-skewed (Zipf) ids.
-The delta-coded log-probs compress to ~36 (bf16) / ~17 (q8) bytes at k=128.
+Raw bytes/token before compression: ``k * (id_bytes + lp_bytes) + 3 * scalar_bytes``; e.g.
+k=128, V=151,936, q8, float32 scalars: ``128 * (2 + 1 + 1) + 12 = 524``. Measured on disk (all
+files; ``benchmarks/cache_size.py``), k = 16 / 64 / 128, q8: SmolLM2-135M on real text (vocab
+49,152) 41 / 119 / 216 bytes/token; vocab 151,936 with frequency-skewed synthetic distributions
+41 / 119 / 221 (at k=128: ids 130, log-probs 81, scalars 11), decoded within 3e-4 to 4.5e-4
+nats of KL. ``bf16`` takes 25-65 bytes more at k=128. With uniformly random ids, which no real
+teacher produces, k=128 takes about 264 (the id set alone then costs about 190 bytes).
 
 Exactly-once writing (resumable, multi-process)
 -----------------------------------------------
@@ -70,6 +81,7 @@ same path neither loses nor duplicates documents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -83,7 +95,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.bin"
 DONE_NAME = "DONE.json"
@@ -94,6 +106,12 @@ INPUT_FIELDS = ("topk_ids", "topk_logprobs") + SCALAR_FIELDS
 _REC = struct.Struct("<qqqII")  # doc_id, start, length, crc32(first 24 bytes), magic
 _MAGIC = 0x54434A31  # "TCJ1"
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_Q8_NEG_INF = 255  # the q8 code of a log-prob of -inf
+_Q8_MAX_STEP = 1.0  # nats: the q8 step for unlikely entries
+_Q8_MIN_RANGE = 30.0  # nats: the finite q8 codes reach at least this far below log-prob 0
+# Where the density of log-probs changes within a step, the rounding error's second moment exceeds
+# step**2 / 12 by a few percent (measured up to 4% on flat rows); the bound allows 10%.
+_Q8_SLACK = 1.1
 
 
 class CacheError(Exception):
@@ -114,22 +132,23 @@ class CacheSpec:
     Attributes:
       k: number of top-k entries per token (1 <= k <= vocab_size).
       vocab_size: teacher vocabulary size (ids are < vocab_size); decides the id encoding.
-      logprob_encoding: ``"bf16"`` (lossless bfloat16), ``"q8"`` (uint8 gap to the top-1) or
-        ``"f32"`` (float32, exact; for checks that need full precision).
-      q8_max_gap: the largest gap (nats) ``q8`` represents; error <= q8_max_gap / 510.
+      logprob_encoding: ``"q8"`` (one byte, KL-budgeted; see the module docstring), ``"bf16"``
+        (bfloat16) or ``"f32"`` (float32, exact; for checks that need full precision).
+      q8_kl: the expected ``KL(exact || decoded)`` (nats) of a row's top-k + tail distribution
+        that ``q8`` is designed for (an upper bound; measured values are below it).
       scalar_dtype: ``"float32"`` or ``"bf16"`` for the three per-token scalars.
       temperature: the temperature the teacher distribution was computed at.
       chunk_rows: tokens per compressed inner chunk (the unit a read decompresses).
       shard_rows: tokens per shard file (a multiple of chunk_rows).
-      clevel: zstd level inside blosc.
-      shuffle: blosc filter: "shuffle", "bitshuffle", "noshuffle" or "auto" (bitshuffle for
-        ``topk_logprobs``, byte shuffle for the other arrays).
+      clevel: zstd level inside blosc (0-9).
+      shuffle: blosc filter: "shuffle", "bitshuffle", "noshuffle" or "auto" (byte shuffle, which
+        measured best or equal for every array).
     """
 
     k: int
     vocab_size: int
-    logprob_encoding: str = "bf16"
-    q8_max_gap: float = 20.0
+    logprob_encoding: str = "q8"
+    q8_kl: float = 5e-4
     scalar_dtype: str = "float32"
     temperature: float = 1.0
     chunk_rows: int = 1024
@@ -142,47 +161,37 @@ class CacheSpec:
             raise ValueError(f"vocab_size must be in [1, 2**31], got {self.vocab_size}")
         if not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
-        if self.logprob_encoding not in ("bf16", "q8", "f32"):
-            raise ValueError(f"logprob_encoding must be 'bf16', 'q8' or 'f32', got {self.logprob_encoding!r}")
+        if self.logprob_encoding not in ("q8", "bf16", "f32"):
+            raise ValueError(f"logprob_encoding must be 'q8', 'bf16' or 'f32', got {self.logprob_encoding!r}")
         if self.scalar_dtype not in ("float32", "bf16"):
             raise ValueError(f"scalar_dtype must be 'float32' or 'bf16', got {self.scalar_dtype!r}")
-        if not self.q8_max_gap > 0:
-            raise ValueError(f"q8_max_gap must be > 0, got {self.q8_max_gap}")
+        if not 0 < self.q8_kl < 1:
+            raise ValueError(f"q8_kl must be in (0, 1) nats, got {self.q8_kl}")
+        if not 0 <= self.clevel <= 9:
+            raise ValueError(f"clevel must be in [0, 9], got {self.clevel}")
         if self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
             raise ValueError("shard_rows must be a positive multiple of chunk_rows")
 
     @property
-    def id_bits(self) -> int:
-        return max(1, math.ceil(math.log2(self.vocab_size)))
-
-    @property
-    def id_hi_bits(self) -> int:
-        """Bits per id stored in the packed ``topk_ids_hi`` plane (0 when ids fit in 16 bits)."""
-        return max(0, self.id_bits - 16)
-
-    @property
     def id_encoding(self) -> str:
-        if self.id_bits <= 8:
+        """``"u8"``, ``"u16"`` or ``"u16+hi8"`` / ``"u16+hi16"`` (gaps between sorted ids)."""
+        if self.vocab_size <= 2**8:
             return "u8"
-        if self.id_bits <= 16:
+        if self.vocab_size <= 2**16:
             return "u16"
-        return f"u16+hi{self.id_hi_bits}"
+        return "u16+hi8" if self.vocab_size <= 2**24 else "u16+hi16"
 
     @property
-    def q8_step(self) -> float:
-        return self.q8_max_gap / 255.0
-
-    @property
-    def q8_max_error(self) -> float:
-        """Max absolute error (nats) of a ``q8`` log-prob whose gap to the top-1 is <= q8_max_gap."""
-        return self.q8_step / 2
+    def q8_kl_bound(self) -> float:
+        """The expected-KL bound (nats) the ``q8`` levels achieve for this k (see ``q8_kl``)."""
+        return _q8_quantizer(self.k, self.q8_kl).kl_bound
 
     def raw_bytes_per_token(self) -> float:
         """Bytes per token before compression."""
-        id_b = 1 if self.id_encoding == "u8" else 2 + self.id_hi_bits / 8
-        lp_b = {"bf16": 2, "q8": 1, "f32": 4}[self.logprob_encoding]
+        id_b = {"u8": 1, "u16": 2, "u16+hi8": 3, "u16+hi16": 4}[self.id_encoding]
+        lp_b = {"q8": 1, "bf16": 2, "f32": 4}[self.logprob_encoding]
         sc = 4 if self.scalar_dtype == "float32" else 2
-        return self.k * (id_b + lp_b) + 3 * sc + (4 if self.logprob_encoding == "q8" else 0)
+        return self.k * (id_b + lp_b) + 3 * sc
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,8 @@ class Manifest:
     ``teacher`` identifies the teacher (e.g. ``{"name": ..., "config_hash": ..., "weights_hash": ...}``,
     strings given by the caller). ``tokenizer_hash`` is :func:`distill_jax.tokenizer.tokenizer_fingerprint`
     of the teacher tokenizer; ``dataset_fingerprint`` identifies the documents and their order.
+    ``window``: the teacher saw each document in windows of this many tokens (``[0, W)``,
+    ``[W, 2W)``, ... each with positions from 0), or None when the writer does not say.
     ``num_docs`` and ``process_count`` are filled in by :class:`CacheWriter`.
     """
 
@@ -205,6 +216,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
     ownership: str = "modulo"  # "modulo" (doc_id % process_count) or "explicit" (owned_doc_ids)
+    window: int | None = None
 
     def to_json(self) -> str:
         spec = self.spec
@@ -217,12 +229,14 @@ class Manifest:
             "process_count": self.process_count,
             "tail_convention": self.tail_convention,
             "ownership": self.ownership,
+            "window": self.window,
             "spec": dataclasses.asdict(spec),
             "encodings": {  # derived, for humans and other readers
-                "topk_ids": spec.id_encoding,
+                "topk_order": "ascending id",
+                "topk_ids": spec.id_encoding + " gaps",
                 "topk_logprobs": spec.logprob_encoding,
                 "scalars": spec.scalar_dtype,
-                "q8_max_error": spec.q8_max_error if spec.logprob_encoding == "q8" else None,
+                "q8_kl_bound": spec.q8_kl_bound if spec.logprob_encoding == "q8" else None,
                 "raw_bytes_per_token": spec.raw_bytes_per_token(),
                 "compression": f"blosc-zstd{spec.clevel}-shuffle, sharding_indexed",
             },
@@ -231,18 +245,21 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str, path: str = "") -> "Manifest":
         d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            where = f" at {path!r}" if path else ""
             raise CacheError(
-                f"teacher cache format_version {d.get('format_version')} is not supported "
-                f"(this code reads version {FORMAT_VERSION}); rebuild the cache")
+                f"the teacher cache{where} has format_version {version}, but this code reads only version "
+                f"{FORMAT_VERSION} (version 2 stores each token's top-k in id order, smaller on disk); "
+                f"rebuild the cache: delete the directory and run the `cache` subcommand again")
         return cls(
             spec=CacheSpec(**d["spec"]), teacher=d["teacher"], tokenizer_hash=d["tokenizer_hash"],
             dataset_fingerprint=d["dataset_fingerprint"], num_docs=d["num_docs"],
             process_count=d["process_count"], tail_convention=d["tail_convention"],
             format_version=d["format_version"], extra=d.get("extra", {}),
-            ownership=d.get("ownership", "modulo"))
+            ownership=d.get("ownership", "modulo"), window=d.get("window"))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -269,43 +286,82 @@ def _fsync_dir(path: str) -> None:
 
 
 def read_manifest(path: str) -> Manifest:
+    """The :class:`Manifest` of the cache at ``path``; raises :class:`CacheError` if there is none
+    or it has another format version."""
     mpath = os.path.join(path, MANIFEST_NAME)
     if not os.path.exists(mpath):
         raise CacheError(f"no teacher cache at {path!r} ({MANIFEST_NAME} missing); build it with the "
                          "`cache` subcommand first")
     with open(mpath) as f:
-        return Manifest.from_json(f.read())
+        return Manifest.from_json(f.read(), path)
 
 
 # ----------------------------------------------------------------------------- encodings
 
 
-def _bf16_keys(x: np.ndarray) -> np.ndarray:
-    """float -> order-preserving uint16 key of its bfloat16 rounding."""
-    bits = np.asarray(x, np.float32).astype(_BF16).view(np.uint16)
-    neg = (bits & 0x8000) != 0
-    return np.where(neg, ~bits, bits | 0x8000).astype(np.uint16)
+@dataclass(frozen=True)
+class _Q8:
+    """The q8 companding of ``x = -logprob >= 0`` into codes 0..254 (255 is -inf).
+
+    ``u(x) = (2 / s0) (1 - exp(-x / 2))`` up to ``x_c`` (where the step ``s0 exp(x / 2)`` reaches
+    ``_Q8_MAX_STEP``), then linear with step ``_Q8_MAX_STEP``; code = round(u(x)); a code decodes
+    to the middle of its interval of x.
+    """
+
+    s0: float
+    x_c: float
+    u_c: float
+    kl_bound: float
+    table: np.ndarray  # (256,) float32: code -> decoded log-prob
 
 
-def _bf16_from_keys(keys: np.ndarray) -> np.ndarray:
-    keys = keys.astype(np.uint16)
-    pos = (keys & 0x8000) != 0
-    bits = np.where(pos, keys & 0x7FFF, ~keys).astype(np.uint16)
-    return bits.view(_BF16).astype(np.float32)
+def _q8_codes_needed(s0: float) -> float:
+    x_c = 2 * math.log(_Q8_MAX_STEP / s0)
+    return 2 / s0 - 2 / _Q8_MAX_STEP + (_Q8_MIN_RANGE - x_c) / _Q8_MAX_STEP
 
 
-def _delta(x: np.ndarray) -> np.ndarray:
-    out = x.copy()
-    out[..., 1:] = x[..., 1:] - x[..., :-1]  # modular (unsigned wrap-around): lossless
-    return out
+@functools.lru_cache(maxsize=64)
+def _q8_quantizer(k: int, kl: float) -> _Q8:
+    s0 = math.sqrt(24 * kl / (_Q8_SLACK * k))
+    if s0 >= _Q8_MAX_STEP / 2:
+        s0 = _Q8_MAX_STEP / 2
+    if _q8_codes_needed(s0) > _Q8_NEG_INF - 1:  # too fine to cover the range with 255 codes
+        lo, hi = s0, _Q8_MAX_STEP / 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _q8_codes_needed(mid) > _Q8_NEG_INF - 1 else (lo, mid)
+        s0 = hi
+    x_c = 2 * math.log(_Q8_MAX_STEP / s0)
+    u_c = 2 / s0 - 2 / _Q8_MAX_STEP
+
+    def x_of(u):  # the inverse of u(x)
+        u = np.clip(u, 0.0, None)
+        return np.where(u <= u_c, -2 * np.log1p(-np.minimum(u, u_c) * s0 / 2), x_c + (u - u_c) * _Q8_MAX_STEP)
+
+    # Each code decodes to the middle (in x) of the x it stands for (least squared error); the
+    # last finite code, which also stands for everything beyond, to its own level.
+    c = np.arange(_Q8_NEG_INF, dtype=np.float64)
+    x = (x_of(c - 0.5) + x_of(c + 0.5)) / 2
+    x[-1] = x_of(c[-1])
+    table = np.append(-x, -np.inf).astype(np.float32)
+    return _Q8(s0=s0, x_c=x_c, u_c=u_c, kl_bound=_Q8_SLACK * k * s0 * s0 / 24, table=table)
 
 
-def _undelta(d: np.ndarray) -> np.ndarray:
-    return np.cumsum(d, axis=-1, dtype=d.dtype)  # wraps modulo 2**bits, inverting _delta
+def _q8_encode(q: _Q8, lps: np.ndarray) -> np.ndarray:
+    x = np.maximum(-lps.astype(np.float32), 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        u = np.where(x <= q.x_c, (2 / q.s0) * -np.expm1(-x / 2), q.u_c + (x - q.x_c) / _Q8_MAX_STEP)
+    codes = np.rint(np.minimum(u, _Q8_NEG_INF - 1)).astype(np.uint8)
+    codes[np.isneginf(lps)] = _Q8_NEG_INF
+    return codes
 
 
 def encode_rows(spec: CacheSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validate, sort (by log-prob, descending) and encode a document's rows into stored arrays."""
+    """Validate, sort (by id, ascending) and encode a document's rows into stored arrays.
+
+    ``arrays``: ``topk_ids`` (T, k) int (distinct within a row, any order), ``topk_logprobs``
+    (T, k) float (the same order), ``actual_logprob``, ``tail_logmass``, ``boundary_logmass`` (T,).
+    """
     missing = [f for f in INPUT_FIELDS if f not in arrays]
     if missing:
         raise ValueError(f"document arrays lack {missing}; need {list(INPUT_FIELDS)}")
@@ -319,33 +375,31 @@ def encode_rows(spec: CacheSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, 
         raise ValueError(f"topk_ids outside [0, vocab_size={spec.vocab_size})")
     if np.isnan(lps).any():
         raise ValueError("topk_logprobs contain NaN")
-    if t and spec.k > 1 and not (lps[:, :-1] >= lps[:, 1:]).all():
-        order = np.argsort(-lps, axis=1, kind="stable")
-        lps = np.take_along_axis(lps, order, 1)
-        ids = np.take_along_axis(ids, order, 1)
-    out: dict[str, np.ndarray] = {}
     ids = ids.astype(np.int64)
+    if t and spec.k > 1:
+        if not (ids[:, 1:] > ids[:, :-1]).all():
+            order = np.argsort(ids, axis=1)
+            ids = np.take_along_axis(ids, order, 1)
+            lps = np.take_along_axis(lps, order, 1)
+            if not (ids[:, 1:] > ids[:, :-1]).all():
+                row = int(np.flatnonzero((ids[:, 1:] <= ids[:, :-1]).any(1))[0])
+                raise ValueError(f"topk_ids repeat an id in row {row}; the top-k ids of a token must "
+                                 "be distinct")
+    gaps = ids.copy()
+    gaps[:, 1:] -= ids[:, :-1] + 1
+    out: dict[str, np.ndarray] = {}
     if spec.id_encoding == "u8":
-        out["topk_ids"] = ids.astype(np.uint8)
+        out["topk_ids"] = gaps.astype(np.uint8)
     else:
-        out["topk_ids"] = (ids & 0xFFFF).astype(np.uint16)
-        hb = spec.id_hi_bits
-        if hb:
-            hi = (ids >> 16).astype(np.uint32)
-            bits = ((hi[..., None] >> np.arange(hb, dtype=np.uint32)) & 1).astype(np.uint8)
-            out["topk_ids_hi"] = np.packbits(bits.reshape(t, spec.k * hb), axis=1)
-    if spec.logprob_encoding == "bf16":
-        out["topk_logprobs"] = _delta(_bf16_keys(lps))
-    elif spec.logprob_encoding == "f32":
-        out["topk_logprobs"] = lps.astype(np.float32)
+        out["topk_ids"] = (gaps & 0xFFFF).astype(np.uint16)
+        if spec.id_encoding != "u16":
+            out["topk_ids_hi"] = (gaps >> 16).astype(np.uint8 if spec.id_encoding == "u16+hi8" else np.uint16)
+    if spec.logprob_encoding == "q8":
+        out["topk_logprobs"] = _q8_encode(_q8_quantizer(spec.k, spec.q8_kl), lps)
+    elif spec.logprob_encoding == "bf16":
+        out["topk_logprobs"] = lps.astype(_BF16)
     else:
-        top1 = lps[:, :1] if t else np.zeros((0, 1), np.float32)
-        if t and not np.isfinite(top1).all():
-            raise ValueError("q8 needs a finite top-1 log-prob on every row")
-        gap = np.clip(top1 - lps, 0.0, spec.q8_max_gap)  # -inf -> max gap
-        q = np.rint(gap / spec.q8_step).astype(np.uint8)
-        out["topk_logprobs"] = _delta(q)
-        out["top1_logprob"] = top1[:, 0].astype(np.float32)
+        out["topk_logprobs"] = lps
     sd = np.float32 if spec.scalar_dtype == "float32" else _BF16
     for f in SCALAR_FIELDS:
         v = np.asarray(arrays[f], np.float32)
@@ -357,24 +411,24 @@ def encode_rows(spec: CacheSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def decode_ids(spec: CacheSpec, stored: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The top-k ids (int32, ascending within a row) from the stored ``topk_ids`` (+ ``_hi``) gaps."""
+    g = stored["topk_ids"].astype(np.int32)
+    if "topk_ids_hi" in stored and spec.id_encoding not in ("u8", "u16"):
+        g |= stored["topk_ids_hi"].astype(np.int32) << 16
+    g += 1
+    return np.cumsum(g, axis=-1, dtype=np.int32) - 1
+
+
 def decode_rows(spec: CacheSpec, stored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stored arrays (leading dims arbitrary) -> ids int32, log-probs and scalars float32."""
-    lo = stored["topk_ids"].astype(np.int32)
-    if spec.id_hi_bits:
-        hb = spec.id_hi_bits
-        packed = stored["topk_ids_hi"]
-        lead = packed.shape[:-1]
-        bits = np.unpackbits(packed, axis=-1, count=spec.k * hb).reshape(*lead, spec.k, hb)
-        hi = (bits.astype(np.int32) << np.arange(hb, dtype=np.int32)).sum(-1, dtype=np.int32)
-        lo = lo | (hi << 16)
-    out = {"topk_ids": lo}
-    if spec.logprob_encoding == "bf16":
-        out["topk_logprobs"] = _bf16_from_keys(_undelta(stored["topk_logprobs"]))
-    elif spec.logprob_encoding == "f32":
-        out["topk_logprobs"] = stored["topk_logprobs"].astype(np.float32)
+    """Stored arrays (leading dims arbitrary) -> ids int32 (ascending within a row), log-probs
+    (in the ids' order) and scalars float32."""
+    out = {"topk_ids": decode_ids(spec, stored)}
+    lp = stored["topk_logprobs"]
+    if spec.logprob_encoding == "q8":
+        out["topk_logprobs"] = _q8_quantizer(spec.k, spec.q8_kl).table[lp]
     else:
-        q = _undelta(stored["topk_logprobs"]).astype(np.float32)
-        out["topk_logprobs"] = stored["top1_logprob"][..., None].astype(np.float32) - q * np.float32(spec.q8_step)
+        out["topk_logprobs"] = lp.astype(np.float32)
     for f in SCALAR_FIELDS:
         out[f] = stored[f].astype(np.float32)
     return out
@@ -384,12 +438,10 @@ def _stored_fields(spec: CacheSpec) -> dict[str, tuple[str, int | None]]:
     """Stored array name -> (zarr data_type, inner width or None for a 1-D array)."""
     f: dict[str, tuple[str, int | None]] = {
         "topk_ids": ("uint8" if spec.id_encoding == "u8" else "uint16", spec.k)}
-    if spec.id_hi_bits:
-        f["topk_ids_hi"] = ("uint8", math.ceil(spec.k * spec.id_hi_bits / 8))
-    f["topk_logprobs"] = ({"bf16": "uint16", "q8": "uint8", "f32": "float32"}[spec.logprob_encoding],
+    if spec.id_encoding.startswith("u16+"):
+        f["topk_ids_hi"] = ("uint8" if spec.id_encoding == "u16+hi8" else "uint16", spec.k)
+    f["topk_logprobs"] = ({"q8": "uint8", "bf16": "bfloat16", "f32": "float32"}[spec.logprob_encoding],
                           spec.k)
-    if spec.logprob_encoding == "q8":
-        f["top1_logprob"] = ("float32", None)
     for s in SCALAR_FIELDS:
         f[s] = ("float32" if spec.scalar_dtype == "float32" else "bfloat16", None)
     return f
@@ -399,11 +451,10 @@ _TYPESIZE = {"uint8": 1, "uint16": 2, "bfloat16": 2, "float32": 4}
 
 
 def _shuffle(spec: CacheSpec, path: str) -> str:
-    # Measured (k=128, V=151,936): bit shuffle suits the delta-coded log-probs (bf16: 36 vs 55
-    # bytes/token, q8: 17 vs 21); byte shuffle suits ids (uint16 low plane) and float scalars.
-    if spec.shuffle != "auto":
-        return spec.shuffle
-    return "bitshuffle" if os.path.basename(path) == "topk_logprobs" else "shuffle"
+    # Measured (k=128; SmolLM2 on real text and synthetic V=151,936): byte shuffle is as good as
+    # or better than bit shuffle for every array (ids' gap planes, q8 codes, bf16, scalars).
+    del path
+    return "shuffle" if spec.shuffle == "auto" else spec.shuffle
 
 
 def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create: bool) -> dict:
@@ -483,8 +534,8 @@ class CacheWriter:
             w.finalize()
 
     ``arrays`` for a document of T tokens: ``topk_ids`` (T, k) int, ``topk_logprobs`` (T, k) float
-    (any order; stored sorted descending), ``actual_logprob``, ``tail_logmass``,
-    ``boundary_logmass`` (T,) float. Documents are buffered and committed once ``flush_tokens``
+    (distinct ids in any order; stored and read back in ascending id order), ``actual_logprob``,
+    ``tail_logmass``, ``boundary_logmass`` (T,) float. Documents are buffered and committed once ``flush_tokens``
     tokens are buffered, on :meth:`flush`, :meth:`finalize` or leaving the ``with`` block.
     Buffered, uncommitted documents are lost if the process dies and are written again on restart
     (they stay in :meth:`pending_doc_ids`).
@@ -725,7 +776,8 @@ class CacheReader:
         return {name: f.result()[inv] for name, f in futs.items()}
 
     def read_document(self, doc_id: int) -> dict[str, np.ndarray]:
-        """All rows of one document, decoded: ids int32 (T, k), log-probs/scalars float32."""
+        """All rows of one document, decoded: ids int32 (T, k) ascending within a row, log-probs
+        (T, k) in the ids' order and scalars (T,), float32."""
         doc_id = int(doc_id)
         if not 0 <= doc_id < self.num_docs:
             raise IndexError(f"doc_id {doc_id} outside [0, {self.num_docs})")
@@ -739,7 +791,8 @@ class CacheReader:
     def read_tokens(self, doc_ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
         """Gather the rows for a packed batch: ``doc_ids``/``offsets`` of any shape S (the batch's
         ``doc_ids``, ``doc_offsets``; ``doc_id < 0`` is padding). Returns decoded arrays of shape
-        S + (k,) / S, zeros on padding, plus ``valid`` (bool, S)."""
+        S + (k,) / S (top-k entries in ascending id order, as :meth:`read_document`), zeros on
+        padding, plus ``valid`` (bool, S)."""
         doc_ids = np.asarray(doc_ids, np.int64)
         offsets = np.asarray(offsets, np.int64)
         if doc_ids.shape != offsets.shape:
@@ -798,11 +851,34 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+def _value_problem(spec: CacheSpec, name: str, raw: np.ndarray, pdir: str, start: int) -> str | None:
+    """What is wrong with stored rows ``[start, start + len(raw))`` of array ``name``, or None."""
+    may_be_neg_inf = name == "tail_logmass" or (name == "topk_logprobs" and spec.k == spec.vocab_size)
+    if name == "topk_ids":
+        stored = {"topk_ids": raw}
+        if spec.id_encoding.startswith("u16+"):
+            dt, w = _stored_fields(spec)["topk_ids_hi"]
+            hi = ts.open(_zarr_spec(os.path.join(pdir, "topk_ids_hi"), spec, dt, w, False)).result()
+            stored["topk_ids_hi"] = hi[start:start + len(raw)].read().result()
+        ids = decode_ids(spec, stored)
+        if len(ids) and ids[:, -1].max() >= spec.vocab_size:
+            return f"ids >= vocab_size {spec.vocab_size}"
+    elif name == "topk_logprobs" and spec.logprob_encoding == "q8":
+        if not may_be_neg_inf and (raw == _Q8_NEG_INF).any():
+            return f"{int((raw == _Q8_NEG_INF).sum())} -inf log-probs (only allowed when k = vocab_size)"
+    elif raw.dtype in (np.float32, _BF16):
+        v = raw.astype(np.float32)
+        bad = np.isnan(v) | np.isposinf(v) | (np.isneginf(v) if not may_be_neg_inf else False)
+        if bad.any():
+            return f"{int(bad.sum())} NaN/inf values"
+    return None
+
+
 def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> VerifyReport:
     """Check a cache end to end: manifest, per-part offsets (journal records valid, contiguous and
-    monotonic, within the arrays), array shapes/dtypes, NaN/inf in the stored values (``-inf``
-    allowed in ``tail_logmass`` and in top-k log-probs only when k = vocab_size), and coverage
-    (every document present exactly once, in the part that owns it)."""
+    monotonic, within the arrays), array shapes/dtypes, ids below vocab_size, NaN/inf in the
+    stored values (``-inf`` allowed in ``tail_logmass`` and in top-k log-probs only when
+    k = vocab_size), and coverage (every document present exactly once, in the part that owns it)."""
     errors: list[str] = []
     try:
         m = read_manifest(path)
@@ -861,22 +937,9 @@ def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> Ver
                 step = max(spec.shard_rows, 1)
                 for a in range(0, part_tokens, step):
                     raw = st[a:min(a + step, part_tokens)].read().result()
-                    if dt in ("float32", "bfloat16"):
-                        v = raw.astype(np.float32)
-                        bad = np.isnan(v) | np.isposinf(v)
-                        if name != "tail_logmass":
-                            bad |= np.isneginf(v)
-                        if bad.any():
-                            errors.append(f"{p}/{name}: {int(bad.sum())} NaN/inf values near row {a}")
-                            break
-                    elif name == "topk_logprobs" and spec.logprob_encoding == "bf16":
-                        lp = _bf16_from_keys(_undelta(raw))
-                        bad = np.isnan(lp) | np.isposinf(lp) | (np.isneginf(lp) if spec.k < spec.vocab_size else False)
-                        if bad.any():
-                            errors.append(f"{p}/{name}: {int(bad.sum())} NaN/inf log-probs near row {a}")
-                            break
-                    elif name == "topk_ids" and spec.id_encoding == "u16" and (raw >= spec.vocab_size).any():
-                        errors.append(f"{p}/{name}: ids >= vocab_size near row {a}")
+                    problem = _value_problem(spec, name, raw, pdir, a)
+                    if problem:
+                        errors.append(f"{p}/{name}: {problem} near row {a}")
                         break
     missing = int((seen == 0).sum())
     if missing:

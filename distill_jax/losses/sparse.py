@@ -2,8 +2,9 @@
 
 Per teacher token the cache holds (see ``DESIGN.md``, "Teacher cache")::
 
-    topk_ids       (..., k) int    the teacher's k most likely next tokens, most likely first
-    topk_logprobs  (..., k) float  their teacher log-probabilities, log p_T(ids) (descending)
+    topk_ids       (..., k) int    the teacher's k most likely next tokens, in any order (a cache
+                                   returns them by ascending id)
+    topk_logprobs  (..., k) float  their teacher log-probabilities, log p_T(ids), in the same order
     tail_logmass   (...)    float  log(1 - sum_i p_T(ids_i)): the teacher's mass outside the
                                    top-k (-inf when k = V); ``topk_from_logits`` computes all three
 

@@ -1,0 +1,167 @@
+"""Cross-tokenizer training: ALM (+ sft) from a live teacher and from a cache, exact gradient
+accumulation, held-out evaluation, and clear refusals."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from distill_jax.config import load_run_config
+from distill_jax.tokenizer import load_tokenizer
+from distill_jax.train import build, optim
+from distill_jax.train.loop import run
+from distill_jax.train.setup import RunSetup, teacher_tokenizer
+from distill_jax.train.step import init_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINYX = REPO / "configs" / "tiny_xtok.yaml"
+HELDOUT = f"eval.sources=[{{path: {REPO}/configs/data/math_test.jsonl}}]"
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_run_config(TINYX, [f"run_dir={tmp_path}", "logging.every=1", "steps=6",
+                                   "checkpoint.every=3", "logging.progress=false",
+                                   "data.max_records=64", "mesh.num_devices=1", *overrides])
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_xtok_run_learns_and_evaluates(tmp_path):
+    run(_cfg(tmp_path, "steps=10", "eval.every=5", "eval.batches=1", HELDOUT))
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert rows[-1]["distill/loss"] < rows[0]["distill/loss"]
+    assert rows[-1]["distill/alm"] < rows[0]["distill/alm"]
+    for r in rows:
+        assert r["distill/alm_chunks"] > 0 and r["distill/tokens"] > 0
+        assert np.isfinite(r["distill/alm"]) and np.isfinite(r["distill/sft"])
+    evals = {r["step"]: r for r in rows if "eval/alm" in r}
+    assert sorted(evals) == [5, 10] and evals[10]["eval/loss"] < evals[5]["eval/loss"]
+
+
+def _one_batch_setup(tmp_path, *overrides):
+    cfg = _cfg(tmp_path, *overrides)
+    mesh, rules = build.make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.tokenizer_path())
+    teacher_tok = teacher_tokenizer(cfg, tokenizer)
+    teacher = build.load_model(cfg.teacher, mesh, rules)
+    student = build.build_student(cfg.student, teacher, mesh, rules)
+    setup = RunSetup(cfg, cfg.loss.spec(), tokenizer, teacher_tok, student.config, teacher.config,
+                     False)
+    iterator = setup.data_iterator(cfg.data)
+    batch = {k: np.asarray(v) for k, v in next(iterator).items() if k in setup.keys}
+    iterator.close()
+    return cfg, setup, teacher, student, batch
+
+
+@pytest.mark.parametrize("terms", ["{alm: 1.0, sft: 0.1}", "{alm: 1.0, uld: 0.5, mined: 0.5}"])
+def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
+    small = ["data.batch_size=2", "data.seq_len=128", "data.teacher_seq_len=64"] \
+        if "uld" in terms else []  # the baselines sort full distributions: keep them small
+    cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, f"loss.terms={terms}", *small)
+    opt = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    params = {}
+    for accum in (1, 2):
+        setup.cfg = dataclasses.replace(
+            cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum=accum))
+        step = jax.jit(setup.train_step(opt, None))
+        state, metrics = step(init_state(student.params, opt), teacher.params, batch)
+        params[accum] = state.params
+        assert np.isfinite(float(metrics["distill/loss"]))
+    for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_alm_from_cache_equals_live_teacher(tmp_path):
+    """The cache holds, per teacher token, the actual token's log-prob and the word-boundary
+    log-mass (fp32): training ALM from it reproduces the live teacher's loss curve."""
+    from distill_jax.cache import build_cache
+    common = ["data.seq_len=512", "data.teacher_seq_len=384", "data.max_records=32", "steps=4",
+              "cache.logprob_encoding=f32"]
+    cache_dir = tmp_path / "cache"
+    build_cache(_cfg(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
+    run(_cfg(tmp_path / "live", *common))
+    run(_cfg(tmp_path / "cached", *common, f"teacher.cache={cache_dir}"))
+    live, cached = _metrics(tmp_path / "live"), _metrics(tmp_path / "cached")
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached):
+        assert a["distill/alm_chunks"] == b["distill/alm_chunks"]
+        assert abs(a["distill/alm"] - b["distill/alm"]) <= 1e-5, (a, b)
+        assert abs(a["distill/loss"] - b["distill/loss"]) <= 1e-5, (a, b)
+
+
+def test_same_vocabulary_terms_refused_across_tokenizers(tmp_path):
+    with pytest.raises(ValueError, match="cross-tokenizer terms"):
+        run(_cfg(tmp_path, "loss.terms={forward_kl: 1.0}"))
+
+
+def test_cross_tokenizer_terms_cannot_mix_with_divergences():
+    with pytest.raises(ValueError, match="not a cross-tokenizer term"):
+        load_run_config(TINYX, ["loss.terms={alm: 1.0, forward_kl: 1.0}"]).loss.spec()
+
+
+def test_xtok_batches_carry_alignment(tmp_path):
+    _, setup, _, _, batch = _one_batch_setup(tmp_path)
+    assert set(setup.keys) <= set(batch)
+    assert (batch["chunk_ids"] >= 0).any()
+    kept = np.unique(batch["chunk_ids"][batch["chunk_ids"] >= 0])
+    kept_t = np.unique(batch["teacher_chunk_ids"][batch["teacher_chunk_ids"] >= 0])
+    assert set(kept.tolist()) == set(kept_t.tolist())
+
+
+def test_xtok_step_gradient_equals_autodiff_of_the_objective(tmp_path):
+    """The step's hand-assembled backward (trunk vjp after per-term vjps) is the gradient of the
+    weighted objective: one SGD step with lr 1 moves params by exactly -grad."""
+    import jax.numpy as jnp
+    import optax
+    from distill_jax.losses import xtok
+    from distill_jax.models import Model, hidden_states, lm_head
+    from distill_jax.train.step import make_xtok_train_step, teacher_token_stats
+    cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, "loss.terms={alm: 1.0, sft: 0.3}")
+    sgd = optax.sgd(1.0)
+    step = jax.jit(make_xtok_train_step(student.config, teacher.config, setup.spec, sgd,
+                                        chunk_size=64, **setup.xtok_args))
+    state, metrics = step(init_state(student.params, sgd), teacher.params, batch)
+
+    stats = jax.jit(lambda tp, b: teacher_token_stats(
+        teacher.config, tp, b, jnp.asarray(setup.xtok_args["teacher_word_start"]), chunk_size=64))(
+        teacher.params, batch)
+    full = dict(batch, **stats)
+    ids, t_ids = xtok.trained_chunks(full["chunk_ids"], full["teacher_chunk_ids"], full["loss_mask"])
+    full["chunk_ids"], full["teacher_chunk_ids"] = ids, t_ids
+    norms = xtok.normalisers(setup.spec, full, full["teacher_boundary_logmass"])
+
+    def objective(params):
+        m = Model(student.config, params)
+        h = hidden_states(m, full["tokens"], positions=full["positions"],
+                          segment_ids=full["segment_ids"])
+        sums = xtok.term_sums(setup.spec, full, student_h=h, student_head=lm_head(m),
+                              student_word_start=jnp.asarray(setup.xtok_args["student_word_start"]),
+                              teacher_logp=full["teacher_actual_logprob"],
+                              teacher_boundary=full["teacher_boundary_logmass"], chunk_size=64)
+        return xtok.objective(setup.spec, sums, norms)
+
+    value, grads = jax.jit(jax.value_and_grad(objective))(student.params)
+    assert abs(float(value) - float(metrics["distill/loss"])) <= 1e-5
+    for p0, p1, g in zip(jax.tree.leaves(student.params), jax.tree.leaves(state.params),
+                         jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(p0) - np.asarray(p1), np.asarray(g), atol=1e-6)
+
+
+def test_gradmag_weights(tmp_path):
+    cfg, setup, teacher, student, batch = _one_batch_setup(
+        tmp_path, "loss.terms={alm: 1.0, sft: 0.5}", "loss.balance=gradmag")
+    opt = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    _, metrics = jax.jit(setup.train_step(opt, None))(init_state(student.params, opt),
+                                                      teacher.params, batch)
+    w_alm, w_sft = float(metrics["distill/weight_alm"]), float(metrics["distill/weight_sft"])
+    assert w_alm > 0 and w_sft > 0 and abs(w_alm + w_sft - 1.5) <= 1e-4
+    # ALM's gradient at the last layer is much smaller than sft's, so GradMag lifts its weight.
+    assert w_alm / w_sft > 1.0 / 0.5
+    with pytest.raises(ValueError, match="balance"):
+        load_run_config(REPO / "configs" / "tiny.yaml", ["loss.balance=gradmag"]).loss.spec()
