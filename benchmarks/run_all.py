@@ -20,6 +20,7 @@ BENCHMARKS = {
     "cache_size": [],
     "alignment_throughput": [],
     "cache_write": [],
+    "alm_step": ["--steps", "3"],
 }
 
 
