@@ -119,7 +119,8 @@ def _cmd_mathgen(args) -> int:
 
 def _cmd_demo(args) -> int:
     from distill_jax import demo
-    demo.main(args.run_dir)
+    demo.main(args.run_dir, steps=args.steps, eval_documents=args.eval_documents,
+              math_problems=args.math_problems)
     return 0
 
 
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the end-to-end demo on real assets")
     d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    d.add_argument("--eval-documents", type=int, default=None,
+                   help="held-out problems for bits per byte (default: the config's)")
+    d.add_argument("--math-problems", type=int, default=None,
+                   help="problems for math exact match (default: the config's)")
     d.set_defaults(fn=_cmd_demo)
     return p
 
