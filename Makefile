@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Two test workers (pytest-xdist): the suite is mostly single-threaded compiles and Python.
+PYTEST_ARGS ?= -n 2
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 .PHONY: demo test bench install clean
