@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from distill_jax import models as M
 from distill_jax.data.tokenize import _info
+from distill_jax.xtok.align import special_token_ids
 from distill_jax.tokenizer import bytes_to_unicode
 
 __all__ = ["FVTPlan", "FVTReport", "derived_config", "fvt_embeddings", "fvt_plan",
@@ -125,9 +126,7 @@ def _added_tokens(tokenizer) -> dict[int, Any]:
 
 
 def _special_ids(tokenizer) -> set[int]:
-    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
-    ids |= {i for i, tok in _added_tokens(tokenizer).items() if tok.special}
-    return ids
+    return {int(i) for i in special_token_ids(tokenizer)}
 
 
 def _teacher_special_targets(teacher) -> tuple[dict[str, int], dict[str, int | None]]:
