@@ -34,7 +34,8 @@ class CachedBatches(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         batch = dict(next(self._it))
         if self.cross_tokenizer:
-            rows = self.reader.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
+            rows = self.reader.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"],
+                                           topk=False)
             valid = rows["valid"] & (batch["teacher_segment_ids"] > 0)
             batch["teacher_actual_logprob"] = np.where(valid, rows["actual_logprob"], 0).astype(np.float32)
             batch["teacher_boundary_logmass"] = np.where(valid, rows["boundary_logmass"], 0).astype(np.float32)

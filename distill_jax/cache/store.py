@@ -769,10 +769,10 @@ class CacheReader:
             raise CacheError(f"{where} is incomplete ({missing} of {m.num_docs} documents missing or parts "
                              f"not finalized); resume the `cache` run on the same path to finish it")
 
-    def _gather(self, part: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def _gather(self, part: int, rows: np.ndarray, names=None) -> dict[str, np.ndarray]:
         uniq, inv = np.unique(rows, return_inverse=True)
         stores = self._stores[part]
-        futs = {name: s[uniq].read() for name, s in stores.items()}
+        futs = {name: s[uniq].read() for name, s in stores.items() if names is None or name in names}
         return {name: f.result()[inv] for name, f in futs.items()}
 
     def read_document(self, doc_id: int) -> dict[str, np.ndarray]:
@@ -788,11 +788,13 @@ class CacheReader:
         futs = {name: st[s:s + n].read() for name, st in self._stores[p].items()}
         return decode_rows(self.spec, {name: f.result() for name, f in futs.items()})
 
-    def read_tokens(self, doc_ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+    def read_tokens(self, doc_ids: np.ndarray, offsets: np.ndarray, *,
+                    topk: bool = True) -> dict[str, np.ndarray]:
         """Gather the rows for a packed batch: ``doc_ids``/``offsets`` of any shape S (the batch's
         ``doc_ids``, ``doc_offsets``; ``doc_id < 0`` is padding). Returns decoded arrays of shape
         S + (k,) / S (top-k entries in ascending id order, as :meth:`read_document`), zeros on
-        padding, plus ``valid`` (bool, S)."""
+        padding, plus ``valid`` (bool, S). ``topk=False`` reads and returns only the per-token
+        scalars (``SCALAR_FIELDS``), all cross-tokenizer ALM needs."""
         doc_ids = np.asarray(doc_ids, np.int64)
         offsets = np.asarray(offsets, np.int64)
         if doc_ids.shape != offsets.shape:
@@ -813,15 +815,17 @@ class CacheReader:
             raise IndexError(f"offset {int(o[i])} outside document {int(d[i])} of length {int(length[i])} "
                              "(the cache and the batch disagree on tokenization?)")
         rows = (self.doc_start[dv] if self.num_docs else np.zeros_like(d)) + o
-        fields = _stored_fields(self.spec)
+        fields = {name: f for name, f in _stored_fields(self.spec).items()
+                  if topk or name in SCALAR_FIELDS}
         stored = {name: np.zeros((len(d),) + (() if w is None else (w,)),
                                  _BF16 if dt == "bfloat16" else np.dtype(dt)) for name, (dt, w) in fields.items()}
         for p in np.unique(part[valid]):
             sel = np.flatnonzero(part == p)
-            got = self._gather(int(p), rows[sel])
+            got = self._gather(int(p), rows[sel], fields)
             for name in fields:
                 stored[name][sel] = got[name]
-        out = decode_rows(self.spec, stored)
+        out = decode_rows(self.spec, stored) if topk else \
+            {f: stored[f].astype(np.float32) for f in SCALAR_FIELDS}
         out = {k: np.where(valid.reshape(-1, *([1] * (v.ndim - 1))), v, 0).astype(v.dtype) for k, v in out.items()}
         out = {k: v.reshape(shape + v.shape[1:]) for k, v in out.items()}
         out["valid"] = valid.reshape(shape)
