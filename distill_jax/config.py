@@ -82,7 +82,11 @@ class LossConfig:
 
     Cross-tokenizer (any tokenizers; see ``distill_jax.losses.xtok``): ``alm`` (approximate
     likelihood matching of aligned chunks), ``sft`` (the student's own next-token
-    cross-entropy), and the baselines ``uld`` and ``mined``. ALM's options: ``alm_distance``
+    cross-entropy), ``alm_latents`` (the student's final hidden states after each aligned chunk
+    matched to the teacher's, relative squared error; needs a live teacher), and the baselines
+    ``uld`` and ``mined``. ``latents_projector``: train a linear projector from the student's
+    hidden width to the teacher's for ``alm_latents`` (null: only when the widths differ).
+    ALM's options: ``alm_distance``
     (``binary_ce``, ``abs``, ``reverse_binary_kl``), ``alm_tau`` (binarisation temperature),
     ``alm_append_space`` (boundary debias), ``alm_merge_threshold`` (merge chunks until the
     teacher's word-boundary probability exceeds it; null: no merging). ``uld_top_k`` truncates
@@ -103,10 +107,12 @@ class LossConfig:
     alm_merge_threshold: Optional[float] = 0.1
     uld_top_k: Optional[int] = None
     balance: Literal["none", "gradmag"] = "none"
+    latents_projector: Optional[bool] = None
 
     @property
     def cross_tokenizer(self) -> bool:
-        """Whether the terms are the cross-tokenizer ones (``alm``, ``sft``, ``uld``, ``mined``)."""
+        """Whether the terms are the cross-tokenizer ones (``alm``, ``sft``, ``uld``, ``mined``,
+        ``alm_latents``)."""
         from distill_jax.losses.xtok import TERMS
         return any(name in TERMS for name in self.terms)
 
@@ -118,7 +124,7 @@ class LossConfig:
                             append_space=self.alm_append_space,
                             merge_threshold=self.alm_merge_threshold,
                             temperature=self.temperature, uld_top_k=self.uld_top_k,
-                            balance=self.balance)
+                            balance=self.balance, latents_projector=self.latents_projector)
         if self.balance != "none":
             raise ValueError(f"loss.balance={self.balance} balances the cross-tokenizer terms "
                              "(alm, sft, uld, mined); set loss.balance=none for these terms")

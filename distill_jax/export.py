@@ -17,6 +17,7 @@ from distill_jax import checkpoint, models as M
 from distill_jax.config import RunConfig, load_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
+from distill_jax.train.step import model_params
 from distill_jax.xtok import transfer
 
 CONFIG_FILE = "config.yaml"
@@ -42,12 +43,13 @@ def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model,
     cfg = load_run_config(run_dir / CONFIG_FILE)
     mcfg = student_config(cfg)
     state = checkpoint.load_state_dict(run_dir / "checkpoints", step)
+    trained = model_params(state["params"])  # without an alm_latents projector
     expected = M.param_shapes(mcfg)
-    got = jax.tree.map(lambda x: x.shape, state["params"])
+    got = jax.tree.map(lambda x: x.shape, trained)
     if jax.tree.map(lambda s: s.shape, expected) != got:
         raise ValueError(f"checkpoint params in {run_dir} do not match the student architecture "
                          "in its config.yaml")
-    params = jax.tree.map(lambda x: jnp.asarray(x, mcfg.param_dtype), state["params"])
+    params = jax.tree.map(lambda x: jnp.asarray(x, mcfg.param_dtype), trained)
     return M.Model(mcfg, params), cfg
 
 

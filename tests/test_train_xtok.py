@@ -14,7 +14,7 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.loop import run
 from distill_jax.train.setup import RunSetup, teacher_tokenizer
-from distill_jax.train.step import init_state
+from distill_jax.train.step import PROJECTOR, add_latents_projector, init_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINYX = REPO / "configs" / "tiny_xtok.yaml"
@@ -59,18 +59,26 @@ def _one_batch_setup(tmp_path, *overrides):
     return cfg, setup, teacher, student, batch
 
 
-@pytest.mark.parametrize("terms", ["{alm: 1.0, sft: 0.1}", "{alm: 1.0, uld: 0.5, mined: 0.5}"])
+NARROW = "student.overrides.hidden_size=16"  # the student narrower than the teacher (32)
+
+
+@pytest.mark.parametrize("terms", ["{alm: 1.0, sft: 0.1}", "{alm: 1.0, uld: 0.5, mined: 0.5}",
+                                   "{alm: 1.0, alm_latents: 0.5}"])
 def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
     small = ["data.batch_size=2", "data.seq_len=128", "data.teacher_seq_len=64"] \
         if "uld" in terms else []  # the baselines sort full distributions: keep them small
+    if "latents" in terms:
+        small = [NARROW]  # with a projector
     cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, f"loss.terms={terms}", *small)
     opt = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    start = add_latents_projector(student.params, setup.spec, student.config, teacher.config)
+    assert (PROJECTOR in start) == ("latents" in terms)
     params = {}
     for accum in (1, 2):
         setup.cfg = dataclasses.replace(
             cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum=accum))
         step = jax.jit(setup.train_step(opt, None))
-        state, metrics = step(init_state(student.params, opt), teacher.params, batch)
+        state, metrics = step(init_state(start, opt), teacher.params, batch)
         params[accum] = state.params
         assert np.isfinite(float(metrics["distill/loss"]))
     for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])):
@@ -165,3 +173,86 @@ def test_gradmag_weights(tmp_path):
     assert w_alm / w_sft > 1.0 / 0.5
     with pytest.raises(ValueError, match="balance"):
         load_run_config(REPO / "configs" / "tiny.yaml", ["loss.balance=gradmag"]).loss.spec()
+
+
+def test_xtok_step_gradient_with_latents_projector_equals_autodiff(tmp_path):
+    """alm + alm_latents through a projector (student width 16, teacher 32): the step's update
+    of the model params and of the projector is the autodiff gradient of the objective."""
+    import jax.numpy as jnp
+    import optax
+    from distill_jax.losses import xtok
+    from distill_jax.models import Model, hidden_states, lm_head
+    from distill_jax.train.step import make_xtok_train_step, teacher_token_stats
+    cfg, setup, teacher, student, batch = _one_batch_setup(
+        tmp_path, "loss.terms={alm: 1.0, alm_latents: 2.0}", NARROW)
+    params0 = add_latents_projector(student.params, setup.spec, student.config, teacher.config)
+    assert params0[PROJECTOR]["kernel"].shape == (16, 32)
+    sgd = optax.sgd(1.0)
+    step = jax.jit(make_xtok_train_step(student.config, teacher.config, setup.spec, sgd,
+                                        chunk_size=64, **setup.xtok_args))
+    state, metrics = step(init_state(params0, sgd), teacher.params, batch)
+    assert float(metrics["distill/alm_latents"]) > 0 and float(metrics["distill/latent_pairs"]) > 0
+
+    stats = jax.jit(lambda tp, b: teacher_token_stats(
+        teacher.config, tp, b, jnp.asarray(setup.xtok_args["teacher_word_start"]), chunk_size=64,
+        keep_hidden=True))(teacher.params, batch)
+    full = dict(batch, **stats)
+    ids, t_ids = xtok.trained_chunks(full["chunk_ids"], full["teacher_chunk_ids"], full["loss_mask"])
+    full["chunk_ids"], full["teacher_chunk_ids"] = ids, t_ids
+    norms = xtok.normalisers(setup.spec, full, full["teacher_boundary_logmass"],
+                             full["teacher_hidden"])
+
+    def objective(params):
+        model_p = {k: v for k, v in params.items() if k != PROJECTOR}
+        m = Model(student.config, model_p)
+        h = hidden_states(m, full["tokens"], positions=full["positions"],
+                          segment_ids=full["segment_ids"])
+        sums = xtok.term_sums(setup.spec, full, student_h=h, student_head=lm_head(m),
+                              student_word_start=jnp.asarray(setup.xtok_args["student_word_start"]),
+                              teacher_logp=full["teacher_actual_logprob"],
+                              teacher_boundary=full["teacher_boundary_logmass"],
+                              teacher_h=full["teacher_hidden"], chunk_size=64,
+                              projector=params[PROJECTOR])
+        return xtok.objective(setup.spec, sums, norms)
+
+    value, grads = jax.jit(jax.value_and_grad(objective))(params0)
+    assert abs(float(value) - float(metrics["distill/loss"])) <= 1e-5
+    assert float(jnp.max(jnp.abs(grads[PROJECTOR]["kernel"]))) > 0
+    flat0, flat1 = jax.tree.leaves(params0), jax.tree.leaves(state.params)
+    for p0, p1, g in zip(flat0, flat1, jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(p0) - np.asarray(p1), np.asarray(g), atol=1e-6)
+
+
+def test_alm_latents_run_resumes_exactly_and_exports_without_projector(tmp_path):
+    """A run with an alm_latents projector: the projector is trained and checkpointed (an
+    interrupted run resumes to the same metrics), and export/eval see only the model."""
+    from distill_jax import checkpoint
+    from distill_jax.export import export_run, load_student
+    over = ["loss.terms={alm: 1.0, alm_latents: 1.0, sft: 0.1}", NARROW, "data.batch_size=4",
+            "eval.every=3", "eval.batches=1", HELDOUT]
+    run(_cfg(tmp_path / "straight", *over))
+    run(_cfg(tmp_path / "resumed", *over), max_steps_this_call=3)
+    run(_cfg(tmp_path / "resumed", *over))
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in a] == list(range(1, 7))
+    assert [r["distill/loss"] for r in a] == [r["distill/loss"] for r in b[-6:]]
+    assert a[-1]["distill/alm_latents"] < a[0]["distill/alm_latents"]
+    evals = [r for r in a if "eval/alm_latents" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[1]["eval/alm_latents"] < evals[0]["eval/alm_latents"]
+    state = checkpoint.load_state_dict(tmp_path / "straight" / "checkpoints")
+    assert state["params"][PROJECTOR]["kernel"].shape == (16, 32)
+    model, _ = load_student(tmp_path / "straight")
+    assert PROJECTOR not in model.params and model.config.hidden_size == 16
+    out = export_run(tmp_path / "straight", tmp_path / "export")
+    assert (out / "config.json").exists()
+    assert "latents" not in (out / "config.json").read_text()
+
+
+def test_alm_latents_refusals(tmp_path):
+    with pytest.raises(ValueError, match="alm_latents needs the teacher's hidden states"):
+        run(_cfg(tmp_path / "a", "loss.terms={alm: 1.0, alm_latents: 1.0}",
+                 f"teacher.cache={tmp_path / 'no_cache'}"))
+    with pytest.raises(ValueError, match="needs a projector"):
+        run(_cfg(tmp_path / "b", "loss.terms={alm_latents: 1.0}", NARROW,
+                 "loss.latents_projector=false"))

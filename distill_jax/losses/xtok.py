@@ -8,7 +8,11 @@ A cross-tokenizer batch holds the student's rows and the teacher's rows of the s
   normalised by the number of (merged) chunks of the whole global batch;
 * ``sft``: the student's next-token cross-entropy on its own tokens, normalised by tokens;
 * ``uld``, ``mined``: the token-level baselines (``distill_jax.losses.xtok_baselines``) on the
-  pairs of positions that start the same chunk on both sides, normalised by pairs.
+  pairs of positions that start the same chunk on both sides, normalised by pairs;
+* ``alm_latents``: the student's final hidden states after each aligned chunk (the position
+  whose input is the chunk's last token, on both sides the state after reading the same bytes)
+  matched to the teacher's by squared error, through a linear projector when the widths differ
+  (or when asked), normalised by the teacher's squared norm over the same chunks.
 
 The teacher side of ``alm`` needs only two numbers per teacher token (the actual next token's
 log-prob and the log-mass of next tokens that start a word), so it comes either from the live
@@ -34,12 +38,17 @@ ALM = "alm"
 SFT = "sft"
 ULD = "uld"
 MINED = "mined"
-TERMS = (ALM, SFT, ULD, MINED)
+LATENTS = "alm_latents"
+TERMS = (ALM, SFT, ULD, MINED, LATENTS)
 DISTANCES = ("binary_ce", "abs", "reverse_binary_kl")
 BALANCES = ("none", "gradmag")
 
 CHUNKS = kd.PREFIX + "alm_chunks"   # number of (merged) chunks ALM averages over
 PAIRS = kd.PREFIX + "aligned_pairs"  # number of chunk-start pairs the baselines average over
+LATENT_PAIRS = kd.PREFIX + "latent_pairs"  # number of chunk-end pairs alm_latents compares
+# sum over those pairs of the teacher's squared hidden-state norm: alm_latents' normaliser
+LATENT_SCALE = kd.PREFIX + "latent_scale"
+NORMS = (kd.TOKENS, CHUNKS, PAIRS, LATENT_PAIRS, LATENT_SCALE)  # every whole-batch normaliser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +68,9 @@ class XtokSpec:
       balance: ``none`` (the configured weights) or ``gradmag`` (weights set every step so each
         term's gradient at the last layer's output has a size proportional to its weight;
         see :func:`balance_weights`).
+      latents_projector: for ``alm_latents``, whether the student's hidden states pass through a
+        trained linear projector to the teacher's width: None (only when the widths differ),
+        True (always), False (never; the widths must be equal).
     """
 
     terms: Any = ((ALM, 1.0),)
@@ -69,6 +81,7 @@ class XtokSpec:
     temperature: float = 1.0
     uld_top_k: int | None = None
     balance: str = "none"
+    latents_projector: bool | None = None
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
@@ -108,8 +121,27 @@ class XtokSpec:
         return any(name in (ULD, MINED) for name, _ in self.terms)
 
     @property
+    def needs_teacher_hidden(self) -> bool:
+        """Whether a term reads the live teacher's final hidden states (baselines, latents)."""
+        return self.needs_teacher_logits or LATENTS in self.weights
+
+    @property
     def needs_teacher(self) -> bool:
         return any(name != SFT for name, _ in self.terms)
+
+    def uses_projector(self, student_width: int, teacher_width: int) -> bool:
+        """Whether ``alm_latents`` trains a projector between these hidden widths (raises when
+        it is turned off but the widths differ)."""
+        if LATENTS not in self.weights:
+            return False
+        if self.latents_projector is None:
+            return student_width != teacher_width
+        if not self.latents_projector and student_width != teacher_width:
+            raise ValueError(
+                f"alm_latents compares hidden states of width {student_width} (student) and "
+                f"{teacher_width} (teacher): it needs a projector; set "
+                "loss.latents_projector=null (or true)")
+        return bool(self.latents_projector)
 
 
 def trained_chunks(chunk_ids: Array, teacher_chunk_ids: Array, loss_mask: Array,
@@ -137,11 +169,12 @@ def trained_chunks(chunk_ids: Array, teacher_chunk_ids: Array, loss_mask: Array,
     return drop(chunk_ids), drop(teacher_chunk_ids)
 
 
-def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Array | None
-                ) -> dict[str, Array]:
+def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Array | None,
+                teacher_hidden: Array | None = None) -> dict[str, Array]:
     """The count each term's sum is divided by, from the whole (global) batch: trained student
-    tokens (``sft``), merged chunks (``alm``; needs the teacher's boundary log-mass) and aligned
-    chunk-start pairs (``uld``, ``mined``)."""
+    tokens (``sft``), merged chunks (``alm``; needs the teacher's boundary log-mass), aligned
+    chunk-start pairs (``uld``, ``mined``), and for ``alm_latents`` the teacher's squared
+    hidden-state norm summed over the chunk-end pairs (needs its final hidden states)."""
     out = {kd.TOKENS: jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)}
     if ALM in spec.weights:
         groups = alm.alm_groups(teacher_boundary, batch["teacher_chunk_ids"],
@@ -152,11 +185,94 @@ def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Ar
         from distill_jax.losses import xtok_baselines
         _, _, mask = xtok_baselines.aligned_pairs(batch["chunk_ids"], batch["teacher_chunk_ids"])
         out[PAIRS] = jnp.sum(mask).astype(jnp.float32)
+    if LATENTS in spec.weights:
+        _, tpos, mask = chunk_end_pairs(batch["chunk_ids"], batch["segment_ids"],
+                                        batch["teacher_chunk_ids"], batch["teacher_segment_ids"])
+        ht = _gather_rows(jax.lax.stop_gradient(teacher_hidden), tpos).astype(jnp.float32)
+        out[LATENT_PAIRS] = jnp.sum(mask).astype(jnp.float32)
+        out[LATENT_SCALE] = jnp.sum(jnp.where(mask, jnp.sum(jnp.square(ht), axis=-1), 0.0))
     return out
 
 
 def _norm_key(name: str) -> str:
-    return {ALM: CHUNKS, SFT: kd.TOKENS}.get(name, PAIRS)
+    return {ALM: CHUNKS, SFT: kd.TOKENS, LATENTS: LATENT_SCALE}.get(name, PAIRS)
+
+
+def _normalise(total: Array, norms: Mapping[str, Array], name: str) -> Array:
+    """A term's sum over its whole-batch normaliser (a count, or for ``alm_latents`` a sum of
+    squares; an empty batch gives 0, not a division by zero)."""
+    norm = norms[_norm_key(name)]
+    if name == LATENTS:
+        return total / jnp.where(norm > 0, norm, 1.0)
+    return total / jnp.maximum(norm, 1.0)
+
+
+def last_positions(chunk_ids_BL: Array, num_chunks: int) -> tuple[Array, Array]:
+    """Per chunk id ``c`` in ``[0, num_chunks)``, the last position whose target is in chunk c,
+    and whether chunk c occurs in the row (positions are 0 where it does not)."""
+    batch, length = chunk_ids_BL.shape
+    ids_BL = chunk_ids_BL.astype(jnp.int32)
+    ids_BL = jnp.where((ids_BL >= 0) & (ids_BL < num_chunks), ids_BL, num_chunks)
+    iota_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    rows_BL = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
+    pos_BC = jnp.full((batch, num_chunks), -1, jnp.int32)
+    pos_BC = pos_BC.at[rows_BL, ids_BL].max(iota_BL, mode="drop")
+    valid_BC = pos_BC >= 0
+    return jnp.where(valid_BC, pos_BC, 0), valid_BC
+
+
+def chunk_ends(chunk_ids_BL: Array, segment_ids_BL: Array, num_chunks: int
+               ) -> tuple[Array, Array]:
+    """Per chunk id, the position *after* the chunk's last target: its input is the chunk's
+    last token, so its hidden state has read exactly the bytes up to the chunk's end. Valid
+    where the chunk occurs and that position exists in the same document of the row."""
+    length = chunk_ids_BL.shape[1]
+    last_BC, valid_BC = last_positions(chunk_ids_BL, num_chunks)
+    end_BC = last_BC + 1
+    inside = end_BC < length
+    end_BC = jnp.where(inside, end_BC, 0)
+    seg_last = jnp.take_along_axis(segment_ids_BL, last_BC, axis=1)
+    seg_end = jnp.take_along_axis(segment_ids_BL, end_BC, axis=1)
+    valid_BC = valid_BC & inside & (seg_last > 0) & (seg_end == seg_last)
+    return jnp.where(valid_BC, end_BC, 0), valid_BC
+
+
+def chunk_end_pairs(chunk_ids_BL: Array, segment_ids_BL: Array, teacher_chunk_ids_BLt: Array,
+                    teacher_segment_ids_BLt: Array) -> tuple[Array, Array, Array]:
+    """``(student_pos_BC, teacher_pos_BC, mask_BC)``: per chunk id (C = L slots), the student
+    and teacher positions that have just read the chunk (:func:`chunk_ends`), and whether both
+    exist. Positions are 0 where masked."""
+    num_chunks = chunk_ids_BL.shape[1]
+    spos, svalid = chunk_ends(chunk_ids_BL, segment_ids_BL, num_chunks)
+    tpos, tvalid = chunk_ends(teacher_chunk_ids_BLt, teacher_segment_ids_BLt, num_chunks)
+    mask = svalid & tvalid
+    return jnp.where(mask, spos, 0), jnp.where(mask, tpos, 0), mask
+
+
+def latents_sums(student_h: Array, teacher_h: Array, batch: Mapping[str, Array],
+                 projector: Mapping[str, Array] | None = None) -> Array:
+    """``alm_latents``' sum over the chunk-end pairs of ``||P(h_student) - h_teacher||^2`` (fp32),
+    with ``P(x) = x @ kernel + bias`` when a ``projector`` is given, else the identity."""
+    spos, tpos, mask = chunk_end_pairs(batch["chunk_ids"], batch["segment_ids"],
+                                       batch["teacher_chunk_ids"], batch["teacher_segment_ids"])
+    hs = _gather_rows(student_h, spos).astype(jnp.float32)
+    ht = _gather_rows(jax.lax.stop_gradient(teacher_h), tpos).astype(jnp.float32)
+    if projector is not None:
+        hs = hs @ projector["kernel"].astype(jnp.float32) + projector["bias"].astype(jnp.float32)
+    if hs.shape[-1] != ht.shape[-1]:
+        raise ValueError(f"alm_latents compares student hidden states of width {hs.shape[-1]} "
+                         f"with the teacher's of width {ht.shape[-1]}: it needs a projector "
+                         "(train.step.add_latents_projector)")
+    return jnp.sum(jnp.where(mask, jnp.sum(jnp.square(hs - ht), axis=-1), 0.0))
+
+
+def init_projector(key: Array, student_width: int, teacher_width: int,
+                   dtype: Any = jnp.float32) -> dict[str, Array]:
+    """A fresh ``alm_latents`` projector: kernel (student_width, teacher_width) with entries
+    N(0, 1/student_width) (so it keeps the scale of its input), bias zero."""
+    kernel = jax.random.normal(key, (student_width, teacher_width), jnp.float32)
+    return {"kernel": (kernel / jnp.sqrt(float(student_width))).astype(dtype),
+            "bias": jnp.zeros((teacher_width,), dtype)}
 
 
 def _gather_rows(x_BLD: Array, pos_BC: Array) -> Array:
@@ -194,12 +310,14 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
               student_word_start: Array, teacher_logp: Array | None, teacher_boundary: Array | None,
               teacher_h: Array | None = None, teacher_head: Array | None = None,
               student_softcap: float | None = None, teacher_softcap: float | None = None,
-              mined_map: Array | None = None, chunk_size: int = 512) -> dict[str, Array]:
+              mined_map: Array | None = None, chunk_size: int = 512,
+              projector: Mapping[str, Array] | None = None) -> dict[str, Array]:
     """Each term's sum over one (micro-)batch, keyed by ``kd.sum_key(term)``.
 
     ``student_h`` are the student's final hidden states (B, L, D) and ``student_head`` its (D, V)
     projection; ``teacher_logp`` / ``teacher_boundary`` (B, Lt) the teacher's per-token numbers
-    (for ``alm``); ``teacher_h`` / ``teacher_head`` its hidden states and head (for the baselines).
+    (for ``alm``); ``teacher_h`` / ``teacher_head`` its hidden states and head (for the baselines;
+    ``alm_latents`` needs ``teacher_h``, and ``projector`` when the widths differ).
     """
     w = spec.weights
     sums: dict[str, Array] = {}
@@ -225,6 +343,10 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
                     spec, name, hs, student_head, ht, jax.lax.stop_gradient(teacher_head), mask,
                     student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                     chunk_size=chunk_size, mined_map=mined_map)
+    if LATENTS in w:
+        if teacher_h is None:
+            raise ValueError("alm_latents needs the live teacher's hidden states (teacher_h)")
+        sums[kd.sum_key(LATENTS)] = latents_sums(student_h, teacher_h, batch, projector)
     return sums
 
 
@@ -236,8 +358,7 @@ def weight_key(term: str) -> str:
 def normalised_terms(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]
                      ) -> dict[str, Array]:
     """Each term's (micro-)batch sum divided by its whole-batch count, keyed by term name."""
-    return {name: sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
-            for name, _ in spec.terms}
+    return {name: _normalise(sums[kd.sum_key(name)], norms, name) for name, _ in spec.terms}
 
 
 def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[str, Array]:
@@ -254,7 +375,7 @@ def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[st
     raw = {}
     for name in normed:
         onehot = {k: jnp.asarray(1.0 if k == name else 0.0, jnp.float32) for k in normed}
-        g_h, _ = vjp(onehot)
+        g_h = vjp(onehot)[0]
         raw[name] = configured[name] / (jnp.sqrt(jnp.sum(jnp.square(g_h.astype(jnp.float32))))
                                         + 1e-12)
     total = sum(configured.values())
@@ -267,7 +388,7 @@ def objective(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Arr
     of the whole global batch (so micro-batch objectives add up to the batch's loss)."""
     total = jnp.zeros((), jnp.float32)
     for name, weight in spec.terms:
-        total = total + weight * sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
+        total = total + weight * _normalise(sums[kd.sum_key(name)], norms, name)
     return total
 
 
@@ -276,6 +397,6 @@ def summarize(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Arr
     out = dict(sums)
     out.update(norms)
     for name, _ in spec.terms:
-        out[kd.metric_key(name)] = sums[kd.sum_key(name)] / jnp.maximum(norms[_norm_key(name)], 1.0)
+        out[kd.metric_key(name)] = _normalise(sums[kd.sum_key(name)], norms, name)
     out[kd.LOSS] = objective(spec, sums, norms)
     return out

@@ -19,7 +19,8 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
                                      teacher_tokenizer)
-from distill_jax.train.step import init_state, jit_train_step
+from distill_jax.train.step import (add_latents_projector, check_cacheable, init_state,
+                                    jit_train_step)
 
 CONFIG_FILE = "config.yaml"
 # Sections that may change between a run and its resumption (everything else must match).
@@ -54,6 +55,8 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     spec = cfg.loss.spec()
 
     cached = bool(cfg.teacher is not None and cfg.teacher.cache and spec.needs_teacher)
+    if cached and cfg.loss.cross_tokenizer:
+        check_cacheable(spec)  # before loading anything
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     teacher_tok = teacher_tokenizer(cfg, tokenizer)
     teacher = None
@@ -66,7 +69,10 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         teacher = None  # a cached teacher never runs
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
-    state = init_state(student.params, optimizer, cfg.seed)
+    params = student.params
+    if cfg.loss.cross_tokenizer and teacher is not None:  # the alm_latents projector, if any
+        params = add_latents_projector(params, spec, student.config, teacher.config, cfg.seed)
+    state = init_state(params, optimizer, cfg.seed)
 
     reader = None
     if cached:

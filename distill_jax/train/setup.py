@@ -16,8 +16,7 @@ import numpy as np
 
 from distill_jax import data
 from distill_jax.config import RunConfig
-from distill_jax.losses import TOKENS
-from distill_jax.losses.xtok import CHUNKS, PAIRS
+from distill_jax.losses.xtok import NORMS
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train.step import (batch_keys, make_eval_step, make_train_step,
                                     make_xtok_train_step, summarize)
@@ -129,13 +128,12 @@ def make_evaluator(setup: RunSetup, batch_sharding):
             metrics = step(params, teacher_params,
                            global_batch(next(iterator), batch_sharding, keys))
             sums = {k: v for k, v in metrics.items()
-                    if k.endswith("_sum") or k in (TOKENS, CHUNKS, PAIRS)}
+                    if k.endswith("_sum") or k in NORMS}
             total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
         iterator.close()
         if setup.xtok:
             from distill_jax.losses import xtok
-            means = xtok.summarize(setup.spec, total, {k: total[k] for k in (TOKENS, CHUNKS, PAIRS)
-                                                       if k in total})
+            means = xtok.summarize(setup.spec, total, {k: total[k] for k in NORMS if k in total})
         else:
             means = summarize(total, setup.spec)
         return {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()

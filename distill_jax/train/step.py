@@ -192,6 +192,40 @@ def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_ac
 # ---------------------------------------------------------------------------------------------
 # Cross-tokenizer step
 
+# Key of the ``alm_latents`` projector in a cross-tokenizer run's trained params: the student's
+# params plus ``{"latents_projector": {"kernel", "bias"}}``. It is trained and checkpointed with
+# them, and stripped by :func:`model_params` (export, eval) since it is not part of the model.
+PROJECTOR = "latents_projector"
+
+
+def model_params(params: Any) -> Any:
+    """The model's params of a training state's params (without the ``alm_latents`` projector)."""
+    if isinstance(params, dict) and PROJECTOR in params:
+        return {k: v for k, v in params.items() if k != PROJECTOR}
+    return params
+
+
+def split_projector(params: Any) -> tuple[Any, Any]:
+    """``(model params, projector or None)``."""
+    return model_params(params), (params.get(PROJECTOR) if isinstance(params, dict) else None)
+
+
+def add_latents_projector(params: dict[str, Any], spec: Any, student_cfg: ModelConfig,
+                          teacher_cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """``params`` plus a fresh ``alm_latents`` projector when ``spec`` trains one (see
+    ``XtokSpec.uses_projector``); unchanged otherwise. The projector is replicated on the
+    params' devices (it is ``student_width x teacher_width``, small next to the model)."""
+    from distill_jax.losses import xtok
+    if not spec.uses_projector(student_cfg.hidden_size, teacher_cfg.hidden_size):
+        return params
+    key = jax.random.fold_in(jax.random.key(seed), 0x1A7E)
+    proj = xtok.init_projector(key, student_cfg.hidden_size, teacher_cfg.hidden_size,
+                               jnp.dtype(student_cfg.param_dtype))
+    sharding = jax.tree.leaves(params)[0].sharding
+    if isinstance(sharding, NamedSharding):
+        proj = jax.device_put(proj, NamedSharding(sharding.mesh, PartitionSpec()))
+    return {**params, PROJECTOR: proj}
+
 
 def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: dict[str, Array],
                         word_start: Array, *, chunk_size: int = 512, micro_batches: int = 1,
@@ -224,6 +258,19 @@ def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: di
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
 
 
+def check_cacheable(spec: Any) -> None:
+    """Refuse cross-tokenizer terms a teacher cache cannot feed (it holds, per teacher token,
+    only the two numbers ``alm`` needs)."""
+    from distill_jax.losses import xtok
+    if spec.needs_teacher_logits:
+        raise ValueError("uld/mined need the teacher's full distributions; a cache holds only "
+                         "what alm needs. Train them with a live teacher (unset teacher.cache)")
+    if xtok.LATENTS in spec.weights:
+        raise ValueError("alm_latents needs the teacher's hidden states; a cache holds only the "
+                         "two per-token numbers alm needs. Train it with a live teacher (unset "
+                         "teacher.cache) or drop alm_latents from loss.terms")
+
+
 def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
                          optimizer: optax.GradientTransformation,
                          schedule: optax.Schedule | None = None, *, student_word_start: Any,
@@ -240,9 +287,8 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
     is ``(params, teacher_params, batch) -> metrics`` and no update happens.
     """
     from distill_jax.losses import xtok
-    if cached and spec.needs_teacher_logits:
-        raise ValueError("uld/mined need the teacher's full distributions; a cache holds only "
-                         "what alm needs. Train them with a live teacher (unset teacher.cache)")
+    if cached:
+        check_cacheable(spec)
     if spec.needs_teacher and not cached and teacher_cfg is None:
         raise ValueError("the cross-tokenizer loss needs a teacher model (or teacher.cache for alm)")
     if xtok.MINED in spec.weights and mined_map is None:
@@ -256,7 +302,7 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
         if spec.needs_teacher and not cached:
             batch.update(teacher_token_stats(
                 teacher_cfg, teacher_params, batch, t_word, chunk_size=chunk_size,
-                micro_batches=grad_accum, keep_hidden=spec.needs_teacher_logits))
+                micro_batches=grad_accum, keep_hidden=spec.needs_teacher_hidden))
         if cached:
             chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
                 batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
@@ -265,7 +311,8 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
                 batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"])
         batch["chunk_ids"], batch["teacher_chunk_ids"] = chunk_ids, teacher_chunk_ids
-        norms = xtok.normalisers(spec, batch, batch.get("teacher_boundary_logmass"))
+        norms = xtok.normalisers(spec, batch, batch.get("teacher_boundary_logmass"),
+                                 batch.get("teacher_hidden"))
         return batch, norms
 
     def teacher_head(teacher_params):
@@ -279,7 +326,7 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
                           segment_ids=mb["segment_ids"])
         return h, lm_head(student)
 
-    def head_sums(h, head, mb, head_t):
+    def head_sums(h, head, proj, mb, head_t):
         return xtok.term_sums(
             spec, mb, student_h=h, student_head=head, student_word_start=s_word,
             teacher_logp=mb.get("teacher_actual_logprob"),
@@ -289,10 +336,11 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             student_softcap=student_cfg.final_logit_softcap,
             teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
             mined_map=None if mined_map is None else jnp.asarray(mined_map),
-            chunk_size=chunk_size)
+            chunk_size=chunk_size, projector=proj)
 
     def micro_sums(params, mb, head_t):
-        return head_sums(*trunk(params, mb), mb, head_t)
+        model_p, proj = split_projector(params)
+        return head_sums(*trunk(model_p, mb), proj, mb, head_t)
 
     if eval_only:
         def evaluate(params, teacher_params, batch):
@@ -309,17 +357,22 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             # Forward once: the trunk (params -> final hidden states and lm_head), then every
             # term from them. Backward: each term's cotangent through the head region (one per
             # term with GradMag, which weighs terms by their gradient magnitude at the last
-            # layer's output), then the trunk once with the weighted sum.
-            (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), params)
+            # layer's output), then the trunk once with the weighted sum. The alm_latents
+            # projector (if any) lives in the head region.
+            model_p, proj = split_projector(params)
+            (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), model_p)
 
-            def terms(h, head):
-                sums = head_sums(h, head, mb, head_t)
+            def terms(h, head, proj):
+                sums = head_sums(h, head, proj, mb, head_t)
                 return xtok.normalised_terms(spec, sums, norms), sums
 
-            normed, terms_vjp, sums = jax.vjp(terms, h, head, has_aux=True)
+            normed, terms_vjp, sums = jax.vjp(terms, h, head, proj, has_aux=True)
             weights = xtok.balance_weights(spec, normed, terms_vjp)
-            g_h, g_head = terms_vjp({k: jnp.asarray(weights[k], jnp.float32) for k in normed})
+            g_h, g_head, g_proj = terms_vjp(
+                {k: jnp.asarray(weights[k], jnp.float32) for k in normed})
             (grads,) = trunk_vjp((g_h, g_head))
+            if proj is not None:
+                grads = {**grads, PROJECTOR: g_proj}
             sums = dict(sums)
             sums.update({xtok.weight_key(k): w for k, w in weights.items()})
             return grads, sums
