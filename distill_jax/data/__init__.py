@@ -72,7 +72,8 @@ from distill_jax.data.packing import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_
 from distill_jax.data.pipeline import PackedDataset, PackedIterator, make_dataset, make_iterator
 from distill_jax.data.shards import ShardedIterator, make_process_iterator
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
-from distill_jax.data.tokenize import TokenizedDoc, Tokens, tokenize_record, tokenize_records
+from distill_jax.data.tokenize import (TokenizedDoc, TokenizerInfo, Tokens, tokenize_record,
+                                       tokenize_records, tokenizer_info)
 
 __all__ = [
     "ALIGNMENT_FIELDS",
@@ -88,6 +89,7 @@ __all__ = [
     "SourceConfig",
     "TEACHER_FIELDS",
     "TokenizedDoc",
+    "TokenizerInfo",
     "Tokens",
     "cut_point",
     "make_dataset",
@@ -97,4 +99,5 @@ __all__ = [
     "row_segments",
     "tokenize_record",
     "tokenize_records",
+    "tokenizer_info",
 ]

@@ -135,8 +135,15 @@ def _has_type(node: Any, name: str) -> bool:
     return False
 
 
-class _TokenizerInfo:
-    """What tokenization needs to know about a Hugging Face tokenizer (lazily, per process)."""
+class TokenizerInfo:
+    """What tokenization and alignment need to know about a Hugging Face tokenizer (built lazily,
+    once per tokenizer object and process; get it with :func:`tokenizer_info`).
+
+    Attributes: ``backend`` (the Rust tokenizer without truncation/padding, or None),
+    ``bos_id`` / ``eos_id`` / ``default_bos``, ``special_ids`` (sorted int64 ids of special
+    tokens, special added tokens included), ``token_bytes`` (each id's bytes), ``byte_level``
+    (whether the vocabulary is byte-level BPE) and ``missing_bytes``.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -157,7 +164,7 @@ class _TokenizerInfo:
                                 and without[:1] != [self.bos_id])
         self._token_bytes: list[bytes | None] | None = None
         self._missing_bytes: frozenset[int] | None = None
-        self.byte_level = False
+        self._byte_level = False
         self.special_strings: tuple[str, ...] = tuple(
             t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t)
         special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
@@ -189,6 +196,12 @@ class _TokenizerInfo:
         return self._token_bytes
 
     @property
+    def byte_level(self) -> bool:
+        """Whether the vocabulary is byte-level BPE (its symbols stand for bytes)."""
+        self.token_bytes  # noqa: B018  (decided while the byte table is built)
+        return self._byte_level
+
+    @property
     def missing_bytes(self) -> frozenset[int]:
         """Bytes a byte-level vocabulary cannot spell (the tokenizer drops them); empty otherwise."""
         if self._missing_bytes is None:
@@ -200,7 +213,7 @@ class _TokenizerInfo:
     def _build_token_bytes(self) -> None:
         spec = json.loads(self.backend.to_str())
         decoder, pre = spec.get("decoder"), spec.get("pre_tokenizer")
-        self.byte_level = _has_type(decoder, "ByteLevel") or _has_type(pre, "ByteLevel")
+        self._byte_level = _has_type(decoder, "ByteLevel") or _has_type(pre, "ByteLevel")
         metaspace = (_has_type(decoder, "Metaspace") or _has_type(pre, "Metaspace")
                      or "▁" in json.dumps([spec.get("normalizer"), decoder], ensure_ascii=False))
         byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
@@ -212,7 +225,7 @@ class _TokenizerInfo:
                 table[i] = bytes([int(m.group(1), 16)])
             elif i in added:
                 table[i] = added[i].encode("utf-8")
-            elif self.byte_level:
+            elif self._byte_level:
                 try:
                     table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
                 except KeyError:
@@ -222,16 +235,18 @@ class _TokenizerInfo:
         self._token_bytes = table
 
 
-_INFOS: "weakref.WeakKeyDictionary[Any, _TokenizerInfo]" = weakref.WeakKeyDictionary()
+_INFOS: "weakref.WeakKeyDictionary[Any, TokenizerInfo]" = weakref.WeakKeyDictionary()
 
 
-def _info(tokenizer) -> _TokenizerInfo:
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    """The :class:`TokenizerInfo` of a Hugging Face tokenizer, cached per tokenizer object (its
+    byte table is built once, on first use)."""
     try:
         info = _INFOS.get(tokenizer)
     except TypeError:  # not weak-referenceable: no caching
-        return _TokenizerInfo(tokenizer)
+        return TokenizerInfo(tokenizer)
     if info is None:
-        info = _INFOS[tokenizer] = _TokenizerInfo(tokenizer)
+        info = _INFOS[tokenizer] = TokenizerInfo(tokenizer)
     return info
 
 
@@ -248,7 +263,7 @@ def _char_to_byte(text: str) -> np.ndarray | None:
     return np.concatenate([[0], np.cumsum(width)])
 
 
-def _encode(info: _TokenizerInfo, text: str, data: bytes, encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode(info: TokenizerInfo, text: str, data: bytes, encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ids and exact-where-possible byte spans of ``text`` (UTF-8 ``data``) from its ``encoding``."""
     ids_list, offsets = encoding
     ids = np.asarray(ids_list, np.int64)
@@ -427,7 +442,7 @@ def _document(record: dict, config: DataConfig, tokenizer, specials: Sequence[st
     return text, [text], spans
 
 
-def _tokenize(info: _TokenizerInfo, text: str, segments: Sequence[str], spans: Sequence[tuple[int, int]],
+def _tokenize(info: TokenizerInfo, text: str, segments: Sequence[str], spans: Sequence[tuple[int, int]],
               config: DataConfig, encodings: Sequence) -> Tokens:
     data = text.encode("utf-8")
     parts_ids, parts_s, parts_e = [], [], []
@@ -490,8 +505,8 @@ def tokenize_record(record: Record | dict, tokenizer, config: DataConfig, *,
 def tokenize_records(records: Sequence[Record | dict], tokenizer, config: DataConfig, *,
                      teacher_tokenizer=None) -> list[TokenizedDoc | BadRecordError]:
     """:func:`tokenize_record` over several records, encoded as one batch; errors are returned in place."""
-    student = _info(tokenizer)
-    teacher = None if teacher_tokenizer is None else _info(teacher_tokenizer)
+    student = tokenizer_info(tokenizer)
+    teacher = None if teacher_tokenizer is None else tokenizer_info(teacher_tokenizer)
     prepared: list = []
     for record in records:
         if isinstance(record, Record):

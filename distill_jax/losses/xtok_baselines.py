@@ -273,9 +273,9 @@ def token_byte_strings(tokenizer) -> tuple[list[bytes | None], frozenset[int]]:
     a space. Special tokens are the tokenizer's ``all_special_ids`` and added tokens marked
     special; their entry is their content's UTF-8 bytes.
     """
-    from distill_jax.data.tokenize import _info
+    from distill_jax.data.tokenize import tokenizer_info
 
-    table = list(_info(tokenizer).token_bytes or [])
+    table = list(tokenizer_info(tokenizer).token_bytes or [])
     pieces = tokenizer.get_vocab()
     size = max(len(table), max(pieces.values(), default=-1) + 1, len(tokenizer))
     table += [None] * (size - len(table))

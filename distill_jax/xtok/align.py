@@ -296,9 +296,9 @@ class Alignment:
 
 def special_token_ids(tokenizer) -> np.ndarray:
     """Sorted int64 ids of a Hugging Face tokenizer's special tokens (special added tokens included)."""
-    from distill_jax.data.tokenize import _info
+    from distill_jax.data.tokenize import tokenizer_info
 
-    return _info(tokenizer).special_ids
+    return tokenizer_info(tokenizer).special_ids
 
 
 def token_bytes(tokenizer, ids: Sequence[int] | np.ndarray) -> list[bytes]:
@@ -309,9 +309,9 @@ def token_bytes(tokenizer, ids: Sequence[int] | np.ndarray) -> list[bytes]:
     that byte, and added tokens are their text. Raises ``ValueError`` for an id whose bytes the
     vocabulary does not spell (a tokenizer that is neither byte-level nor SentencePiece-like).
     """
-    from distill_jax.data.tokenize import _info
+    from distill_jax.data.tokenize import tokenizer_info
 
-    table = _info(tokenizer).token_bytes
+    table = tokenizer_info(tokenizer).token_bytes
     if table is None:
         raise ValueError(f"{type(tokenizer).__name__} has no Rust backend: its tokens' bytes are unknown; "
                          "use a fast (tokenizer.json) tokenizer")

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from distill_jax import models as M
-from distill_jax.data.tokenize import _info
+from distill_jax.data.tokenize import tokenizer_info
 from distill_jax.xtok.align import special_token_ids
 from distill_jax.tokenizer import bytes_to_unicode
 
@@ -111,7 +111,7 @@ class FVTPlan:
 
 
 def _token_bytes(tokenizer, side: str) -> list[bytes | None]:
-    table = _info(tokenizer).token_bytes
+    table = tokenizer_info(tokenizer).token_bytes
     if table is None:
         raise ValueError(f"FVT needs a fast (tokenizers-backed) {side} tokenizer to spell its "
                          f"tokens as bytes; got {type(tokenizer).__name__}. Load it with "
@@ -220,7 +220,7 @@ def _model_pieces(teacher, data: bytes, table: list[bytes | None],
     """The teacher model's tokens of ``data`` as one word (no normaliser, no pre-tokeniser, no
     dummy prefix): for bytes that are not valid UTF-8 on their own, and for tokenizers whose
     pipeline changes a lone piece (e.g. SentencePiece's dummy prefix). None if impossible."""
-    info = _info(teacher)
+    info = tokenizer_info(teacher)
     model = info.backend.model
     if info.byte_level:
         ids = [t.id for t in model.tokenize("".join(_BYTE_TO_UNICODE[b] for b in data))]
@@ -287,7 +287,7 @@ def fvt_plan(teacher_tokenizer, new_tokenizer, *, new_vocab_size: int | None = N
             to_model.append(i)
             continue
         to_encode.append(i)
-    backend = _info(teacher_tokenizer).backend
+    backend = tokenizer_info(teacher_tokenizer).backend
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
     encodings = encode([n_table[i].decode("utf-8") for i in to_encode], add_special_tokens=False)
     for i, enc in zip(to_encode, encodings):
