@@ -4,7 +4,8 @@ The reference pair of ``train_throughput.py`` (teacher d=512/8 layers, student d
 vocab 32,000, batch 4 x 512, fp32, AdamW). The KD step: full-vocabulary forward KL plus
 cross-entropy. The ALM step: ``alm`` + ``sft`` with a live teacher on its own rows (here the
 same tokens, so every chunk is one token on each side -- the densest alignment, the most
-chunks), with and without GradMag. Both compute the teacher forward inside the step.
+chunks), with and without GradMag; ``alm`` + ``sft`` + ``alm_latents`` (through the projector
+the different widths need); and ``sft`` + ``dskd``. All compute the teacher forward inside the step.
 
     python benchmarks/alm_step.py [--steps 5] [--out results.json]
 """
@@ -26,7 +27,8 @@ from train_throughput import BATCH, LENGTH, STUDENT, TEACHER  # noqa: E402
 from distill_jax import losses, models as M
 from distill_jax.losses.xtok import XtokSpec
 from distill_jax.train import optim
-from distill_jax.train.step import init_state, make_train_step, make_xtok_train_step
+from distill_jax.train.step import (add_aux_params, init_state, make_train_step,
+                                    make_xtok_train_step)
 
 
 def _batch() -> dict[str, np.ndarray]:
@@ -69,14 +71,21 @@ def main(argv=None) -> int:
     rows = []
     kd = make_train_step(sc, tc, losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 1.0}),
                          opt, chunk_size=512)
-    cases = [("kd: forward_kl + cross_entropy", kd, {k: batch[k] for k in kd_keys})]
-    for balance in ("none", "gradmag"):
-        spec = XtokSpec(terms={"alm": 1.0, "sft": 1.0}, balance=balance)
+    kd_spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 1.0})
+    cases = [("kd: forward_kl + cross_entropy", kd, {k: batch[k] for k in kd_keys}, kd_spec)]
+    variants = [("alm + sft, balance=none", {"alm": 1.0, "sft": 1.0}, "none"),
+                ("alm + sft, balance=gradmag", {"alm": 1.0, "sft": 1.0}, "gradmag"),
+                ("alm + sft + alm_latents", {"alm": 1.0, "sft": 1.0, "alm_latents": 1.0}, "none"),
+                ("sft + dskd", {"sft": 1.0, "dskd": 1.0}, "none")]
+    for name, terms, balance in variants:
+        spec = XtokSpec(terms=terms, balance=balance)
         step = make_xtok_train_step(sc, tc, spec, opt, student_word_start=word,
                                     teacher_word_start=word, chunk_size=512)
-        cases.append((f"alm + sft, balance={balance}", step, batch))
-    for name, step, b in cases:
+        cases.append((name, step, batch, spec))
+    for name, step, b, spec in cases:
         params = jax.tree.map(jnp.copy, student.params)  # the step donates its state
+        if isinstance(spec, XtokSpec):  # the alm_latents / DSKD projectors
+            params = add_aux_params(params, spec, sc, tc)
         dt, compile_s = _time(jax.jit(step, donate_argnums=(0,)), init_state(params, opt),
                               teacher.params, b, args.steps)
         rows.append(dict(step=name, step_s=dt, tokens_per_s=BATCH * LENGTH / dt,

@@ -84,7 +84,7 @@ class LossConfig:
     likelihood matching of aligned chunks), ``sft`` (the student's own next-token
     cross-entropy), ``alm_latents`` (the student's final hidden states after each aligned chunk
     matched to the teacher's, relative squared error; needs a live teacher), and the baselines
-    ``uld`` and ``mined``. ``latents_projector``: train a linear projector from the student's
+    ``uld``, ``mined`` and ``dskd`` (dual-space KD with cross-model attention; live teacher). ``latents_projector``: train a linear projector from the student's
     hidden width to the teacher's for ``alm_latents`` (null: only when the widths differ).
     ALM's options: ``alm_distance``
     (``binary_ce``, ``abs``, ``reverse_binary_kl``), ``alm_tau`` (binarisation temperature),
@@ -112,7 +112,7 @@ class LossConfig:
     @property
     def cross_tokenizer(self) -> bool:
         """Whether the terms are the cross-tokenizer ones (``alm``, ``sft``, ``uld``, ``mined``,
-        ``alm_latents``)."""
+        ``alm_latents``, ``dskd``)."""
         from distill_jax.losses.xtok import TERMS
         return any(name in TERMS for name in self.terms)
 

@@ -14,7 +14,7 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.loop import run
 from distill_jax.train.setup import RunSetup, teacher_tokenizer
-from distill_jax.train.step import PROJECTOR, add_latents_projector, init_state
+from distill_jax.train.step import DSKD_PARAMS, PROJECTOR, add_aux_params, init_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINYX = REPO / "configs" / "tiny_xtok.yaml"
@@ -63,16 +63,17 @@ NARROW = "student.overrides.hidden_size=16"  # the student narrower than the tea
 
 
 @pytest.mark.parametrize("terms", ["{alm: 1.0, sft: 0.1}", "{alm: 1.0, uld: 0.5, mined: 0.5}",
-                                   "{alm: 1.0, alm_latents: 0.5}"])
+                                   "{alm: 1.0, alm_latents: 0.5}", "{sft: 1.0, dskd: 0.5}"])
 def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
     small = ["data.batch_size=2", "data.seq_len=128", "data.teacher_seq_len=64"] \
         if "uld" in terms else []  # the baselines sort full distributions: keep them small
-    if "latents" in terms:
-        small = [NARROW]  # with a projector
+    if "latents" in terms or "dskd" in terms:
+        small = [NARROW]  # with projectors
     cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, f"loss.terms={terms}", *small)
     opt = optim.make_optimizer(cfg.optimizer, cfg.steps)
-    start = add_latents_projector(student.params, setup.spec, student.config, teacher.config)
+    start = add_aux_params(student.params, setup.spec, student.config, teacher.config)
     assert (PROJECTOR in start) == ("latents" in terms)
+    assert (DSKD_PARAMS in start) == ("dskd" in terms)
     params = {}
     for accum in (1, 2):
         setup.cfg = dataclasses.replace(
@@ -175,23 +176,26 @@ def test_gradmag_weights(tmp_path):
         load_run_config(REPO / "configs" / "tiny.yaml", ["loss.balance=gradmag"]).loss.spec()
 
 
-def test_xtok_step_gradient_with_latents_projector_equals_autodiff(tmp_path):
-    """alm + alm_latents through a projector (student width 16, teacher 32): the step's update
-    of the model params and of the projector is the autodiff gradient of the objective."""
+def test_xtok_step_gradient_with_latents_and_dskd_equals_autodiff(tmp_path):
+    """alm + alm_latents through a projector + dskd (student width 16, teacher 32): the step's
+    update of the model params and of both loss modules' params is the autodiff gradient of the
+    objective."""
     import jax.numpy as jnp
     import optax
     from distill_jax.losses import xtok
     from distill_jax.models import Model, hidden_states, lm_head
     from distill_jax.train.step import make_xtok_train_step, teacher_token_stats
     cfg, setup, teacher, student, batch = _one_batch_setup(
-        tmp_path, "loss.terms={alm: 1.0, alm_latents: 2.0}", NARROW)
-    params0 = add_latents_projector(student.params, setup.spec, student.config, teacher.config)
+        tmp_path, "loss.terms={alm: 1.0, alm_latents: 2.0, dskd: 0.5}", NARROW,
+        "data.batch_size=4", "data.seq_len=128", "data.teacher_seq_len=64")
+    params0 = add_aux_params(student.params, setup.spec, student.config, teacher.config)
     assert params0[PROJECTOR]["kernel"].shape == (16, 32)
     sgd = optax.sgd(1.0)
     step = jax.jit(make_xtok_train_step(student.config, teacher.config, setup.spec, sgd,
                                         chunk_size=64, **setup.xtok_args))
     state, metrics = step(init_state(params0, sgd), teacher.params, batch)
     assert float(metrics["distill/alm_latents"]) > 0 and float(metrics["distill/latent_pairs"]) > 0
+    assert float(metrics["distill/dskd"]) > 0 and float(metrics["distill/dskd_teacher_tokens"]) > 0
 
     stats = jax.jit(lambda tp, b: teacher_token_stats(
         teacher.config, tp, b, jnp.asarray(setup.xtok_args["teacher_word_start"]), chunk_size=64,
@@ -202,8 +206,10 @@ def test_xtok_step_gradient_with_latents_projector_equals_autodiff(tmp_path):
     norms = xtok.normalisers(setup.spec, full, full["teacher_boundary_logmass"],
                              full["teacher_hidden"])
 
+    teacher_model = Model(teacher.config, teacher.params)
+
     def objective(params):
-        model_p = {k: v for k, v in params.items() if k != PROJECTOR}
+        model_p = {k: v for k, v in params.items() if k not in (PROJECTOR, DSKD_PARAMS)}
         m = Model(student.config, model_p)
         h = hidden_states(m, full["tokens"], positions=full["positions"],
                           segment_ids=full["segment_ids"])
@@ -212,12 +218,17 @@ def test_xtok_step_gradient_with_latents_projector_equals_autodiff(tmp_path):
                               teacher_logp=full["teacher_actual_logprob"],
                               teacher_boundary=full["teacher_boundary_logmass"],
                               teacher_h=full["teacher_hidden"], chunk_size=64,
-                              projector=params[PROJECTOR])
+                              projector=params[PROJECTOR], dskd_params=params[DSKD_PARAMS],
+                              teacher_head=lm_head(teacher_model),
+                              student_embed=model_p["embed"],
+                              teacher_embed=teacher.params["embed"])
         return xtok.objective(setup.spec, sums, norms)
 
     value, grads = jax.jit(jax.value_and_grad(objective))(params0)
     assert abs(float(value) - float(metrics["distill/loss"])) <= 1e-5
     assert float(jnp.max(jnp.abs(grads[PROJECTOR]["kernel"]))) > 0
+    for name in ("query", "t2s", "s2t"):
+        assert float(jnp.max(jnp.abs(grads[DSKD_PARAMS][name]))) > 0
     flat0, flat1 = jax.tree.leaves(params0), jax.tree.leaves(state.params)
     for p0, p1, g in zip(flat0, flat1, jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(p0) - np.asarray(p1), np.asarray(g), atol=1e-6)
@@ -249,10 +260,36 @@ def test_alm_latents_run_resumes_exactly_and_exports_without_projector(tmp_path)
     assert "latents" not in (out / "config.json").read_text()
 
 
-def test_alm_latents_refusals(tmp_path):
-    with pytest.raises(ValueError, match="alm_latents needs the teacher's hidden states"):
-        run(_cfg(tmp_path / "a", "loss.terms={alm: 1.0, alm_latents: 1.0}",
+def test_dskd_run_trains_its_projectors_and_exports_without_them(tmp_path):
+    """sft + dskd in a run: DSKD's projectors are created, trained and checkpointed with the
+    student, the held-out eval reports the term, and export drops the projectors."""
+    import jax.numpy as jnp
+    from distill_jax import checkpoint
+    from distill_jax.export import load_student
+    from distill_jax.losses import dskd
+    run(_cfg(tmp_path, "loss.terms={sft: 1.0, dskd: 1.0}", NARROW, "data.batch_size=4",
+             "steps=4", "eval.every=4", "eval.batches=1", HELDOUT))
+    rows = _metrics(tmp_path)
+    assert rows[-1]["distill/dskd_student_tokens"] > 0 and rows[-1]["distill/dskd_teacher_tokens"] > 0
+    assert np.isfinite(rows[-1]["eval/dskd"]) and rows[-1]["eval/dskd"] > 0
+    trained = checkpoint.load_state_dict(tmp_path / "checkpoints")["params"][DSKD_PARAMS]
+    fresh = dskd.init_dskd_params(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0x1A7E), 1),
+                                  16, 32)
+    for name, shape in (("query", (32, 64)), ("t2s", (32, 16)), ("s2t", (16, 32))):
+        assert trained[name].shape == shape
+        assert 1e-4 < float(jnp.max(jnp.abs(trained[name] - fresh[name]))) < 0.05  # 4 small steps
+    model, _ = load_student(tmp_path)
+    assert DSKD_PARAMS not in model.params
+
+
+@pytest.mark.parametrize("term", ["alm_latents", "dskd"])
+def test_hidden_state_terms_refused_with_a_cache(tmp_path, term):
+    with pytest.raises(ValueError, match=f"{term} needs the teacher's hidden states"):
+        run(_cfg(tmp_path / "a", f"loss.terms={{alm: 1.0, {term}: 1.0}}",
                  f"teacher.cache={tmp_path / 'no_cache'}"))
+
+
+def test_alm_latents_refusals(tmp_path):
     with pytest.raises(ValueError, match="needs a projector"):
         run(_cfg(tmp_path / "b", "loss.terms={alm_latents: 1.0}", NARROW,
                  "loss.latents_projector=false"))

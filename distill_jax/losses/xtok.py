@@ -12,7 +12,10 @@ A cross-tokenizer batch holds the student's rows and the teacher's rows of the s
 * ``alm_latents``: the student's final hidden states after each aligned chunk (the position
   whose input is the chunk's last token, on both sides the state after reading the same bytes)
   matched to the teacher's by squared error, through a linear projector when the widths differ
-  (or when asked), normalised by the teacher's squared norm over the same chunks.
+  (or when asked), normalised by the teacher's squared norm over the same chunks;
+* ``dskd``: dual-space knowledge distillation with cross-model attention
+  (``distill_jax.losses.dskd``), its student-space parts normalised by trained student tokens
+  and its teacher-space part by teacher positions in trained chunks.
 
 The teacher side of ``alm`` needs only two numbers per teacher token (the actual next token's
 log-prob and the log-mass of next tokens that start a word), so it comes either from the live
@@ -39,7 +42,8 @@ SFT = "sft"
 ULD = "uld"
 MINED = "mined"
 LATENTS = "alm_latents"
-TERMS = (ALM, SFT, ULD, MINED, LATENTS)
+DSKD = "dskd"
+TERMS = (ALM, SFT, ULD, MINED, LATENTS, DSKD)
 DISTANCES = ("binary_ce", "abs", "reverse_binary_kl")
 BALANCES = ("none", "gradmag")
 
@@ -48,7 +52,11 @@ PAIRS = kd.PREFIX + "aligned_pairs"  # number of chunk-start pairs the baselines
 LATENT_PAIRS = kd.PREFIX + "latent_pairs"  # number of chunk-end pairs alm_latents compares
 # sum over those pairs of the teacher's squared hidden-state norm: alm_latents' normaliser
 LATENT_SCALE = kd.PREFIX + "latent_scale"
-NORMS = (kd.TOKENS, CHUNKS, PAIRS, LATENT_PAIRS, LATENT_SCALE)  # every whole-batch normaliser
+DSKD_STUDENT = kd.PREFIX + "dskd_student_tokens"  # student positions DSKD averages over
+DSKD_TEACHER = kd.PREFIX + "dskd_teacher_tokens"  # teacher positions its teacher space averages over
+DSKD_TEACHER_SUM = kd.PREFIX + "dskd_teacher_sum"  # the teacher-space part's sum
+# every whole-batch normaliser
+NORMS = (kd.TOKENS, CHUNKS, PAIRS, LATENT_PAIRS, LATENT_SCALE, DSKD_STUDENT, DSKD_TEACHER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +130,9 @@ class XtokSpec:
 
     @property
     def needs_teacher_hidden(self) -> bool:
-        """Whether a term reads the live teacher's final hidden states (baselines, latents)."""
-        return self.needs_teacher_logits or LATENTS in self.weights
+        """Whether a term reads the live teacher's final hidden states (baselines, latents,
+        DSKD)."""
+        return self.needs_teacher_logits or LATENTS in self.weights or DSKD in self.weights
 
     @property
     def needs_teacher(self) -> bool:
@@ -191,19 +200,38 @@ def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Ar
         ht = _gather_rows(jax.lax.stop_gradient(teacher_hidden), tpos).astype(jnp.float32)
         out[LATENT_PAIRS] = jnp.sum(mask).astype(jnp.float32)
         out[LATENT_SCALE] = jnp.sum(jnp.where(mask, jnp.sum(jnp.square(ht), axis=-1), 0.0))
+    if DSKD in spec.weights:
+        from distill_jax.losses import dskd
+        counts = dskd.dskd_counts(targets=batch["targets"], loss_mask=batch["loss_mask"],
+                                  segment_ids=batch["segment_ids"],
+                                  teacher_segment_ids=batch["teacher_segment_ids"],
+                                  teacher_mask=dskd_teacher_mask(batch))
+        out[DSKD_STUDENT] = counts[dskd.STUDENT_TOKENS]
+        out[DSKD_TEACHER] = counts[dskd.TEACHER_TOKENS]
     return out
 
 
+def dskd_teacher_mask(batch: Mapping[str, Array]) -> Array:
+    """The teacher positions DSKD's teacher-space KL covers: those whose target lies in a
+    trained chunk (after :func:`trained_chunks`)."""
+    return batch["teacher_chunk_ids"] >= 0
+
+
 def _norm_key(name: str) -> str:
-    return {ALM: CHUNKS, SFT: kd.TOKENS, LATENTS: LATENT_SCALE}.get(name, PAIRS)
+    return {ALM: CHUNKS, SFT: kd.TOKENS, LATENTS: LATENT_SCALE, DSKD: DSKD_STUDENT}.get(name, PAIRS)
 
 
-def _normalise(total: Array, norms: Mapping[str, Array], name: str) -> Array:
-    """A term's sum over its whole-batch normaliser (a count, or for ``alm_latents`` a sum of
-    squares; an empty batch gives 0, not a division by zero)."""
+def _normalise(sums: Mapping[str, Array], norms: Mapping[str, Array], name: str) -> Array:
+    """A term's (micro-)batch sum over its whole-batch normaliser: a count, for
+    ``alm_latents`` a sum of squares (0 gives 0, not a division by zero), and for ``dskd`` its
+    student-space sum over student positions plus its teacher-space sum over teacher ones."""
+    total = sums[kd.sum_key(name)]
     norm = norms[_norm_key(name)]
     if name == LATENTS:
         return total / jnp.where(norm > 0, norm, 1.0)
+    if name == DSKD:
+        return (total / jnp.maximum(norm, 1.0)
+                + sums[DSKD_TEACHER_SUM] / jnp.maximum(norms[DSKD_TEACHER], 1.0))
     return total / jnp.maximum(norm, 1.0)
 
 
@@ -311,13 +339,17 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
               teacher_h: Array | None = None, teacher_head: Array | None = None,
               student_softcap: float | None = None, teacher_softcap: float | None = None,
               mined_map: Array | None = None, chunk_size: int = 512,
-              projector: Mapping[str, Array] | None = None) -> dict[str, Array]:
+              projector: Mapping[str, Array] | None = None,
+              dskd_params: Mapping[str, Array] | None = None, student_embed: Array | None = None,
+              teacher_embed: Array | None = None) -> dict[str, Array]:
     """Each term's sum over one (micro-)batch, keyed by ``kd.sum_key(term)``.
 
     ``student_h`` are the student's final hidden states (B, L, D) and ``student_head`` its (D, V)
     projection; ``teacher_logp`` / ``teacher_boundary`` (B, Lt) the teacher's per-token numbers
     (for ``alm``); ``teacher_h`` / ``teacher_head`` its hidden states and head (for the baselines;
-    ``alm_latents`` needs ``teacher_h``, and ``projector`` when the widths differ).
+    ``alm_latents`` needs ``teacher_h``, and ``projector`` when the widths differ; ``dskd``
+    needs ``teacher_h``, ``teacher_head``, both embedding tables, the teacher's tokens and
+    targets in ``batch``, and its ``dskd_params``).
     """
     w = spec.weights
     sums: dict[str, Array] = {}
@@ -347,6 +379,25 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
         if teacher_h is None:
             raise ValueError("alm_latents needs the live teacher's hidden states (teacher_h)")
         sums[kd.sum_key(LATENTS)] = latents_sums(student_h, teacher_h, batch, projector)
+    if DSKD in w:
+        from distill_jax.losses import dskd
+        if dskd_params is None or teacher_h is None or teacher_head is None \
+                or student_embed is None or teacher_embed is None:
+            raise ValueError("dskd needs the live teacher's hidden states, head and embeddings, "
+                             "the student's embeddings, and its projectors (dskd_params; see "
+                             "train.step.add_aux_params)")
+        out = dskd.dskd_sums(
+            h_s=student_h, head_s=student_head, emb_s=student_embed, tokens=batch["tokens"],
+            targets=batch["targets"], loss_mask=batch["loss_mask"],
+            segment_ids=batch["segment_ids"], h_t=teacher_h, head_t=teacher_head,
+            emb_t=teacher_embed, teacher_tokens=batch["teacher_tokens"],
+            teacher_targets=batch["teacher_targets"],
+            teacher_segment_ids=batch["teacher_segment_ids"],
+            teacher_mask=dskd_teacher_mask(batch), params=dskd_params,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+            chunk_size=chunk_size)
+        sums[kd.sum_key(DSKD)] = out[dskd.CE_T2S] + out[dskd.KD_STUDENT]
+        sums[DSKD_TEACHER_SUM] = out[dskd.KD_TEACHER]
     return sums
 
 
@@ -358,7 +409,7 @@ def weight_key(term: str) -> str:
 def normalised_terms(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]
                      ) -> dict[str, Array]:
     """Each term's (micro-)batch sum divided by its whole-batch count, keyed by term name."""
-    return {name: _normalise(sums[kd.sum_key(name)], norms, name) for name, _ in spec.terms}
+    return {name: _normalise(sums, norms, name) for name, _ in spec.terms}
 
 
 def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[str, Array]:
@@ -388,7 +439,7 @@ def objective(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Arr
     of the whole global batch (so micro-batch objectives add up to the batch's loss)."""
     total = jnp.zeros((), jnp.float32)
     for name, weight in spec.terms:
-        total = total + weight * _normalise(sums[kd.sum_key(name)], norms, name)
+        total = total + weight * _normalise(sums, norms, name)
     return total
 
 
@@ -397,6 +448,6 @@ def summarize(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Arr
     out = dict(sums)
     out.update(norms)
     for name, _ in spec.terms:
-        out[kd.metric_key(name)] = _normalise(sums[kd.sum_key(name)], norms, name)
+        out[kd.metric_key(name)] = _normalise(sums, norms, name)
     out[kd.LOSS] = objective(spec, sums, norms)
     return out

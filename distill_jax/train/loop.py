@@ -19,7 +19,7 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
                                      teacher_tokenizer)
-from distill_jax.train.step import (add_latents_projector, check_cacheable, init_state,
+from distill_jax.train.step import (add_aux_params, check_cacheable, init_state,
                                     jit_train_step)
 
 CONFIG_FILE = "config.yaml"
@@ -70,8 +70,8 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     params = student.params
-    if cfg.loss.cross_tokenizer and teacher is not None:  # the alm_latents projector, if any
-        params = add_latents_projector(params, spec, student.config, teacher.config, cfg.seed)
+    if cfg.loss.cross_tokenizer and teacher is not None:  # alm_latents / DSKD projectors
+        params = add_aux_params(params, spec, student.config, teacher.config, cfg.seed)
     state = init_state(params, optimizer, cfg.seed)
 
     reader = None

@@ -192,39 +192,49 @@ def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_ac
 # ---------------------------------------------------------------------------------------------
 # Cross-tokenizer step
 
-# Key of the ``alm_latents`` projector in a cross-tokenizer run's trained params: the student's
-# params plus ``{"latents_projector": {"kernel", "bias"}}``. It is trained and checkpointed with
-# them, and stripped by :func:`model_params` (export, eval) since it is not part of the model.
+# Keys of the trained loss modules in a cross-tokenizer run's params: the student's params plus
+# ``{"latents_projector": {"kernel", "bias"}}`` (alm_latents) and/or ``{"dskd": {"query", "t2s",
+# "s2t"}}`` (DSKD's projectors). They are trained and checkpointed with the student and stripped
+# by :func:`model_params` (export, eval), since they are not part of the model.
 PROJECTOR = "latents_projector"
+DSKD_PARAMS = "dskd"
+AUX_KEYS = (PROJECTOR, DSKD_PARAMS)
 
 
 def model_params(params: Any) -> Any:
-    """The model's params of a training state's params (without the ``alm_latents`` projector)."""
-    if isinstance(params, dict) and PROJECTOR in params:
-        return {k: v for k, v in params.items() if k != PROJECTOR}
+    """The model's params of a training state's params (without the loss modules' params)."""
+    if isinstance(params, dict) and any(k in params for k in AUX_KEYS):
+        return {k: v for k, v in params.items() if k not in AUX_KEYS}
     return params
 
 
-def split_projector(params: Any) -> tuple[Any, Any]:
-    """``(model params, projector or None)``."""
-    return model_params(params), (params.get(PROJECTOR) if isinstance(params, dict) else None)
+def split_aux(params: Any) -> tuple[Any, dict[str, Any]]:
+    """``(model params, {aux key: params})`` of a training state's params."""
+    aux = {k: params[k] for k in AUX_KEYS if isinstance(params, dict) and k in params}
+    return model_params(params), aux
 
 
-def add_latents_projector(params: dict[str, Any], spec: Any, student_cfg: ModelConfig,
-                          teacher_cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """``params`` plus a fresh ``alm_latents`` projector when ``spec`` trains one (see
-    ``XtokSpec.uses_projector``); unchanged otherwise. The projector is replicated on the
-    params' devices (it is ``student_width x teacher_width``, small next to the model)."""
-    from distill_jax.losses import xtok
-    if not spec.uses_projector(student_cfg.hidden_size, teacher_cfg.hidden_size):
-        return params
+def add_aux_params(params: dict[str, Any], spec: Any, student_cfg: ModelConfig,
+                   teacher_cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """``params`` plus the fresh params the cross-tokenizer loss ``spec`` trains: the
+    ``alm_latents`` projector when it uses one (see ``XtokSpec.uses_projector``) and DSKD's
+    projectors; unchanged when it trains none. They are replicated on the params' devices
+    (width x width matrices, small next to the model)."""
+    from distill_jax.losses import dskd, xtok
+    ds, dt = student_cfg.hidden_size, teacher_cfg.hidden_size
+    dtype = jnp.dtype(student_cfg.param_dtype)
     key = jax.random.fold_in(jax.random.key(seed), 0x1A7E)
-    proj = xtok.init_projector(key, student_cfg.hidden_size, teacher_cfg.hidden_size,
-                               jnp.dtype(student_cfg.param_dtype))
+    aux = {}
+    if spec.uses_projector(ds, dt):
+        aux[PROJECTOR] = xtok.init_projector(jax.random.fold_in(key, 0), ds, dt, dtype)
+    if xtok.DSKD in spec.weights:
+        aux[DSKD_PARAMS] = dskd.init_dskd_params(jax.random.fold_in(key, 1), ds, dt, dtype)
+    if not aux:
+        return params
     sharding = jax.tree.leaves(params)[0].sharding
     if isinstance(sharding, NamedSharding):
-        proj = jax.device_put(proj, NamedSharding(sharding.mesh, PartitionSpec()))
-    return {**params, PROJECTOR: proj}
+        aux = jax.device_put(aux, NamedSharding(sharding.mesh, PartitionSpec()))
+    return {**params, **aux}
 
 
 def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: dict[str, Array],
@@ -265,10 +275,11 @@ def check_cacheable(spec: Any) -> None:
     if spec.needs_teacher_logits:
         raise ValueError("uld/mined need the teacher's full distributions; a cache holds only "
                          "what alm needs. Train them with a live teacher (unset teacher.cache)")
-    if xtok.LATENTS in spec.weights:
-        raise ValueError("alm_latents needs the teacher's hidden states; a cache holds only the "
-                         "two per-token numbers alm needs. Train it with a live teacher (unset "
-                         "teacher.cache) or drop alm_latents from loss.terms")
+    for name in (xtok.LATENTS, xtok.DSKD):
+        if name in spec.weights:
+            raise ValueError(f"{name} needs the teacher's hidden states; a cache holds only the "
+                             "two per-token numbers alm needs. Train it with a live teacher "
+                             f"(unset teacher.cache) or drop {name} from loss.terms")
 
 
 def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
@@ -315,10 +326,12 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
                                  batch.get("teacher_hidden"))
         return batch, norms
 
-    def teacher_head(teacher_params):
-        if not spec.needs_teacher_logits:
+    def teacher_parts(teacher_params):
+        """The teacher's (lm_head, embedding table) where a term needs them, else None."""
+        if not (spec.needs_teacher_logits or xtok.DSKD in spec.weights):
             return None
-        return jax.lax.stop_gradient(lm_head(Model(teacher_cfg, teacher_params)))
+        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+        return lm_head(teacher), teacher.params["embed"]
 
     def trunk(params, mb):
         student = Model(student_cfg, params)
@@ -326,7 +339,8 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
                           segment_ids=mb["segment_ids"])
         return h, lm_head(student)
 
-    def head_sums(h, head, proj, mb, head_t):
+    def head_sums(h, head, aux, embed, mb, teacher):
+        head_t, embed_t = (None, None) if teacher is None else teacher
         return xtok.term_sums(
             spec, mb, student_h=h, student_head=head, student_word_start=s_word,
             teacher_logp=mb.get("teacher_actual_logprob"),
@@ -336,43 +350,44 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             student_softcap=student_cfg.final_logit_softcap,
             teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
             mined_map=None if mined_map is None else jnp.asarray(mined_map),
-            chunk_size=chunk_size, projector=proj)
+            chunk_size=chunk_size, projector=aux.get(PROJECTOR), dskd_params=aux.get(DSKD_PARAMS),
+            student_embed=embed, teacher_embed=embed_t)
 
-    def micro_sums(params, mb, head_t):
-        model_p, proj = split_projector(params)
-        return head_sums(*trunk(model_p, mb), proj, mb, head_t)
+    def micro_sums(params, mb, teacher):
+        model_p, aux = split_aux(params)
+        return head_sums(*trunk(model_p, mb), aux, model_p["embed"], mb, teacher)
 
     if eval_only:
         def evaluate(params, teacher_params, batch):
             batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
-            return xtok.summarize(spec, micro_sums(params, batch, teacher_head(teacher_params)),
+            return xtok.summarize(spec, micro_sums(params, batch, teacher_parts(teacher_params)),
                                   norms)
         return evaluate
 
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
         batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
-        head_t = teacher_head(teacher_params)
+        teacher = teacher_parts(teacher_params)
 
         def grad_fn(params, mb):
             # Forward once: the trunk (params -> final hidden states and lm_head), then every
             # term from them. Backward: each term's cotangent through the head region (one per
             # term with GradMag, which weighs terms by their gradient magnitude at the last
-            # layer's output), then the trunk once with the weighted sum. The alm_latents
-            # projector (if any) lives in the head region.
-            model_p, proj = split_projector(params)
+            # layer's output), then the trunk once with the weighted sum. The loss modules'
+            # params (alm_latents / DSKD projectors) live in the head region.
+            model_p, aux = split_aux(params)
             (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), model_p)
+            embed = jax.lax.stop_gradient(model_p["embed"])  # read by DSKD's queries (frozen)
 
-            def terms(h, head, proj):
-                sums = head_sums(h, head, proj, mb, head_t)
+            def terms(h, head, aux):
+                sums = head_sums(h, head, aux, embed, mb, teacher)
                 return xtok.normalised_terms(spec, sums, norms), sums
 
-            normed, terms_vjp, sums = jax.vjp(terms, h, head, proj, has_aux=True)
+            normed, terms_vjp, sums = jax.vjp(terms, h, head, aux, has_aux=True)
             weights = xtok.balance_weights(spec, normed, terms_vjp)
-            g_h, g_head, g_proj = terms_vjp(
+            g_h, g_head, g_aux = terms_vjp(
                 {k: jnp.asarray(weights[k], jnp.float32) for k in normed})
             (grads,) = trunk_vjp((g_h, g_head))
-            if proj is not None:
-                grads = {**grads, PROJECTOR: g_proj}
+            grads = {**grads, **g_aux}
             sums = dict(sums)
             sums.update({xtok.weight_key(k): w for k, w in weights.items()})
             return grads, sums
