@@ -72,3 +72,22 @@ def test_readme_python_example_runs():
     assert runnable, "the README has a runnable Python example"
     for block in runnable:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_cache_train_eval(tmp_path):
+    """The README's cross-tokenizer commands: cache the teacher, train from the cache, eval."""
+    small = ["data.max_records=16", "steps=2", "checkpoint.every=2", "logging.every=1",
+             "logging.progress=false"]
+    cache = tmp_path / "cache"
+    _cli("cache", "configs/tiny_xtok.yaml", f"teacher.cache={cache}", *small)
+    _cli("train", "configs/tiny_xtok.yaml", f"teacher.cache={cache}", f"run_dir={tmp_path / 'run'}",
+         *small)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["distill/alm_chunks"] > 0 for r in rows)
+    out = _cli("eval", "configs/tiny_xtok.yaml", f"run_dir={tmp_path / 'run'}", "eval.math=null",
+               "eval.sources=[{path: configs/data/math_test.jsonl}]", "eval.max_documents=4",
+               *small).stdout
+    report = json.loads((tmp_path / "run" / "eval" / "eval_step2.json").read_text())
+    assert report["models"]["student"]["heldout"]["bits_per_byte"] > 0
+    assert "bits/byte" in out or "bits_per_byte" in out
