@@ -9,23 +9,28 @@ attention and distils in both models' output spaces, on one (micro-)batch of pac
   ``k_j = rms_normalise([e_T(x_j); e_T(y_j)])``.
   ``a_ij = softmax_j(q_i . k_j / sqrt(2 D_T))`` over the teacher positions of the same document,
   and the transposed ``b_ji = softmax_i(...)`` over the student positions of the same document.
-* Teacher -> student space. ``h^t2s_i = sum_j a_ij h^T_j W_t2s`` read through the (frozen) student
-  head gives ``p^t2s_i``. ``ce_t2s`` is its cross-entropy on the student's targets (trains the
-  query and ``t2s`` projectors); ``kd_student`` is ``KL(p^t2s_i || p^S_i)`` with ``p^t2s`` fixed
-  (trains the student).
+* Teacher -> student space. The values ``v_j = (rms_normalise(h^T_j) +
+  rms_normalise(e_T(y_j))) W_t2s`` (the teacher's state plus its target's embedding), mixed by
+  ``a``, read through the (frozen) student head give ``p^t2s_i``. ``ce_t2s`` is its
+  cross-entropy on the student's targets (trains the query and ``t2s`` projectors);
+  ``kd_student`` is ``KL(p^t2s_i || p^S_i)`` with ``p^t2s`` fixed (trains the student), counted
+  only where ``p^t2s_i`` predicts the student's target (its argmax is the target): a projected
+  teacher distribution that gets the token wrong teaches nothing.
 * Student -> teacher space. ``h^s2t_j = sum_i b_ji h^S_i W_s2t`` read through the (frozen) teacher
-  head gives ``p^s2t_j``; ``kd_teacher`` is ``KL(p^T_j || p^s2t_j)`` (trains the student and
-  ``s2t``).
+  head gives ``p^s2t_j``; ``kd_teacher`` is ``KL(p^T_j || p^s2t_j)`` (trains the student,
+  ``s2t`` and, through ``b``, ``query``).
 
 Gradient routing: the teacher (hidden states, head, embeddings) and the student's embedding table
 are frozen; ``ce_t2s`` reaches only ``query`` and ``t2s`` (the student head is under
 ``stop_gradient`` in that path); ``kd_student`` reaches only the student's hidden states and head;
-``kd_teacher`` reaches the student's hidden states and ``s2t``, its attention ``b`` being computed
-from stopped queries (the alignment is learned from ``ce_t2s`` alone).
+``kd_teacher`` reaches the student's hidden states, ``s2t`` and ``query``.
 
-Choices made here: keys are normalised per vector by their RMS; attention never crosses the
-documents packed in a row; a position whose document has no positions on the other side
-contributes nothing and is not counted. Everything is fp32; the vocabulary-sized logits are
+Choices made here: the keys, the teacher states and the target embeddings in the values are
+normalised per vector by their RMS (a per-batch standard deviation would make the loss depend on
+how a batch is split into micro-batches); attention never crosses the documents packed in a
+row; a position whose document has no positions on the other side contributes nothing and is
+not counted. ``t2s_correct`` counts the student positions where ``p^t2s`` is right (the
+positions ``kd_student`` covers). Everything is fp32; the vocabulary-sized logits are
 computed in position chunks under ``jax.checkpoint`` (as ``distill_jax.losses.chunked``), so
 (B, L, V) logits never exist whole; the (B, L, Lt) attention matrices do.
 
@@ -52,6 +57,7 @@ KD_STUDENT = "kd_student"
 KD_TEACHER = "kd_teacher"
 STUDENT_TOKENS = "student_tokens"
 TEACHER_TOKENS = "teacher_tokens"
+T2S_CORRECT = "t2s_correct"
 SUMS = (CE_T2S, KD_STUDENT, KD_TEACHER)
 
 _RMS_EPS = 1e-6
@@ -209,8 +215,8 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
       chunk_size: positions per lm_head chunk.
 
     Returns:
-      ``{ce_t2s, kd_student, kd_teacher}`` sums and ``{student_tokens, teacher_tokens}`` counts,
-      fp32 scalars (see :func:`dskd_counts` for which positions count).
+      ``{ce_t2s, kd_student, kd_teacher}`` sums and ``{student_tokens, teacher_tokens,
+      t2s_correct}`` counts, fp32 scalars (see :func:`dskd_counts` for which positions count).
     """
     _check_shapes(h_s, head_s, emb_s, tokens, targets, loss_mask, segment_ids, h_t, head_t,
                   emb_t, teacher_tokens, teacher_targets, teacher_segment_ids, teacher_mask,
@@ -225,14 +231,16 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
 
     # Cross-model attention, per document.
     q_BLE = _pair_embeddings(emb_s, tokens, targets) @ params["query"].astype(f32)
-    k_BTE = _rms_normalise(_pair_embeddings(emb_t, teacher_tokens, teacher_targets))
+    pair_t_BTE = _pair_embeddings(emb_t, teacher_tokens, teacher_targets)
+    k_BTE = _rms_normalise(pair_t_BTE)
     scores_BLT = jnp.einsum("ble,bte->blt", q_BLE, k_BTE) / math.sqrt(2 * dt)
     same_BLT = (segment_ids[:, :, None] == teacher_segment_ids[:, None, :]) & \
         (segment_ids[:, :, None] > 0)
     a_BLT = _masked_softmax(scores_BLT, same_BLT)
-    b_BTL = _masked_softmax(sg(scores_BLT).transpose(0, 2, 1), same_BLT.transpose(0, 2, 1))
+    b_BTL = _masked_softmax(scores_BLT.transpose(0, 2, 1), same_BLT.transpose(0, 2, 1))
 
-    v_BTS = h_t.astype(f32) @ params["t2s"].astype(f32)
+    v_BTS = (_rms_normalise(h_t.astype(f32)) + _rms_normalise(pair_t_BTE[..., dt:])) \
+        @ params["t2s"].astype(f32)
     t2s_BLS = jnp.einsum("blt,bts->bls", a_BLT, v_BTS)
     u_BLD = h_s.astype(f32) @ params["s2t"].astype(f32)
     s2t_BTD = jnp.einsum("btl,bld->btd", b_BTL, u_BLD)
@@ -242,10 +250,13 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
         zs = jnp.where(live, logits_from_hidden(c["hs"], head_s, student_softcap), 0.0)
         zx = jnp.where(live, logits_from_hidden(c["t2s"], head_s_frozen, student_softcap), 0.0)
         logp_s, logp_x = jax.nn.log_softmax(zs), jax.nn.log_softmax(zx)
-        ce = -jnp.take_along_axis(logp_x, jnp.maximum(c["y"], 0)[:, None], axis=-1)[:, 0]
+        y = jnp.maximum(c["y"], 0)
+        ce = -jnp.take_along_axis(logp_x, y[:, None], axis=-1)[:, 0]
+        correct = c["w"] & (jnp.argmax(zx, axis=-1) == y)
         kl = _kl(sg(logp_x), logp_s)
         return {CE_T2S: jnp.sum(jnp.where(c["w"], ce, 0.0)),
-                KD_STUDENT: jnp.sum(jnp.where(c["w"], kl, 0.0))}
+                KD_STUDENT: jnp.sum(jnp.where(correct, kl, 0.0)),
+                T2S_CORRECT: jnp.sum(correct).astype(f32)}
 
     def teacher_body(c):
         live = c["w"][:, None]
@@ -256,8 +267,8 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
 
     student_xs = {"hs": h_s, "t2s": t2s_BLS, "y": targets.astype(jnp.int32), "w": w_s_BL}
     teacher_xs = {"ht": h_t, "s2t": s2t_BTD, "w": w_t_BT}
-    sums = _chunked_scan(student_body, (CE_T2S, KD_STUDENT), student_xs, batch * length,
-                         chunk_size)
+    sums = _chunked_scan(student_body, (CE_T2S, KD_STUDENT, T2S_CORRECT), student_xs,
+                         batch * length, chunk_size)
     sums.update(_chunked_scan(teacher_body, (KD_TEACHER,), teacher_xs, batch * tlength,
                               chunk_size))
     sums[STUDENT_TOKENS] = jnp.sum(w_s_BL).astype(f32)

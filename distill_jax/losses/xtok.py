@@ -55,6 +55,7 @@ LATENT_SCALE = kd.PREFIX + "latent_scale"
 DSKD_STUDENT = kd.PREFIX + "dskd_student_tokens"  # student positions DSKD averages over
 DSKD_TEACHER = kd.PREFIX + "dskd_teacher_tokens"  # teacher positions its teacher space averages over
 DSKD_TEACHER_SUM = kd.PREFIX + "dskd_teacher_sum"  # the teacher-space part's sum
+DSKD_T2S_CORRECT = kd.PREFIX + "dskd_t2s_correct"  # student positions its student-space KL covers
 # every whole-batch normaliser
 NORMS = (kd.TOKENS, CHUNKS, PAIRS, LATENT_PAIRS, LATENT_SCALE, DSKD_STUDENT, DSKD_TEACHER)
 
@@ -398,6 +399,7 @@ def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, s
             chunk_size=chunk_size)
         sums[kd.sum_key(DSKD)] = out[dskd.CE_T2S] + out[dskd.KD_STUDENT]
         sums[DSKD_TEACHER_SUM] = out[dskd.KD_TEACHER]
+        sums[DSKD_T2S_CORRECT] = out[dskd.T2S_CORRECT]
     return sums
 
 
