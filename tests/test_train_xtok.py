@@ -293,3 +293,17 @@ def test_alm_latents_refusals(tmp_path):
     with pytest.raises(ValueError, match="needs a projector"):
         run(_cfg(tmp_path / "b", "loss.terms={alm_latents: 1.0}", NARROW,
                  "loss.latents_projector=false"))
+
+
+def test_loss_modules_shard_like_one_device(tmp_path):
+    """alm + alm_latents (projector) + dskd on a (data 4, fsdp 2) mesh of 8 devices follow the
+    one-device run step for step: the loss modules' params are replicated, the batch sharded."""
+    over = ["loss.terms={alm: 1.0, alm_latents: 0.5, dskd: 0.5}", NARROW, "data.batch_size=8",
+            "steps=2", "data.seq_len=128", "data.teacher_seq_len=64"]
+    run(_cfg(tmp_path / "one", *over))
+    run(_cfg(tmp_path / "mesh", *over, "mesh.num_devices=null", "mesh.data=4", "mesh.fsdp=2"))
+    one, mesh = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
+    assert len(one) == len(mesh) == 2
+    for a, b in zip(one, mesh):
+        for key in ("distill/loss", "distill/alm", "distill/alm_latents", "distill/dskd"):
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (key, a[key], b[key])
