@@ -236,25 +236,12 @@ def _normalise(sums: Mapping[str, Array], norms: Mapping[str, Array], name: str)
     return total / jnp.maximum(norm, 1.0)
 
 
-def last_positions(chunk_ids_BL: Array, num_chunks: int) -> tuple[Array, Array]:
-    """Per chunk id ``c`` in ``[0, num_chunks)``, the last position whose target is in chunk c,
-    and whether chunk c occurs in the row (positions are 0 where it does not)."""
-    batch, length = chunk_ids_BL.shape
-    ids_BL = chunk_ids_BL.astype(jnp.int32)
-    ids_BL = jnp.where((ids_BL >= 0) & (ids_BL < num_chunks), ids_BL, num_chunks)
-    iota_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    rows_BL = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
-    pos_BC = jnp.full((batch, num_chunks), -1, jnp.int32)
-    pos_BC = pos_BC.at[rows_BL, ids_BL].max(iota_BL, mode="drop")
-    valid_BC = pos_BC >= 0
-    return jnp.where(valid_BC, pos_BC, 0), valid_BC
-
-
 def chunk_ends(chunk_ids_BL: Array, segment_ids_BL: Array, num_chunks: int
                ) -> tuple[Array, Array]:
     """Per chunk id, the position *after* the chunk's last target: its input is the chunk's
     last token, so its hidden state has read exactly the bytes up to the chunk's end. Valid
     where the chunk occurs and that position exists in the same document of the row."""
+    from distill_jax.losses.xtok_baselines import last_positions
     length = chunk_ids_BL.shape[1]
     last_BC, valid_BC = last_positions(chunk_ids_BL, num_chunks)
     end_BC = last_BC + 1

@@ -101,6 +101,15 @@ def first_positions(chunk_ids_BL: Array, num_chunks: int) -> tuple[Array, Array]
       ``(pos_BC, valid_BC)``: int32 positions (0 where the chunk does not occur) and whether
       chunk c occurs in the row.
     """
+    return _chunk_positions(chunk_ids_BL, num_chunks, last=False)
+
+
+def last_positions(chunk_ids_BL: Array, num_chunks: int) -> tuple[Array, Array]:
+    """Per chunk id, the *last* position whose target is in the chunk; as :func:`first_positions`."""
+    return _chunk_positions(chunk_ids_BL, num_chunks, last=True)
+
+
+def _chunk_positions(chunk_ids_BL: Array, num_chunks: int, *, last: bool) -> tuple[Array, Array]:
     chunk_ids_BL = jnp.asarray(chunk_ids_BL)
     if chunk_ids_BL.ndim != 2:
         raise ValueError(f"chunk_ids must be (batch, length), got shape {chunk_ids_BL.shape}")
@@ -111,9 +120,11 @@ def first_positions(chunk_ids_BL: Array, num_chunks: int) -> tuple[Array, Array]
     ids_BL = jnp.where((ids_BL >= 0) & (ids_BL < num_chunks), ids_BL, num_chunks)  # dropped
     iota_BL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     rows_BL = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
-    pos_BC = jnp.full((batch, num_chunks), length, jnp.int32)
-    pos_BC = pos_BC.at[rows_BL, ids_BL].min(iota_BL, mode="drop")
-    valid_BC = pos_BC < length
+    missing = -1 if last else length
+    pos_BC = jnp.full((batch, num_chunks), missing, jnp.int32)
+    at = pos_BC.at[rows_BL, ids_BL]
+    pos_BC = at.max(iota_BL, mode="drop") if last else at.min(iota_BL, mode="drop")
+    valid_BC = pos_BC != missing
     return jnp.where(valid_BC, pos_BC, 0), valid_BC
 
 
