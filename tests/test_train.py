@@ -130,28 +130,38 @@ def _batch(rng, b=4, t=16, vocab=256):
 
 
 def test_teacher_is_frozen_and_accumulation_exact():
+    """Gradient accumulation over 1, 2 or 4 micro-batches gives the same update.
+
+    Compared through SGD (lr 1: the update is minus the gradient), where fp32 summation-order
+    differences stay at rounding level; AdamW would divide near-zero gradients by their own
+    magnitude and turn that rounding into 1e-5 differences of the params."""
     tc = M.ModelConfig.tiny("llama", num_layers=2)
     sc = M.ModelConfig.tiny("llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1)
     teacher, student = M.init(tc, 1), M.init(sc, 2)
     teacher_before = jax.tree.map(np.asarray, teacher.params)
     spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 0.5}, temperature=2.0)
-    opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-3), 10)
+    sgd = optax.sgd(1.0)
     batch = _batch(np.random.RandomState(0))
     finals = []
     for accum in (1, 2, 4):
-        state = init_state(student.params, opt)
-        step = jax.jit(make_train_step(sc, tc, spec, opt, grad_accum=accum, chunk_size=24))
-        for _ in range(3):
-            state, metrics = step(state, teacher.params, batch)
+        state = init_state(student.params, sgd)
+        step = jax.jit(make_train_step(sc, tc, spec, sgd, grad_accum=accum, chunk_size=24))
+        state, metrics = step(state, teacher.params, batch)
         finals.append((state.params, {k: float(v) for k, v in metrics.items()}))
     for params, m in finals[1:]:
         for a, b in zip(jax.tree.leaves(finals[0][0]), jax.tree.leaves(params)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
         assert abs(m["distill/loss"] - finals[0][1]["distill/loss"]) < 1e-6
     assert finals[0][1]["distill/tokens"] == batch["loss_mask"].sum()
+    # Three AdamW steps: the teacher is untouched and the optimiser state holds the student's
+    # shapes only (no teacher moments).
+    opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-3), 10)
+    state = init_state(student.params, opt)
+    step = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=24))
+    for _ in range(3):
+        state, _ = step(state, teacher.params, batch)
     for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(teacher.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    # The optimiser state holds the student's shapes only (no teacher moments).
     n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if hasattr(x, "size") and x.ndim)
     assert n_opt == 2 * sum(x.size for x in jax.tree.leaves(state.params))
 
@@ -298,14 +308,18 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path):
 
 
 def test_cached_teacher_step_equals_live_teacher_at_full_k():
-    """With k = vocab, the step fed a cached top-k teacher equals the live-teacher step."""
+    """With k = vocab, the step fed a cached top-k teacher equals the live-teacher step.
+
+    Three SGD steps (the update is -0.1 x the gradient, so the two paths' fp32 summation-order
+    differences stay at rounding level instead of being divided by near-zero gradient
+    magnitudes as AdamW does): losses and params agree to 1e-6 at every step."""
     from distill_jax.losses.sparse import topk_from_logits
     tc = M.ModelConfig.tiny("gemma2", vocab_size=97)
     sc = M.ModelConfig.tiny("gemma2", vocab_size=97, num_layers=1)
     teacher, student = M.init(tc, 1), M.init(sc, 2)
     spec = losses.LossSpec(terms={"forward_kl": 1.0, "jsd": 0.5, "cross_entropy": 0.1},
                            temperature=2.0)
-    opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-3), 10)
+    opt = optax.sgd(0.1)
     batch = _batch(np.random.RandomState(2), vocab=97)
     logits = M.forward(teacher, batch["tokens"], positions=batch["positions"],
                        segment_ids=batch["segment_ids"])
@@ -318,9 +332,12 @@ def test_cached_teacher_step_equals_live_teacher_at_full_k():
     for _ in range(3):
         s_live, m_live = live_step(s_live, teacher.params, batch)
         s_cache, m_cache = cache_step(s_cache, None, cached)
-        assert abs(float(m_live["distill/loss"]) - float(m_cache["distill/loss"])) <= 1e-5
-    for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_cache.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        assert abs(float(m_live["distill/loss"]) - float(m_cache["distill/loss"])) <= 1e-6
+        for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_cache.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree.leaves(s_live.params), jax.tree.leaves(student.params)))
+    assert moved > 1e-3  # the steps really moved the params
 
 
 def test_training_from_full_k_cache_matches_live_teacher(tmp_path):

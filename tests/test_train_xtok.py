@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from distill_jax.config import load_run_config
@@ -70,7 +71,10 @@ def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
     if "latents" in terms or "dskd" in terms:
         small = [NARROW]  # with projectors
     cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, f"loss.terms={terms}", *small)
-    opt = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    # SGD with lr 1 (the update is minus the gradient): the split's fp32 summation-order
+    # differences stay at rounding level, where AdamW would divide near-zero gradients by
+    # their own magnitude.
+    opt = optax.sgd(1.0)
     start = add_aux_params(student.params, setup.spec, student.config, teacher.config)
     assert (PROJECTOR in start) == ("latents" in terms)
     assert (DSKD_PARAMS in start) == ("dskd" in terms)
