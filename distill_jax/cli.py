@@ -87,7 +87,8 @@ def _cmd_eval(args) -> int:
 
 def _cmd_export(args) -> int:
     from distill_jax.export import export_run
-    print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype))
+    print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                     overwrite=args.overwrite))
     return 0
 
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous export (and nothing else)")
     e.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text from a Hugging Face checkpoint")

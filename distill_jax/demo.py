@@ -140,7 +140,7 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None,
     t = _stage(6, "evaluate teacher, baseline and distilled student; export the student")
     ev_distilled = run_eval(distilled, progress=True)
     ev_baseline = run_eval(baseline, models=("student",), progress=True)
-    export_dir = export_run(distilled.run_dir, run_dir / "distilled_hf")
+    export_dir = export_run(distilled.run_dir, run_dir / "distilled_hf", overwrite=True)
     timings["eval_s"] = time.perf_counter() - t
 
     t = _stage(7, "results")

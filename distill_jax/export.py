@@ -3,7 +3,9 @@
 ``export_run(run_dir, out_dir, step=None)`` reads the run's resolved ``config.yaml``, rebuilds
 the student's architecture (without loading any teacher weights), takes the params of the
 chosen (default: latest) checkpoint and writes config.json + safetensors + tokenizer files
-atomically with :func:`distill_jax.models.save_hf`.
+atomically with :func:`distill_jax.models.save_hf`. ``out_dir`` must be missing or empty, or,
+with ``overwrite=True``, hold a previous export and nothing else; the run itself, the current
+directory and their parents are never replaced (see :mod:`distill_jax.fsutil`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from distill_jax import checkpoint, models as M
+from distill_jax import checkpoint, fsutil, models as M
 from distill_jax.config import RunConfig, load_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
@@ -54,9 +56,13 @@ def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model,
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
-               dtype: str = "float32") -> Path:
-    """Write the run's student as a Hugging Face directory that transformers loads."""
+               dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the run's student as a Hugging Face directory that transformers loads.
+
+    ``overwrite=True`` replaces ``out_dir`` only if it holds a previous export and nothing else.
+    """
+    fsutil.check_output_dir(out_dir, overwrite=overwrite, protect=[run_dir])  # before loading
     model, cfg = load_student(run_dir, step)
     tok = cfg.tokenizer_path()
     tokenizer = tok if Path(tok).is_dir() else load_tokenizer(tok)
-    return M.save_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype)
+    return M.save_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)

@@ -236,7 +236,7 @@ def test_save_is_atomic_on_failure(checkpoints, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hfio, "write_safetensors", boom)
     with pytest.raises(OSError):
-        M.save_hf(model, out)
+        M.save_hf(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary litter
 

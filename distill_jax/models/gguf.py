@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from distill_jax import fsutil
 
 __all__ = ["GGUFConversionError", "gguf_to_hf", "read_metadata", "unpermute_rotary_rows"]
 
@@ -78,7 +77,8 @@ class GGUFConversionError(ValueError):
     """The GGUF file cannot be converted; the message says what is unsupported or malformed."""
 
 
-def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+               overwrite: bool = False) -> Path:
     """Convert a Llama-architecture GGUF file into a Hugging Face directory and return ``out_dir``.
 
     Writes ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` (dequantised weights in
@@ -87,9 +87,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     chat template when the file has one) and ``special_tokens_map.json``. The result loads with
     ``transformers.LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` offline.
 
-    If ``out_dir`` does not exist, everything is written to a temporary directory beside it that is
-    then renamed into place, so ``out_dir`` appears complete or not at all. If it exists, the files
-    are written into it.
+    Everything is written to a temporary directory beside ``out_dir`` that is then renamed into
+    place, so ``out_dir`` appears complete or not at all. ``out_dir`` must be missing or empty, or,
+    with ``overwrite=True``, hold a previous export and nothing else (see :mod:`distill_jax.fsutil`).
     """
     import gguf
 
@@ -101,6 +101,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist.")
+    fsutil.check_output_dir(out_dir, overwrite=overwrite)  # before converting
     reader = gguf.GGUFReader(gguf_path)
     meta = read_metadata(reader)
     config = llama_config(meta, tensor_names={t.name for t in reader.tensors}, dtype=dtype)
@@ -112,13 +113,13 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
 
         _write_json(directory / "config.json", config)
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        (directory / "model.safetensors").chmod(0o644)  # safetensors creates it private
         tokenizer.save(str(directory / "tokenizer.json"))
         _write_json(directory / "tokenizer_config.json", tokenizer_config)
         special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
         _write_json(directory / "special_tokens_map.json", special)
 
-    return _write_atomically(Path(out_dir), write)
+    return fsutil.write_output_dir(out_dir, write, overwrite=overwrite, info={
+        "writer": "convert-gguf", "source": gguf_path.name, "model_type": "llama", "dtype": dtype})
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
@@ -352,20 +353,3 @@ def _float32_value(value: float) -> float:
 def _write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON."""
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on ``out_dir``: directly if it exists, else on a temporary sibling renamed into place."""
-    if out_dir.is_dir():
-        write(out_dir)
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private
-        write(staging)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from distill_jax import fsutil
 from distill_jax.models.config import ConfigError, ModelConfig, from_hf_config, to_hf_config
 from distill_jax.models.model import Model, logical_axes, param_shapes, param_shardings
 
@@ -262,35 +262,18 @@ def _to_hf_shape(name: str, arr: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return arr
 
 
-def _write_dir_atomically(path: Path, fill) -> Path:
-    """Build a directory in a temporary sibling, then move it into place."""
-    path = path.absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        fill(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def save_hf(model: Model, path: str | os.PathLike, *, tokenizer: Any = None,
-            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> Path:
+            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face directory that transformers loads.
 
     ``tokenizer`` may be a transformers tokenizer (saved with ``save_pretrained``) or a
     directory whose tokenizer files are copied. Tensors are streamed one at a time into
     safetensors files of at most ``max_shard_bytes`` (with an index when there are several).
-    The directory appears atomically; in multi-process runs every process must call this
-    (arrays are gathered) and only process 0 writes.
+    ``path`` must be missing or empty, or, with ``overwrite=True``, hold a previous export and
+    nothing else (see :mod:`distill_jax.fsutil`); it is replaced atomically. In multi-process
+    runs every process must call this (arrays are gathered; every process checks ``path``
+    first) and only process 0 writes.
     """
     np_dtype = np.dtype(jnp.dtype(dtype))
     hf_cfg = to_hf_config(model.config, dtype=jnp.dtype(dtype).name)
@@ -334,16 +317,18 @@ def save_hf(model: Model, path: str | os.PathLike, *, tokenizer: Any = None,
                 for fname in TOKENIZER_FILES:
                     src = Path(tokenizer) / fname
                     if src.exists() and not (tmp / fname).exists():
-                        shutil.copy(src, tmp / fname)
+                        shutil.copyfile(src, tmp / fname)
             else:
                 tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists():
             gen = {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
-    path = Path(path)
+    fsutil.check_output_dir(path, overwrite=overwrite)  # on every process, before any gather
     if jax.process_index() == 0:
-        return _write_dir_atomically(path, fill)
+        info = {"writer": "save_hf", "model_type": hf_cfg.get("model_type"),
+                "dtype": jnp.dtype(dtype).name}
+        return fsutil.write_output_dir(path, fill, overwrite=overwrite, info=info)
     for _ in _hf_tensors(model, np_dtype):  # take part in the gathers
         pass
-    return path
+    return Path(path).expanduser().absolute()
