@@ -181,27 +181,48 @@ def _family_defaults(family: str, *, num_layers: int, sliding_window: int = 8) -
 
 
 # ----------------------------------------------------------------------------- HF conversion
-# Fields of a Hugging Face config.json that do not change the computation of a causal-LM
-# forward in inference/training without dropout. Anything neither handled nor listed here
-# raises, so a checkpoint that needs a feature we do not implement is never silently wrong.
-_IGNORED = frozenset({
-    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype",
-    "use_cache", "initializer_range", "attention_dropout", "id2label", "label2id",
-    "output_attentions", "output_hidden_states", "return_dict", "problem_type",
-    "chunk_size_feed_forward", "is_encoder_decoder", "pretraining_tp", "model_type",
-    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
-    "task_specific_params", "finetuning_task", "max_window_layers", "cache_implementation",
-    "_sliding_window_pattern", "sliding_window_pattern", "use_bidirectional_attention",
-    "tie_encoder_decoder", "is_decoder", "add_cross_attention", "torchscript",
-    "bad_words_ids", "begin_suppress_tokens", "suppress_tokens", "output_scores",
-    "return_dict_in_generate", "tf_legacy_loss", "use_return_dict",
+# Fields of a Hugging Face config.json that never change a causal LM's forward (checked against
+# transformers 5, which does not read them or reads them only outside the forward): names and
+# versions, the storage dtype, token ids, generation defaults, training-only settings (init,
+# dropout), classification heads, and settings of other runtimes (transformers.js, Nanotron).
+# ``pretraining_tp`` belongs here: transformers 5 ignores it, and older versions only split the
+# same matmuls into slices. Any value of these is accepted.
+_METADATA = frozenset({
+    "_name_or_path", "_commit_hash", "_from_model_config", "architectures",
+    "transformers_version", "torch_dtype", "dtype", "model_type", "tokenizer_class", "prefix",
+    "is_llama_config", "is_qwen2_config", "transformers.js_config",
+    "unk_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "cache_implementation", "initializer_range", "attention_dropout",
+    "pretraining_tp", "max_window_layers", "attn_implementation", "_attn_implementation_autoset",
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+    "task_specific_params", "output_attentions", "output_hidden_states", "return_dict",
+    "use_return_dict", "torchscript", "tf_legacy_loss", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "pruned_heads", "unsloth_fixed",
+    # generation defaults (transformers moves these to the generation config)
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
     "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences",
-    "num_beam_groups", "diversity_penalty", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "cross_attention_hidden_size",
-    "pruned_heads", "_attn_implementation_autoset", "unsloth_fixed",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty",
+    "num_return_sequences", "num_beam_groups", "diversity_penalty", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "bad_words_ids", "begin_suppress_tokens", "suppress_tokens", "output_scores",
+    "return_dict_in_generate", "epsilon_cutoff", "eta_cutoff", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+    "target_lookbehind",
 })
+# Switches for computation distill-jax does not implement, which published configs carry at
+# their no-op value: accepted only at that value (field: (no-op values, what another value means)).
+_NO_OP_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "rope_interleaved": ((False,), "interleaved rotary pairs"),
+    "use_mrope": ((False,), "multimodal rotary embedding"),
+    "use_bidirectional_attention": ((False, None), "bidirectional attention; causal LMs only"),
+}
+
+
+def _check_no_op(key: str, value: Any, allowed: tuple[Any, ...], meaning: str) -> None:
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+        raise ConfigError(f"{key}={value!r} is not supported ({meaning}); distill-jax implements "
+                          f"only {key}={allowed[0]!r}")
 
 
 def _rope_from_hf(params: dict[str, Any] | None, where: str) -> tuple[float, RopeScaling | None]:
@@ -217,20 +238,27 @@ def _rope_from_hf(params: dict[str, Any] | None, where: str) -> tuple[float, Rop
             raise ConfigError(f"{where}: unhandled rope fields {sorted(params)} for rope_type default")
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling("linear", float(params.pop("factor")))
-    if kind == "llama3":
-        return theta, RopeScaling(
-            "llama3", float(params["factor"]), float(params["low_freq_factor"]),
-            float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-    raise ConfigError(
-        f"{where}: rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+        scaling = RopeScaling("linear", float(params.pop("factor")))
+    elif kind == "llama3":
+        scaling = RopeScaling(
+            "llama3", float(params.pop("factor")), float(params.pop("low_freq_factor")),
+            float(params.pop("high_freq_factor")),
+            int(params.pop("original_max_position_embeddings")))
+    else:
+        raise ConfigError(
+            f"{where}: rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    if params:
+        raise ConfigError(f"{where}: unhandled rope fields {sorted(params)} for rope_type {kind}")
+    return theta, scaling
 
 
 def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> ModelConfig:
     """Build a :class:`ModelConfig` from a Hugging Face ``config.json`` (dict or path).
 
-    Raises :class:`ConfigError` naming any field that is neither handled nor known to be
-    irrelevant, and any value we do not implement (e.g. an unknown rope type).
+    Metadata that never changes the computation (names, versions, token ids, generation
+    defaults, other runtimes' settings) is accepted whatever its value. Raises
+    :class:`ConfigError` naming any other field that is not handled, and any value we do not
+    implement (e.g. an unknown rope type, ``rope_interleaved: true``).
     """
     if isinstance(hf, str):
         with open(hf) as f:
@@ -300,11 +328,13 @@ def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> ModelConfig:
     if family == "llama":
         bias = bool(take("attention_bias", False))
         kw.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(take("mlp_bias", False)))
-    elif family == "qwen2":
-        kw.update(qkv_bias=True)
     else:
-        if take("attention_bias", False):
+        if family == "qwen2":
+            kw.update(qkv_bias=True)
+        elif take("attention_bias", False):
             raise ConfigError(f"attention_bias=true is not supported for {family}")
+        _check_no_op("mlp_bias", take("mlp_bias", False), (False, None),
+                     f"{family} has no MLP biases")
     if family in ("qwen3", "gemma3_text"):
         kw["qk_norm"] = True
     if family.startswith("gemma"):
@@ -312,15 +342,20 @@ def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> ModelConfig:
                   query_pre_attn_scalar=take("query_pre_attn_scalar"),
                   attn_logit_softcap=take("attn_logit_softcapping"),
                   final_logit_softcap=take("final_logit_softcapping"))
-        if take("use_bidirectional_attention"):
-            raise ConfigError("use_bidirectional_attention=true is not supported (causal LMs only)")
+        size = take("sliding_window_size")  # an old duplicate of sliding_window (gemma-2-9b)
+        if size is not None and size != hf.get("sliding_window"):
+            raise ConfigError(f"sliding_window_size={size} disagrees with "
+                              f"sliding_window={hf.get('sliding_window')}")
 
     # Sliding windows: transformers 5 lists layer_types; Qwen gates them by use_sliding_window.
     window = take("sliding_window")
     hf_types = take("layer_types")
     if family in ("qwen2", "qwen3"):
-        if take("use_sliding_window", False):
-            raise ConfigError("use_sliding_window=true is not supported for Qwen models")
+        _check_no_op("use_sliding_window", take("use_sliding_window", False), (False, None),
+                     "sliding-window layers in Qwen models")
+        if set(hf_types or ()) - {"full_attention"}:
+            raise ConfigError(f"layer_types other than full_attention are not supported for "
+                              f"Qwen models, got {sorted(set(hf_types))}")
         hf_types = None
         window = None
     if hf_types:
@@ -332,12 +367,18 @@ def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> ModelConfig:
     elif family == "gemma2":
         kw["layer_types"] = tuple("sliding" if i % 2 == 0 else "full" for i in range(num_layers))
     elif family == "gemma3_text":
-        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        pattern = take("sliding_window_pattern") or take("_sliding_window_pattern") or 6
         kw["layer_types"] = tuple("full" if (i + 1) % pattern == 0 else "sliding"
                                   for i in range(num_layers))
+    if family == "gemma3_text":  # the pattern is read only where layer_types is absent
+        used.update({"sliding_window_pattern", "_sliding_window_pattern"})
     if "sliding" in kw.get("layer_types", ()):
         kw["sliding_window"] = window
-    unknown = sorted(k for k in hf if k not in used and k not in _IGNORED)
+    for key, (allowed, meaning) in _NO_OP_ONLY.items():
+        if key in hf:
+            _check_no_op(key, hf[key], allowed, meaning)
+            used.add(key)
+    unknown = sorted(k for k in hf if k not in used and k not in _METADATA)
     if "quantization_config" in hf:
         raise ConfigError("quantized checkpoints (quantization_config) are not supported; "
                           "dequantize to a float checkpoint first")
