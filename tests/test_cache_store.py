@@ -255,7 +255,7 @@ def test_resume_after_kill_is_exactly_once(tmp_path):
     del w
     jpath = os.path.join(path, "part-00000-of-00001", JOURNAL_NAME)
     with open(jpath, "ab") as f:
-        f.write(_pack_records([29], [123], [4])[:17])
+        f.write(_pack_records([29], [123], [4], [0])[:17])
     assert not CacheReader(path).complete
     assert "torn journal tail" in " ".join(verify(path).errors)
     # run 3: finishes; every document exactly once, identical to an uninterrupted write
