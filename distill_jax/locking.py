@@ -58,8 +58,8 @@ class FileLock:
         except BlockingIOError:
             holder = _describe(_read_holder(fd))
             os.close(fd)
-            raise LockedError(f"{self.what} ({self.path}) is in use by {holder}; wait for it to "
-                              "finish or stop it") from None
+            name = self.path if self.what == self.path else f"{self.what} ({self.path})"
+            raise LockedError(f"{name} is in use by {holder}; wait for it to finish or stop it") from None
         except BaseException:
             os.close(fd)
             raise

@@ -12,7 +12,7 @@ import pytest
 from scipy.special import logsumexp, ndtri
 
 from distill_jax.cache import CacheError, CacheMismatchError, CacheReader, CacheSpec, CacheWriter, Manifest, verify
-from distill_jax.cache.store import JOURNAL_NAME, _pack_records, _read_journal, decode_rows, encode_rows
+from distill_jax.cache.store import _REC, JOURNAL_NAME, _pack_records, _read_journal, decode_rows, encode_rows
 
 TEACHER = {"name": "test-teacher", "config_hash": "c0ffee", "weights_hash": "beef"}
 
@@ -326,7 +326,7 @@ def test_verify_detects_corrupt_offsets_and_missing_doc(tmp_path):
     assert not rep.ok and any("not contiguous" in e for e in rep.errors), rep.errors
     # a flipped byte in a middle record: CRC mismatch
     raw = bytearray(good)
-    raw[32 * 3 + 9] ^= 0xFF
+    raw[_REC.size * 3 + 9] ^= 0xFF
     open(jpath, "wb").write(bytes(raw))
     rep = verify(str(tmp_path))
     assert not rep.ok and any("corrupt" in e for e in rep.errors), rep.errors

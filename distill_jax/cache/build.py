@@ -153,11 +153,11 @@ def teacher_identity(teacher_cfg, model_config) -> dict[str, str]:
     ``weights_hash`` = sha256 over its ``*.safetensors`` files of each one's name, size and the
     sha256 of its first and last MiB (cheap on huge files; two checkpoints of one architecture,
     e.g. a base model and its fine-tune, differ there). A preset: the model config (without
-    ``remat``, which does not change the outputs) and the init seed. The checkpoint's directory
-    enters by name only (``name``), so a moved checkpoint still matches.
+    ``remat``, which does not change the outputs) and the init seed. ``name`` (the preset, or
+    the checkpoint directory's name) is for messages; paths are not hashed, so a moved or
+    renamed checkpoint still matches.
     """
-    ident = {"preset": str(teacher_cfg.preset or ""),
-             "dtype": str(teacher_cfg.dtype), "param_dtype": str(teacher_cfg.param_dtype)}
+    ident = {"dtype": str(teacher_cfg.dtype), "param_dtype": str(teacher_cfg.param_dtype)}
     if teacher_cfg.hf_path:
         root = Path(teacher_cfg.hf_path)
         ident["name"] = root.name

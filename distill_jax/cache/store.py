@@ -778,11 +778,14 @@ class CacheWriter:
         if missing and not allow_missing:
             raise CacheError(f"process {self.process_index}: {len(missing)} documents not written "
                              f"(first: {missing[:5]}); write them before finalize()")
-        for name, store in self._stores.items():
-            if store.domain.exclusive_max[0] != self._end:
-                self._stores[name] = store.resize(
-                    exclusive_max=[self._end] + list(store.domain.exclusive_max[1:]),
-                    resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
+        try:
+            for name, store in self._stores.items():
+                if store.domain.exclusive_max[0] != self._end:
+                    self._stores[name] = store.resize(
+                        exclusive_max=[self._end] + list(store.domain.exclusive_max[1:]),
+                        resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
+        except Exception as e:  # noqa: BLE001 -- tensorstore's errors carry kilobytes of spec JSON
+            raise CacheError(f"{self.part_dir}: trimming the arrays to {self._end} rows failed ({_short(e)})") from e
         _atomic_write(os.path.join(self.part_dir, DONE_NAME), json.dumps(
             {"documents": len(self._done), "tokens": self._end, "missing": len(missing)}).encode())
 
@@ -863,11 +866,13 @@ class CacheReader:
         """Raise :class:`CacheMismatchError` naming the first mismatch and how to fix it.
 
         ``expected_teacher``: the run's teacher identity (as the builder records it in
-        ``Manifest.teacher``); every key it has must hold the same value in the manifest."""
+        ``Manifest.teacher``); every key it has but ``name`` (for messages) must hold the same
+        value in the manifest."""
         m, where = self.manifest, f"teacher cache {self.path!r}"
         fix = "rebuild the cache with the `cache` subcommand for this run's config, or point the run at a matching cache"
         if expected_teacher is not None:
-            diff = [key for key in expected_teacher if str(m.teacher.get(key)) != str(expected_teacher[key])]
+            diff = [key for key in expected_teacher
+                    if key != "name" and str(m.teacher.get(key)) != str(expected_teacher[key])]
             if diff:
                 what = ", ".join(f"{key} {m.teacher.get(key)!r} vs {expected_teacher[key]!r}" for key in diff)
                 raise CacheMismatchError(
