@@ -12,6 +12,7 @@ process reads back into its error message.
 
 The lock file is written in place, not by tmp + rename: a flock belongs to the file's inode, and
 a rename would give the path a new, unlocked inode. For the same reason the file is never deleted.
+A child made by ``fork`` (without ``exec``) shares the open file and so the lock, until it exits.
 On network file systems flock is only as exclusive as the file system makes it (Linux NFSv4 maps
 it to a byte-range lock; older NFS may not lock across hosts).
 """
@@ -50,9 +51,10 @@ class FileLock:
         return self._fd is not None
 
     def acquire(self) -> "FileLock":
+        """Take the lock now or raise :class:`LockedError` naming its holder; returns self."""
         if self._fd is not None:
             raise RuntimeError(f"{self.what}: lock already held by this object")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -65,9 +67,13 @@ class FileLock:
             raise
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # drops the lock
+            raise
         self._fd = fd
         return self
 
@@ -83,8 +89,12 @@ class FileLock:
             os.close(fd)
 
     def __del__(self) -> None:  # dropped without release(): closing the file drops the lock
-        if self._fd is not None:
-            os.close(self._fd)
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FileLock":
         return self.acquire()

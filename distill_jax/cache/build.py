@@ -44,8 +44,9 @@ Resuming and processes. The writer commits at least every ``flush_tokens`` token
 restarted build packs all documents as the first build did and skips the batches whose documents
 are all committed, so the batches it runs are the uninterrupted build's and the result is
 bitwise the same (given the same backend, ``cache.batch_size`` and process count; otherwise the
-values agree to float rounding, which depends on where a window sits in its row). One build
-per part at a time: the writer locks its part (:class:`~distill_jax.locking.LockedError`). Process ``p`` of ``P``
+values agree to float rounding, which depends on where a window sits in its row). One build per
+part at a time: the writer locks its part (a second one gets
+:class:`~distill_jax.locking.LockedError` before loading the teacher). Process ``p`` of ``P``
 reads the pipeline's shard (mixture positions ``p, p + P, ...``) and owns exactly those
 ``doc_id``s (modulo rule for one source, where positions are doc_ids; an explicit list
 otherwise). Documents that are empty after tokenization or bad records skipped with

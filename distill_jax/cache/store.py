@@ -14,8 +14,9 @@ Layout of a cache directory ``PATH``::
 Every per-token array has the part's token count as its first dimension (ragged per document:
 document ``d`` occupies rows ``[start, start + length)`` of its part). Arrays are zarr v3 with
 the ``sharding_indexed`` codec (shards of ``shard_rows`` tokens, inner chunks of ``chunk_rows``)
-and blosc-zstd compression (byte shuffle), each compressed chunk followed by its crc32c. One cache serves any packing and sequence length:
-the data pipeline's ``doc_ids`` / ``doc_offsets`` index it directly (:meth:`CacheReader.read_tokens`).
+and blosc-zstd compression (byte shuffle), each compressed chunk followed by its crc32c. One
+cache serves any packing and sequence length: the data pipeline's ``doc_ids`` / ``doc_offsets``
+index it directly (:meth:`CacheReader.read_tokens`).
 
 Row ``t`` of a document is the teacher's next-token distribution after tokens ``0..t`` (at the
 manifest's temperature): it predicts token ``t+1``. ``actual_logprob[t]`` is the log-prob of
@@ -80,12 +81,13 @@ Process ``i`` of ``n`` owns the documents with ``doc_id % n == i`` (``Manifest.o
 "modulo"``, the default) or exactly the ``doc_id``s it is handed (``"explicit"``:
 ``CacheWriter(..., owned_doc_ids=...)``, e.g. the data pipeline's shard of a multi-source mixture,
 whose positions are not doc_ids), and writes only its own part directory, so processes never
-coordinate; a second writer of the same part (two ``cache`` runs on one path) is refused
-(:class:`distill_jax.locking.LockedError`, naming the holder) by an exclusive ``flock`` on the
-part's ``LOCK`` file, which the kernel drops when the writer dies; :func:`verify` checks global exactly-once coverage either way. A part is append-only: the writer buffers whole
-documents, writes their rows at the part's current end (``committed tokens``), waits for
-tensorstore to finish (durably), and only then appends one 36-byte record per document
-``(doc_id, start, length, data crc32, record crc32, magic)`` to ``journal.bin`` and fsyncs it. A document is in the cache
+coordinate; :func:`verify` checks global exactly-once coverage either way. A second writer of the
+same part (two ``cache`` runs on one path) is refused (:class:`distill_jax.locking.LockedError`,
+naming the holder) by an exclusive ``flock`` on the part's ``LOCK`` file, which the kernel drops
+when the writer dies. A part is append-only: the writer buffers whole documents, writes their
+rows at the part's current end (``committed tokens``), waits for tensorstore to finish
+(durably), and only then appends one 36-byte record per document ``(doc_id, start, length,
+data crc32, record crc32, magic)`` to ``journal.bin`` and fsyncs it. A document is in the cache
 if and only if its journal record is valid. On restart the writer reads the journal, drops a
 torn (incomplete or CRC-invalid) trailing record, resumes writing at the end of the last valid
 record (overwriting any uncommitted rows), and skips every already-committed ``doc_id``
