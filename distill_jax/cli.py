@@ -72,7 +72,7 @@ def _cmd_cache(args) -> int:
     from distill_jax.cache.build import build_cache
     from distill_jax.config import load_run_config
     cfg = load_run_config(args.config, args.overrides)
-    print(build_cache(cfg))
+    print(build_cache(cfg).summary())
     return 0
 
 

@@ -211,31 +211,44 @@ def _cli(*args, **kw):
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    """`cache` runs SIGKILLed after 5, 60 and 150 committed documents, then run again, equal an
+    uninterrupted run bit for bit (every stored array), and say that they resumed."""
+    from distill_jax.cache.store import _REC
+
     over = ["data.max_records=200", "cache.k=8", "cache.batch_size=2", "cache.logprob_encoding=f32",
-            f"data.sources=[{{path: {TRAIN}}}]"]
-    killed = tmp_path / "killed"
-    p = _cli("cache", TINY, f"teacher.cache={killed}", *over)
-    journal = killed / "part-00000-of-00001" / "journal.bin"
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None:
-        if journal.exists() and journal.stat().st_size >= 32 * 5:
-            break
-        time.sleep(0.005)
-    assert p.poll() is None, "the build finished before it could be killed; give it more data"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (killed / "part-00000-of-00001" / "DONE.json").exists()
-    partial = verify(str(killed))
-    assert not partial.ok and 0 < partial.documents < 200
-    out = _cli("cache", TINY, f"teacher.cache={killed}", *over).communicate()
-    rep = _cli("cache", "verify", str(killed))
-    stdout, _ = rep.communicate()
-    assert rep.returncode == 0, (stdout, out)
-    assert "200 documents (0 missing)" in stdout and "ok" in stdout
-    build_cache(_cfg(tmp_path / "clean", *over))
-    # The resumed run packs the remaining documents' windows differently: the same values up to
-    # the rounding of where a window sits in its row.
-    _all_docs_equal(killed, tmp_path / "clean", atol=1e-5)
+            "data.seq_len=512", f"data.sources=[{{path: {TRAIN}}}]"]
+    clean = tmp_path / "clean"
+    p = _cli("cache", TINY, f"teacher.cache={clean}", *over)
+    out, err = p.communicate()
+    assert p.returncode == 0, err[-2000:]
+    assert "200 documents" in out and "fresh build" in out
+    for kill_after in (5, 60, 150):
+        killed = tmp_path / f"killed{kill_after}"
+        p = _cli("cache", TINY, f"teacher.cache={killed}", *over)
+        journal = killed / "part-00000-of-00001" / "journal.bin"
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if journal.exists() and journal.stat().st_size >= _REC.size * kill_after:
+                break
+            time.sleep(0.005)
+        assert p.poll() is None, "the build finished before it could be killed; give it more data"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (killed / "part-00000-of-00001" / "DONE.json").exists()
+        partial = verify(str(killed))
+        assert not partial.ok and kill_after <= partial.documents < 200
+        p = _cli("cache", TINY, f"teacher.cache={killed}", *over)
+        out, err = p.communicate()
+        assert p.returncode == 0, err[-2000:]
+        assert f"resumed: {partial.documents} documents were already there" in out, out
+        rep = _cli("cache", "verify", str(killed))
+        stdout, _ = rep.communicate()
+        assert rep.returncode == 0, stdout
+        assert "200 documents (0 missing)" in stdout and "ok" in stdout
+        a, b = CacheReader(str(clean)), CacheReader(str(killed))
+        np.testing.assert_array_equal(a.doc_length, b.doc_length)
+        np.testing.assert_array_equal(a.doc_crc, b.doc_crc)  # checksums of every document's stored bytes
+        _all_docs_equal(clean, killed, atol=0.0)
 
 
 def test_cli_verify_and_corruption(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from scipy.special import logsumexp, ndtri
 
 from distill_jax.cache import CacheError, CacheMismatchError, CacheReader, CacheSpec, CacheWriter, Manifest, verify
-from distill_jax.cache.store import JOURNAL_NAME, _pack_records, _read_journal, decode_rows, encode_rows
+from distill_jax.cache.store import _REC, JOURNAL_NAME, _pack_records, _read_journal, decode_rows, encode_rows
 
 TEACHER = {"name": "test-teacher", "config_hash": "c0ffee", "weights_hash": "beef"}
 
@@ -255,7 +255,7 @@ def test_resume_after_kill_is_exactly_once(tmp_path):
     del w
     jpath = os.path.join(path, "part-00000-of-00001", JOURNAL_NAME)
     with open(jpath, "ab") as f:
-        f.write(_pack_records([29], [123], [4])[:17])
+        f.write(_pack_records([29], [123], [4], [0])[:17])
     assert not CacheReader(path).complete
     assert "torn journal tail" in " ".join(verify(path).errors)
     # run 3: finishes; every document exactly once, identical to an uninterrupted write
@@ -326,7 +326,7 @@ def test_verify_detects_corrupt_offsets_and_missing_doc(tmp_path):
     assert not rep.ok and any("not contiguous" in e for e in rep.errors), rep.errors
     # a flipped byte in a middle record: CRC mismatch
     raw = bytearray(good)
-    raw[32 * 3 + 9] ^= 0xFF
+    raw[_REC.size * 3 + 9] ^= 0xFF
     open(jpath, "wb").write(bytes(raw))
     rep = verify(str(tmp_path))
     assert not rep.ok and any("corrupt" in e for e in rep.errors), rep.errors

@@ -15,12 +15,13 @@
 Building one from a run config (``distill-jax cache CONFIG``): :mod:`distill_jax.cache.build`
 (``build_cache``, ``dataset_fingerprint``, ``word_start_mask``); it cuts every document into
 fixed windows of the run's ``seq_len`` (``Manifest.window``), so the cache does not depend on
-packing, batch size or process count.
+packing, batch size or process count (up to float rounding; a resumed build is bitwise the same).
 
 Format, encodings and the exactly-once argument: :mod:`distill_jax.cache.store`.
 """
 
 from distill_jax.cache.store import (
+    CacheDamagedError,
     CacheError,
     CacheMismatchError,
     CacheReader,
@@ -33,9 +34,11 @@ from distill_jax.cache.store import (
     read_manifest,
     verify,
 )
-from distill_jax.cache.build import build_cache, dataset_fingerprint, word_start_mask
+from distill_jax.cache.build import BuildResult, build_cache, dataset_fingerprint, word_start_mask
 
 __all__ = [
+    "BuildResult",
+    "CacheDamagedError",
     "CacheError",
     "CacheMismatchError",
     "CacheReader",

@@ -1,7 +1,8 @@
 """Building a teacher cache from a run config: ``distill-jax cache CONFIG`` / :func:`build_cache`.
 
     from distill_jax.cache.build import build_cache
-    path = build_cache(load_run_config("configs/tiny.yaml", ["teacher.cache=/tmp/c", "cache.k=64"]))
+    result = build_cache(load_run_config("configs/tiny.yaml", ["teacher.cache=/tmp/c", "cache.k=64"]))
+    print(result.summary())   # documents, tokens, bytes/token, k, time, tokens/s, resumed or not
 
 What runs. The mesh and the teacher are built exactly as the training loop builds them
 (``train.build.load_model(cfg.teacher, mesh, rules)``). The documents are the run's data section
@@ -16,8 +17,9 @@ Windows. Each document is cut into fixed windows of ``W`` tokens -- ``[0, W)``, 
 (``data.seq_len``; ``data.teacher_seq_len`` for cross-tokenizer runs) and is recorded as
 ``Manifest.window``. The windows are packed first-fit into rows of ``W`` tokens, ``cache.batch_size``
 rows (default ``data.batch_size``) per batch. Attention never crosses segments, so what the cache
-holds for a document is a function of the document and ``W`` alone: not of the packing, the batch
-size or the number of processes. Row ``t`` of the last token of a window still predicts the
+holds for a document is a function of the document and ``W`` alone, up to float rounding: not of
+the packing, the batch size or the number of processes (bitwise only for the same packing, see
+Resuming). Row ``t`` of the last token of a window still predicts the
 document's next token (the first of the next window), so only a document's last token has no
 ``actual_logprob`` (stored as 0).
 
@@ -38,8 +40,13 @@ the build runs at 99.7% of the teacher step's own speed (212k tokens/s); on CPU 
 is within the measurement noise (a few percent).
 
 Resuming and processes. The writer commits at least every ``flush_tokens`` tokens and every
-``commit_every_s`` seconds (env ``DISTILL_JAX_CACHE_COMMIT_S`` overrides the latter); a
-restarted build skips committed documents before the teacher sees them. Process ``p`` of ``P``
+``commit_every_s`` seconds (env ``DISTILL_JAX_CACHE_COMMIT_S`` overrides the latter). A
+restarted build packs all documents as the first build did and skips the batches whose documents
+are all committed, so the batches it runs are the uninterrupted build's and the result is
+bitwise the same (given the same backend, ``cache.batch_size`` and process count; otherwise the
+values agree to float rounding, which depends on where a window sits in its row). One build per
+part at a time: the writer locks its part (a second one gets
+:class:`~distill_jax.locking.LockedError` before loading the teacher). Process ``p`` of ``P``
 reads the pipeline's shard (mixture positions ``p, p + P, ...``) and owns exactly those
 ``doc_id``s (modulo rule for one source, where positions are doc_ids; an explicit list
 otherwise). Documents that are empty after tokenization or bad records skipped with
@@ -68,7 +75,7 @@ import numpy as np
 from distill_jax.cache.store import CacheSpec, CacheWriter, Manifest
 from distill_jax.tokenizer import bytes_to_unicode, tokenizer_fingerprint
 
-__all__ = ["FINGERPRINT_VERSION", "build_cache", "cache_data_config", "dataset_fingerprint",
+__all__ = ["FINGERPRINT_VERSION", "BuildResult", "build_cache", "cache_data_config", "dataset_fingerprint",
            "document_windows", "make_teacher_fn", "pack_windows", "teacher_identity",
            "teacher_token_stats", "WindowBatch", "word_start_mask"]
 
@@ -140,23 +147,29 @@ def dataset_fingerprint(data_cfg) -> str:
 
 
 def teacher_identity(teacher_cfg, model_config) -> dict[str, str]:
-    """Strings identifying the teacher: name, and hashes of its config and weights.
+    """Strings identifying the teacher: name, numerics, and hashes of its config and weights
+    (recorded as ``Manifest.teacher``; training compares them with its own teacher's).
 
-    A checkpoint: ``config_hash`` = sha256 of ``config.json``; ``weights_hash`` = sha256 of the
-    sorted ``(name, size)`` of its ``*.safetensors`` files (cheap; a re-saved checkpoint with the
-    same sizes is assumed identical). A preset: the model config and the init seed.
+    A checkpoint: ``config_hash`` = sha256 of ``config.json`` and the config's ``overrides``;
+    ``weights_hash`` = sha256 over its ``*.safetensors`` files of each one's name, size and the
+    sha256 of its first and last MiB (cheap on huge files; two checkpoints of one architecture,
+    e.g. a base model and its fine-tune, differ there). A preset: the model config (without
+    ``remat``, which does not change the outputs) and the init seed. ``name`` (the preset, or
+    the checkpoint directory's name) is for messages; paths are not hashed, so a moved or
+    renamed checkpoint still matches.
     """
-    ident = {"preset": str(teacher_cfg.preset or ""), "hf_path": str(teacher_cfg.hf_path or ""),
-             "dtype": str(teacher_cfg.dtype), "param_dtype": str(teacher_cfg.param_dtype)}
+    ident = {"dtype": str(teacher_cfg.dtype), "param_dtype": str(teacher_cfg.param_dtype)}
     if teacher_cfg.hf_path:
         root = Path(teacher_cfg.hf_path)
         ident["name"] = root.name
-        ident["config_hash"] = hashlib.sha256((root / "config.json").read_bytes()).hexdigest()[:16]
-        files = sorted((p.name, p.stat().st_size) for p in root.glob("*.safetensors"))
+        ident["config_hash"] = hashlib.sha256((root / "config.json").read_bytes() + json.dumps(
+            dict(teacher_cfg.overrides), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        files = [{"name": p.name, **_file_digest(str(p))} for p in sorted(root.glob("*.safetensors"))]
         ident["weights_hash"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     else:
         ident["name"] = str(teacher_cfg.preset)
-        ident["config_hash"] = hashlib.sha256(repr(model_config).encode()).hexdigest()[:16]
+        arch = dataclasses.replace(model_config, remat="none")
+        ident["config_hash"] = hashlib.sha256(repr(arch).encode()).hexdigest()[:16]
         ident["weights_hash"] = f"random-init-seed-{teacher_cfg.seed}"
     return ident
 
@@ -532,22 +545,76 @@ def _any_across_processes(flags: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, len(flags)).any(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    """What :func:`build_cache` did, for this process's part of the cache.
+
+    ``documents``/``tokens``: committed in the part now (of ``owned_documents``);
+    ``resumed_documents``: already committed when the build started (0 for a fresh build);
+    ``written_documents``/``written_tokens``: written by this call, in ``elapsed_s`` seconds;
+    ``bytes_per_token``: the part's bytes on disk per committed token; ``complete``: the part
+    is finalized (every owned document written).
+    """
+
+    path: Path
+    documents: int
+    owned_documents: int
+    tokens: int
+    resumed_documents: int
+    written_documents: int
+    written_tokens: int
+    bytes_per_token: float
+    k: int
+    elapsed_s: float
+    complete: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens written per second by this call."""
+        return self.written_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for people: what is in the cache and how fast this call wrote it."""
+        resumed = (f"resumed: {self.resumed_documents} documents were already there" if self.resumed_documents
+                   else "fresh build")
+        state = "complete" if self.complete else f"incomplete ({self.owned_documents - self.documents} to go)"
+        return (f"teacher cache {self.path}: {self.documents} documents, {self.tokens} tokens, "
+                f"{self.bytes_per_token:.1f} bytes/token, k={self.k}, {state}; this run wrote "
+                f"{self.written_documents} documents ({self.written_tokens} tokens) in {self.elapsed_s:.1f} s, "
+                f"{self.tokens_per_s:.0f} tokens/s; {resumed}")
+
+
+def _skip_done(batches, done: set[int]):
+    """The batches that hold a window of a document not in ``done``, with ``placements`` reduced
+    to those documents' windows (the others' rows still run, so the batch is the same one)."""
+    for batch in batches:
+        placements = [p for p in batch.placements if p[0] not in done]
+        if placements:
+            yield dataclasses.replace(batch, placements=placements)
+
+
 def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None = None,
                 commit_every_s: float | None = None, spec_overrides: dict | None = None,
-                progress_every_s: float = 5.0, queue_batches: int = 4) -> Path:
+                progress_every_s: float = 5.0, queue_batches: int = 4) -> BuildResult:
     """Build (or resume) the teacher cache of run config ``cfg`` at ``cfg.teacher.cache``.
 
     ``max_batches`` stops after that many batches of this process (the cache stays resumable
     and is not finalized unless the data ran out). ``spec_overrides``: extra
     :class:`CacheSpec` fields (``scalar_dtype``, ``chunk_rows``, ``shard_rows``, ...).
     ``queue_batches``: batches of teacher outputs the writer thread may fall behind by.
-    Returns the cache path.
+    Returns a :class:`BuildResult` (``.summary()`` is what ``distill-jax cache`` prints).
+
+    A resumed build packs every document, written or not, exactly as an uninterrupted build
+    does and runs the teacher only on the batches that hold a document not yet written (the
+    written documents' windows in those batches run again and are dropped), so every batch the
+    teacher sees is one an uninterrupted build sees too: the cache is bitwise the same (on the
+    same backend, with the same ``cache.batch_size`` and process count).
     """
-    from distill_jax import sharding
     from distill_jax.data.records import read_records
     from distill_jax.tokenizer import load_tokenizer
     from distill_jax.train import build
 
+    t0 = time.perf_counter()
     if cfg.teacher is None or not getattr(cfg.teacher, "cache", None):
         raise ValueError("set teacher.cache (the cache directory) and a teacher section to build a cache")
     path = Path(cfg.teacher.cache)
@@ -559,10 +626,8 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
         commit_every_s = float(os.environ.get("DISTILL_JAX_CACHE_COMMIT_S", "30"))
     pi, pc = jax.process_index(), jax.process_count()
 
-    # Mesh and teacher, as train.loop.run builds them.
-    mesh, rules = build.make_mesh(cfg.mesh)
-    teacher = build.load_model(cfg.teacher, mesh, rules)
-    vocab = teacher.config.vocab_size
+    teacher_config = build.model_config(cfg.teacher)
+    vocab = teacher_config.vocab_size
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     cross = bool(getattr(cfg.loss, "cross_tokenizer", False))
     teacher_tok = load_tokenizer(cfg.teacher_tokenizer_path()) if cross else None
@@ -579,19 +644,43 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     owned = [records.locate(q * pc + pi, 0) for q in range(per_epoch)]
     explicit = len(data_cfg.sources) > 1
 
+    # The writer first: it takes the part's lock, so a second build of the same part is refused
+    # before it loads a teacher.
     spec = CacheSpec(k=k, vocab_size=vocab, logprob_encoding=encoding, temperature=temperature,
                      **(spec_overrides or {}))
-    manifest = Manifest(spec, teacher=teacher_identity(cfg.teacher, teacher.config),
+    manifest = Manifest(spec, teacher=teacher_identity(cfg.teacher, teacher_config),
                         tokenizer_hash=tokenizer_fingerprint(teacher_tok or tokenizer),
                         dataset_fingerprint=dataset_fingerprint(cfg.data), window=window,
                         extra={"builder": "distill_jax.cache.build"})
     writer = CacheWriter(str(path), manifest, num_docs=records.num_docs, process_index=pi,
                          process_count=pc, flush_tokens=flush_tokens or spec.shard_rows,
                          owned_doc_ids=owned if explicit else None)
-    done_at_start = {d for d in owned if writer.is_done(d)}
+    try:
+        return _run_build(cfg, writer, owned, records, data_cfg, tokenizer, teacher_tok, window,
+                          commit_every_s, progress_every_s, queue_batches, max_batches, t0)
+    finally:
+        writer.close()
 
-    word_mask = word_start_mask(teacher_tok or tokenizer, vocab)
-    fn = make_teacher_fn(teacher.config, k, temperature, word_mask,
+
+def _run_build(cfg, writer: CacheWriter, owned: list[int], records, data_cfg, tokenizer, teacher_tok,
+               window: int, commit_every_s: float, progress_every_s: float, queue_batches: int,
+               max_batches: int | None, t0: float) -> BuildResult:
+    """The teacher loop of :func:`build_cache`, writing through ``writer``."""
+    from distill_jax import sharding
+    from distill_jax.train import build
+
+    pi, pc = jax.process_index(), jax.process_count()
+    spec = writer.spec
+    done_at_start = {d for d in owned if writer.is_done(d)}
+    tokens_at_start = writer.committed_tokens
+
+    # Mesh and teacher, as train.loop.run builds them.
+    mesh, rules = build.make_mesh(cfg.mesh)
+    teacher = build.load_model(cfg.teacher, mesh, rules)
+    if teacher.config.vocab_size != spec.vocab_size:
+        raise AssertionError(f"teacher vocab {teacher.config.vocab_size} != config's {spec.vocab_size}")
+    word_mask = word_start_mask(teacher_tok or tokenizer, spec.vocab_size)
+    fn = make_teacher_fn(teacher.config, spec.k, spec.temperature, word_mask,
                          chunk_tokens=getattr(cfg.loss, "chunk_size", 512))
     batch_sh = sharding.batch_sharding(mesh, 2, rules)
     step = jax.jit(fn)
@@ -604,19 +693,18 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     seen: set[int] = set()
     empty_docs: list[int] = []  # 0-token documents not yet handed to the writer thread
 
-    def todo():  # the documents the teacher must see
+    def documents():  # every document with tokens, written or not: the packing does not change
         for doc_id, ids in _prefetch(_tokenized_documents(data_cfg, tokenizer, teacher_tok, pi, pc,
                                                           records, owned), 64):
             seen.add(doc_id)
-            if doc_id in done_at_start:
-                continue
             if ids is None or not len(ids):
-                empty_docs.append(doc_id)
+                if doc_id not in done_at_start:
+                    empty_docs.append(doc_id)
             else:
                 yield doc_id, ids
 
-    docs = todo()
-    batches = pack_windows(docs, rows, window)
+    docs = documents()
+    batches = _skip_done(pack_windows(docs, rows, window), done_at_start)
     in_flight = None  # (placements, device outputs) of the last enqueued batch
     n_batches = 0
     exhausted = False
@@ -651,7 +739,14 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
             raise AssertionError(f"documents {sorted(assembler.pending)[:5]} incomplete at the end of the data")
         writer.finalize()
     progress.update(assembler.docs_written, 0, force=True)
-    return path
+    part_bytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(writer.part_dir) for f in fs)
+    return BuildResult(
+        path=Path(writer.path), documents=writer.committed_documents, owned_documents=len(owned),
+        tokens=writer.committed_tokens, resumed_documents=len(done_at_start),
+        written_documents=writer.committed_documents - len(done_at_start),
+        written_tokens=writer.committed_tokens - tokens_at_start,
+        bytes_per_token=part_bytes / writer.committed_tokens if writer.committed_tokens else 0.0,
+        k=spec.k, elapsed_s=time.perf_counter() - t0, complete=exhausted)
 
 
 def _hand_over(in_flight, mesh, batch_sh, rows: int, jobs: _WriterThread, assembler: _Assembler,

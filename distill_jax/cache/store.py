@@ -5,6 +5,7 @@ Layout of a cache directory ``PATH``::
     PATH/manifest.json                      # Manifest, written atomically (tmp + rename)
     PATH/part-00000-of-00002/               # one part per writing process
         journal.bin                         # committed document index (the "offsets array")
+        LOCK                                # held by the part's one writer (flock)
         topk_ids/  [topk_ids_hi/]           # zarr v3 arrays, flat over the part's tokens
         topk_logprobs/
         actual_logprob/  tail_logmass/  boundary_logmass/
@@ -13,14 +14,15 @@ Layout of a cache directory ``PATH``::
 Every per-token array has the part's token count as its first dimension (ragged per document:
 document ``d`` occupies rows ``[start, start + length)`` of its part). Arrays are zarr v3 with
 the ``sharding_indexed`` codec (shards of ``shard_rows`` tokens, inner chunks of ``chunk_rows``)
-and blosc-zstd compression (byte shuffle). One cache serves any packing and sequence length:
-the data pipeline's ``doc_ids`` / ``doc_offsets`` index it directly (:meth:`CacheReader.read_tokens`).
+and blosc-zstd compression (byte shuffle), each compressed chunk followed by its crc32c. One
+cache serves any packing and sequence length: the data pipeline's ``doc_ids`` / ``doc_offsets``
+index it directly (:meth:`CacheReader.read_tokens`).
 
 Row ``t`` of a document is the teacher's next-token distribution after tokens ``0..t`` (at the
 manifest's temperature): it predicts token ``t+1``. ``actual_logprob[t]`` is the log-prob of
 token ``t+1``; for the last token of a document there is no next token and the caller stores 0.
 
-Encodings (format version 2; ``k`` = top-k, ``V`` = vocabulary size)
+Encodings (format version 3; ``k`` = top-k, ``V`` = vocabulary size)
 --------------------------------------------------------------------
 A row's top-k entries are stored **in ascending id order**, and read back in that order: the k
 ids of a token are a set, and a sorted set costs far less than a ranked list (``log2 C(V, k)``
@@ -61,16 +63,31 @@ files; ``benchmarks/cache_size.py``), k = 16 / 64 / 128, q8: SmolLM2-135M on rea
 nats of KL. ``bf16`` takes 25-65 bytes more at k=128. With uniformly random ids, which no real
 teacher produces, k=128 takes about 264 (the id set alone then costs about 190 bytes).
 
+Integrity
+---------
+Every journal record carries the crc32 of its document's stored bytes (``zlib.crc32`` over the
+document's rows of each stored array in turn, in :func:`_stored_fields` order, little-endian), and
+every compressed chunk its crc32c (zarr ``crc32c`` codec, checked by tensorstore on every read).
+Arrays are read with ``fill_missing_data_reads=False`` (and written with
+``store_data_equal_to_fill_value=True``, so no chunk is legitimately absent): a deleted shard or
+chunk is an error, never a run of zeros. :func:`verify` checks every document's checksum;
+:class:`CacheReader` checks a document's checksum the first time it reads any of its rows (it then
+reads the whole document) and relies on the chunk checksums for later reads. Damage raises
+:class:`CacheDamagedError` naming the document and the array.
+
 Exactly-once writing (resumable, multi-process)
 -----------------------------------------------
 Process ``i`` of ``n`` owns the documents with ``doc_id % n == i`` (``Manifest.ownership ==
 "modulo"``, the default) or exactly the ``doc_id``s it is handed (``"explicit"``:
 ``CacheWriter(..., owned_doc_ids=...)``, e.g. the data pipeline's shard of a multi-source mixture,
 whose positions are not doc_ids), and writes only its own part directory, so processes never
-coordinate; :func:`verify` checks global exactly-once coverage either way. A part is append-only: the writer buffers whole
-documents, writes their rows at the part's current end (``committed tokens``), waits for
-tensorstore to finish (durably), and only then appends one 32-byte record per document
-``(doc_id, start, length, crc32)`` to ``journal.bin`` and fsyncs it. A document is in the cache
+coordinate; :func:`verify` checks global exactly-once coverage either way. A second writer of the
+same part (two ``cache`` runs on one path) is refused (:class:`distill_jax.locking.LockedError`,
+naming the holder) by an exclusive ``flock`` on the part's ``LOCK`` file, which the kernel drops
+when the writer dies. A part is append-only: the writer buffers whole documents, writes their
+rows at the part's current end (``committed tokens``), waits for tensorstore to finish
+(durably), and only then appends one 36-byte record per document ``(doc_id, start, length,
+data crc32, record crc32, magic)`` to ``journal.bin`` and fsyncs it. A document is in the cache
 if and only if its journal record is valid. On restart the writer reads the journal, drops a
 torn (incomplete or CRC-invalid) trailing record, resumes writing at the end of the last valid
 record (overwriting any uncommitted rows), and skips every already-committed ``doc_id``
@@ -95,16 +112,20 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-FORMAT_VERSION = 2
+from distill_jax.locking import FileLock
+
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.bin"
 DONE_NAME = "DONE.json"
+LOCK_NAME = "LOCK"
 TAIL_CONVENTION = "log1m_topk_mass"
 SCALAR_FIELDS = ("actual_logprob", "tail_logmass", "boundary_logmass")
 INPUT_FIELDS = ("topk_ids", "topk_logprobs") + SCALAR_FIELDS
 
-_REC = struct.Struct("<qqqII")  # doc_id, start, length, crc32(first 24 bytes), magic
-_MAGIC = 0x54434A31  # "TCJ1"
+_REC = struct.Struct("<qqqIII")  # doc_id, start, length, data crc32, crc32(first 28 bytes), magic
+_REC_HEAD = struct.Struct("<qqqI")
+_MAGIC = 0x54434A33  # "TCJ3"
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _Q8_NEG_INF = 255  # the q8 code of a log-prob of -inf
 _Q8_MAX_STEP = 1.0  # nats: the q8 step for unlikely entries
@@ -114,12 +135,28 @@ _Q8_MIN_RANGE = 30.0  # nats: the finite q8 codes reach at least this far below 
 _Q8_SLACK = 1.1
 
 
-class CacheError(Exception):
+class CacheError(ValueError):
     """A teacher cache is unusable (missing, corrupt, or does not match the run)."""
 
 
 class CacheMismatchError(CacheError):
-    """The cache was built for a different tokenizer, dataset or k than the run expects."""
+    """The cache was built for a different teacher, tokenizer, dataset or k than the run expects."""
+
+
+class CacheDamagedError(CacheError):
+    """Stored data is missing or does not match its checksum."""
+
+
+def _damaged_fix(path: str) -> str:
+    return f"the cache is damaged; run `distill-jax cache verify {path}` and rebuild the affected part"
+
+
+def _short(e: BaseException) -> str:
+    """One line of a (tensorstore) error, without the spec JSON it may carry."""
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    for cut in (" [tensorstore_spec=", " [source locations=", " [tensorstore_spec_"):
+        msg = msg.split(cut)[0]
+    return msg if len(msg) <= 300 else msg[:297] + "..."
 
 
 # ----------------------------------------------------------------------------- spec / manifest
@@ -252,8 +289,8 @@ class Manifest:
             where = f" at {path!r}" if path else ""
             raise CacheError(
                 f"the teacher cache{where} has format_version {version}, but this code reads only version "
-                f"{FORMAT_VERSION} (version 2 stores each token's top-k in id order, smaller on disk); "
-                f"rebuild the cache: delete the directory and run the `cache` subcommand again")
+                f"{FORMAT_VERSION} (version 3 adds per-document checksums); rebuild the cache: delete the "
+                f"directory and run the `cache` subcommand again")
         return cls(
             spec=CacheSpec(**d["spec"]), teacher=d["teacher"], tokenizer_hash=d["tokenizer_hash"],
             dataset_fingerprint=d["dataset_fingerprint"], num_docs=d["num_docs"],
@@ -457,13 +494,17 @@ def _shuffle(spec: CacheSpec, path: str) -> str:
     return "shuffle" if spec.shuffle == "auto" else spec.shuffle
 
 
-def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create: bool) -> dict:
+def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create: bool,
+               write: bool = False) -> dict:
+    """The tensorstore spec of one stored array. Readers (``write=False``) get an error for a
+    missing chunk instead of the fill value; writers store every chunk, even all-zero ones."""
     kv = {"driver": "file", "path": path}
+    opts = {"store_data_equal_to_fill_value": True} if write else {"fill_missing_data_reads": False}
     if not create:
-        return {"driver": "zarr3", "kvstore": kv, "open": True}
+        return {"driver": "zarr3", "kvstore": kv, "open": True, **opts}
     tail = [] if width is None else [width]
     return {
-        "driver": "zarr3", "kvstore": kv, "open": True, "create": True,
+        "driver": "zarr3", "kvstore": kv, "open": True, "create": True, **opts,
         "metadata": {
             "shape": [0] + tail, "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [spec.shard_rows] + tail}},
@@ -474,7 +515,8 @@ def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                            {"name": "blosc", "configuration": {
                                "cname": "zstd", "clevel": spec.clevel, "shuffle": _shuffle(spec, path),
-                               "typesize": _TYPESIZE[dtype], "blocksize": 0}}],
+                               "typesize": _TYPESIZE[dtype], "blocksize": 0}},
+                           {"name": "crc32c"}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                  {"name": "crc32c"}],
                 "index_location": "end"}}],
@@ -482,42 +524,81 @@ def _zarr_spec(path: str, spec: CacheSpec, dtype: str, width: int | None, create
     }
 
 
+def _open_array(part_dir: str, name: str, spec: CacheSpec, *, create: bool = False,
+                write: bool = False) -> ts.TensorStore:
+    """Open (or create) stored array ``name`` of a part; tensorstore errors become one short line."""
+    dt, w = _stored_fields(spec)[name]
+    apath = os.path.join(part_dir, name)
+    try:
+        return ts.open(_zarr_spec(apath, spec, dt, w, create, write)).result()
+    except Exception as e:  # noqa: BLE001 -- tensorstore's errors carry kilobytes of spec JSON
+        root = os.path.dirname(os.path.normpath(part_dir))
+        raise CacheDamagedError(f"{apath}: cannot open the array ({_short(e)}); {_damaged_fix(root)}") from e
+
+
+def _rows_crc(spec: CacheSpec, stored: Mapping[str, np.ndarray], lo: int = 0, hi: int | None = None) -> int:
+    """crc32 of rows ``[lo, hi)`` of every stored array, in ``_stored_fields`` order: a
+    document's checksum when the rows are the document's."""
+    crc = 0
+    for name in _stored_fields(spec):
+        crc = zlib.crc32(np.ascontiguousarray(stored[name][lo:hi]).view(np.uint8), crc)
+    return crc
+
+
 # ----------------------------------------------------------------------------- journal
 
 
-def _pack_records(doc_ids, starts, lengths) -> bytes:
+def _pack_records(doc_ids, starts, lengths, crcs) -> bytes:
     out = bytearray()
-    for d, s, n in zip(doc_ids, starts, lengths):
-        head = struct.pack("<qqq", int(d), int(s), int(n))
+    for d, s, n, c in zip(doc_ids, starts, lengths, crcs):
+        head = _REC_HEAD.pack(int(d), int(s), int(n), int(c))
         out += head + struct.pack("<II", zlib.crc32(head), _MAGIC)
     return bytes(out)
 
 
 def _read_journal(path: str) -> tuple[np.ndarray, int, list[str]]:
-    """-> (records (n, 3) int64 [doc_id, start, length], valid byte length, problems).
+    """-> (records (n, 4) int64 [doc_id, start, length, data crc32], valid byte length, problems).
 
     Reads the longest valid prefix. A torn tail (partial or CRC-invalid *last* record) is what a
     killed writer leaves and is not a problem; an invalid record followed by more data is.
     """
     if not os.path.exists(path):
-        return np.zeros((0, 3), np.int64), 0, []
+        return np.zeros((0, 4), np.int64), 0, []
     with open(path, "rb") as f:
         data = f.read()
     recs, problems = [], []
     n_full = len(data) // _REC.size
     for i in range(n_full):
-        d, s, n, crc, magic = _REC.unpack_from(data, i * _REC.size)
-        if magic != _MAGIC or crc != zlib.crc32(data[i * _REC.size: i * _REC.size + 24]):
+        d, s, n, dcrc, crc, magic = _REC.unpack_from(data, i * _REC.size)
+        if magic != _MAGIC or crc != zlib.crc32(data[i * _REC.size: i * _REC.size + _REC_HEAD.size]):
             if i < n_full - 1:
                 problems.append(f"{path}: journal record {i} of {n_full} is corrupt (bad CRC/magic)")
             break
-        recs.append((d, s, n))
-    arr = np.array(recs, np.int64).reshape(-1, 3)
+        recs.append((d, s, n, dcrc))
+    arr = np.array(recs, np.int64).reshape(-1, 4)
     return arr, len(arr) * _REC.size, problems
 
 
 def _part_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
+
+
+def _manifest_diff(old: Manifest, new: Manifest) -> str:
+    """``key (existing X, new Y), ...`` for the manifest fields that differ (nested as a.b)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(json.loads(old.to_json())), flat(json.loads(new.to_json()))
+    short = lambda v: (r := repr(v)) if len(repr(v)) <= 40 else r[:37] + "..."  # noqa: E731
+    diffs = [f"{k} (existing {short(a.get(k))}, new {short(b.get(k))})"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith("encodings.")]
+    return ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
 # ----------------------------------------------------------------------------- writer
@@ -539,6 +620,10 @@ class CacheWriter:
     tokens are buffered, on :meth:`flush`, :meth:`finalize` or leaving the ``with`` block.
     Buffered, uncommitted documents are lost if the process dies and are written again on restart
     (they stay in :meth:`pending_doc_ids`).
+
+    The writer holds its part's ``LOCK`` from construction to :meth:`close` (or the end of the
+    ``with`` block): a second writer of the same part raises
+    :class:`~distill_jax.locking.LockedError` naming this one.
     """
 
     def __init__(self, path: str, manifest: Manifest, *, num_docs: int, process_index: int = 0,
@@ -568,16 +653,29 @@ class CacheWriter:
         existing = read_manifest(path)
         if existing.to_json() != self.manifest.to_json():
             raise CacheMismatchError(
-                f"{path!r} already holds a teacher cache with a different manifest; resume only with the "
-                f"same teacher, tokenizer, dataset, spec, num_docs and process_count, or write to a new "
-                f"path.\n existing: {existing.to_json()}\n new: {self.manifest.to_json()}")
-        self.part_dir = os.path.join(path, _part_name(process_index, process_count))
+                f"{path!r} already holds a teacher cache with a different manifest "
+                f"({_manifest_diff(existing, self.manifest)}); resume only with the same teacher, tokenizer, "
+                f"dataset, spec, num_docs and process_count, or write to a new path")
+        part = _part_name(process_index, process_count)
+        self.part_dir = os.path.join(path, part)
         os.makedirs(self.part_dir, exist_ok=True)
+        self._lock = FileLock(os.path.join(self.part_dir, LOCK_NAME),
+                              what=f"teacher cache {part} of {path}").acquire()
+        try:
+            self._open_part()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._buf: list[tuple[int, dict[str, np.ndarray]]] = []
+        self._buf_ids: set[int] = set()
+        self._buf_tokens = 0
+
+    def _open_part(self) -> None:
         self._journal_path = os.path.join(self.part_dir, JOURNAL_NAME)
         recs, valid_len, problems = _read_journal(self._journal_path)
         if problems:
-            raise CacheError("; ".join(problems) + " -- the cache part is damaged; delete the part "
-                             "directory to rewrite its documents")
+            raise CacheDamagedError("; ".join(problems) + f" -- the cache part is damaged; delete "
+                                    f"{self.part_dir} and run `cache` again to rewrite its documents")
         if os.path.exists(self._journal_path) and os.path.getsize(self._journal_path) != valid_len:
             with open(self._journal_path, "r+b") as f:  # drop a torn tail record
                 f.truncate(valid_len)
@@ -587,15 +685,12 @@ class CacheWriter:
         self._stores = {}
         for name, (dt, w) in _stored_fields(self.spec).items():
             apath = os.path.join(self.part_dir, name)
-            exists = os.path.exists(os.path.join(apath, "zarr.json"))  # part dirs are private: no race
-            store = ts.open(_zarr_spec(apath, self.spec, dt, w, not exists)).result()
+            exists = os.path.exists(os.path.join(apath, "zarr.json"))  # the part is locked: no race
+            store = _open_array(self.part_dir, name, self.spec, create=not exists, write=True)
             if store.dtype.name != dt or tuple(store.domain.exclusive_max[1:]) != (() if w is None else (w,)):
                 raise CacheError(f"{apath}: existing array is {store.dtype.name}{tuple(store.domain.exclusive_max)}, "
-                                 f"expected {dt}; delete the part directory to rewrite it")
+                                 f"expected {dt}; delete {self.part_dir} and run `cache` again to rewrite it")
             self._stores[name] = store
-        self._buf: list[tuple[int, dict[str, np.ndarray]]] = []
-        self._buf_ids: set[int] = set()
-        self._buf_tokens = 0
 
     # -- bookkeeping
     def owns(self, doc_id: int) -> bool:
@@ -611,6 +706,10 @@ class CacheWriter:
     def committed_tokens(self) -> int:
         return self._end
 
+    @property
+    def committed_documents(self) -> int:
+        return len(self._done)
+
     def pending_doc_ids(self) -> list[int]:
         """This process's documents not yet committed or buffered, ascending."""
         ids = (self._owned_sorted if self._owned is not None
@@ -621,6 +720,8 @@ class CacheWriter:
     def write_document(self, doc_id: int, arrays: Mapping[str, np.ndarray]) -> bool:
         """Buffer one whole document; returns False (and does nothing) if it is already written."""
         doc_id = int(doc_id)
+        if not self._lock.held:
+            raise CacheError(f"{self.part_dir}: the writer is closed")
         if not self.owns(doc_id):
             raise ValueError(f"doc {doc_id} does not belong to process {self.process_index} of "
                              f"{self.process_count} (or is outside [0, {self.num_docs}))")
@@ -644,21 +745,25 @@ class CacheWriter:
             return
         lengths = [len(e["topk_ids"]) for _, e in self._buf]
         start, new_end = self._end, self._end + sum(lengths)
-        futures = []
-        for name, store in self._stores.items():
-            if store.domain.exclusive_max[0] < new_end:
-                store = store.resize(exclusive_max=[new_end] + list(store.domain.exclusive_max[1:]),
-                                     expand_only=True).result()
-                self._stores[name] = store
-            if new_end > start:
-                data = np.concatenate([e[name] for _, e in self._buf])
-                futures.append(store[start:new_end].write(data))
-        for fut in futures:
-            fut.result()  # durable before the journal says so
+        try:
+            futures = []
+            for name, store in self._stores.items():
+                if store.domain.exclusive_max[0] < new_end:
+                    store = store.resize(exclusive_max=[new_end] + list(store.domain.exclusive_max[1:]),
+                                         expand_only=True).result()
+                    self._stores[name] = store
+                if new_end > start:
+                    data = np.concatenate([e[name] for _, e in self._buf])
+                    futures.append(store[start:new_end].write(data))
+            for fut in futures:
+                fut.result()  # durable before the journal says so
+        except Exception as e:  # noqa: BLE001 -- tensorstore's errors carry kilobytes of spec JSON
+            raise CacheError(f"{self.part_dir}: writing rows {start}..{new_end} failed ({_short(e)})") from e
         starts = start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
         ids = [d for d, _ in self._buf]
+        crcs = [_rows_crc(self.spec, e) for _, e in self._buf]
         with open(self._journal_path, "ab") as f:
-            f.write(_pack_records(ids, starts, lengths))
+            f.write(_pack_records(ids, starts, lengths, crcs))
             f.flush()
             os.fsync(f.fileno())
         self._done.update(ids)
@@ -675,19 +780,31 @@ class CacheWriter:
         if missing and not allow_missing:
             raise CacheError(f"process {self.process_index}: {len(missing)} documents not written "
                              f"(first: {missing[:5]}); write them before finalize()")
-        for name, store in self._stores.items():
-            if store.domain.exclusive_max[0] != self._end:
-                self._stores[name] = store.resize(
-                    exclusive_max=[self._end] + list(store.domain.exclusive_max[1:]),
-                    resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
+        try:
+            for name, store in self._stores.items():
+                if store.domain.exclusive_max[0] != self._end:
+                    self._stores[name] = store.resize(
+                        exclusive_max=[self._end] + list(store.domain.exclusive_max[1:]),
+                        resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
+        except Exception as e:  # noqa: BLE001 -- tensorstore's errors carry kilobytes of spec JSON
+            raise CacheError(f"{self.part_dir}: trimming the arrays to {self._end} rows failed ({_short(e)})") from e
         _atomic_write(os.path.join(self.part_dir, DONE_NAME), json.dumps(
             {"documents": len(self._done), "tokens": self._end, "missing": len(missing)}).encode())
+
+    def close(self) -> None:
+        """Commit the buffered documents and release the part's lock (idempotent)."""
+        if not self._lock.held:
+            return
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "CacheWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.flush()  # buffered documents are complete; commit them even on error
+        self.close()  # buffered documents are complete; commit them even on error
 
 
 # ----------------------------------------------------------------------------- reader
@@ -702,7 +819,10 @@ class CacheReader:
     """Reads a cache written by :class:`CacheWriter` (all parts, complete or not).
 
     ``doc_start``, ``doc_length`` and ``doc_part`` (length ``num_docs``; -1 for a missing
-    document) index the flat per-token arrays of each part.
+    document) index the flat per-token arrays of each part; ``doc_crc`` is each document's
+    checksum. The first read of any row of a document reads the whole document and checks its
+    checksum; a mismatch, or a chunk that is missing or fails its own checksum, raises
+    :class:`CacheDamagedError` naming the document.
     """
 
     def __init__(self, path: str):
@@ -713,21 +833,22 @@ class CacheReader:
         self.doc_part = np.full(n, -1, np.int32)
         self.doc_start = np.full(n, -1, np.int64)
         self.doc_length = np.full(n, -1, np.int64)
+        self.doc_crc = np.zeros(n, np.int64)
+        self._verified = np.zeros(n, bool)
         self.parts = _list_parts(path)
         self._stores: list[dict[str, ts.TensorStore]] = []
         for pi, part in enumerate(self.parts):
             recs, _, problems = _read_journal(os.path.join(path, part, JOURNAL_NAME))
             if problems:
-                raise CacheError("; ".join(problems) + "; run verify() and rebuild the damaged part")
+                raise CacheDamagedError("; ".join(problems) + f"; {_damaged_fix(path)}")
             d = recs[:, 0]
             if len(d) and (d.min() < 0 or d.max() >= n):
-                raise CacheError(f"{part}: doc_id outside [0, {n}); the cache is corrupt")
+                raise CacheDamagedError(f"{part}: doc_id outside [0, {n}); {_damaged_fix(path)}")
             if (self.doc_part[d] >= 0).any() or len(np.unique(d)) != len(d):
-                raise CacheError(f"{part}: document written more than once; the cache is corrupt")
-            self.doc_part[d], self.doc_start[d], self.doc_length[d] = pi, recs[:, 1], recs[:, 2]
-            self._stores.append({
-                name: ts.open(_zarr_spec(os.path.join(path, part, name), self.spec, dt, w, False)).result()
-                for name, (dt, w) in _stored_fields(self.spec).items()})
+                raise CacheDamagedError(f"{part}: document written more than once; {_damaged_fix(path)}")
+            self.doc_part[d], self.doc_start[d], self.doc_length[d], self.doc_crc[d] = pi, *recs.T[1:]
+            self._stores.append({name: _open_array(os.path.join(path, part), name, self.spec)
+                                 for name in _stored_fields(self.spec)})
 
     @property
     def num_docs(self) -> int:
@@ -742,10 +863,23 @@ class CacheReader:
     def check(self, *, expected_tokenizer_hash: str | None = None,
               expected_dataset_fingerprint: str | None = None, k: int | None = None,
               vocab_size: int | None = None, temperature: float | None = None,
+              expected_teacher: Mapping[str, str] | None = None,
               require_complete: bool = True) -> None:
-        """Raise :class:`CacheMismatchError` naming the first mismatch and how to fix it."""
+        """Raise :class:`CacheMismatchError` naming the first mismatch and how to fix it.
+
+        ``expected_teacher``: the run's teacher identity (as the builder records it in
+        ``Manifest.teacher``); every key it has but ``name`` (for messages) must hold the same
+        value in the manifest."""
         m, where = self.manifest, f"teacher cache {self.path!r}"
         fix = "rebuild the cache with the `cache` subcommand for this run's config, or point the run at a matching cache"
+        if expected_teacher is not None:
+            diff = [key for key in expected_teacher
+                    if key != "name" and str(m.teacher.get(key)) != str(expected_teacher[key])]
+            if diff:
+                what = ", ".join(f"{key} {m.teacher.get(key)!r} vs {expected_teacher[key]!r}" for key in diff)
+                raise CacheMismatchError(
+                    f"{where} was built by teacher {m.teacher.get('name')!r} but this run's teacher is "
+                    f"{expected_teacher.get('name')!r} (cache vs run: {what}); {fix}")
         if expected_tokenizer_hash is not None and m.tokenizer_hash != expected_tokenizer_hash:
             raise CacheMismatchError(
                 f"{where} was built with tokenizer hash {m.tokenizer_hash} but this run's teacher tokenizer "
@@ -769,15 +903,49 @@ class CacheReader:
             raise CacheError(f"{where} is incomplete ({missing} of {m.num_docs} documents missing or parts "
                              f"not finalized); resume the `cache` run on the same path to finish it")
 
-    def _gather(self, part: int, rows: np.ndarray, names=None) -> dict[str, np.ndarray]:
-        uniq, inv = np.unique(rows, return_inverse=True)
+    def _damaged(self, doc_id: int, what: str) -> CacheDamagedError:
+        p, s, n = int(self.doc_part[doc_id]), int(self.doc_start[doc_id]), int(self.doc_length[doc_id])
+        return CacheDamagedError(f"teacher cache {self.path!r}: document {doc_id} ({self.parts[p]}, rows "
+                                 f"{s}..{s + n}): {what}; {_damaged_fix(self.path)}")
+
+    def _read_error(self, part: int, name: str, doc_ids: np.ndarray, err: BaseException) -> CacheDamagedError:
+        """The error for a failed read of array ``name`` of ``doc_ids``: the first document whose
+        rows of that array cannot be read on their own, or the first of them."""
+        store = self._stores[part][name]
+        for d in doc_ids:
+            s, n = int(self.doc_start[d]), int(self.doc_length[d])
+            try:
+                store[s:s + n].read().result()
+            except Exception as e:  # noqa: BLE001
+                return self._damaged(int(d), f"array {name} is unreadable ({_short(e)})")
+        return self._damaged(int(doc_ids[0]), f"array {name} is unreadable ({_short(err)})")
+
+    def _read_rows(self, part: int, rows: np.ndarray, doc_ids: np.ndarray, names) -> dict[str, np.ndarray]:
+        """Rows ``rows`` (sorted, unique) of the stored arrays ``names`` of ``part``;
+        ``doc_ids``: the documents they belong to (for error messages)."""
         stores = self._stores[part]
-        futs = {name: s[uniq].read() for name, s in stores.items() if names is None or name in names}
-        return {name: f.result()[inv] for name, f in futs.items()}
+        if not len(rows):
+            return {name: np.zeros((0,) + tuple(stores[name].domain.exclusive_max[1:]), stores[name].dtype.numpy_dtype)
+                    for name in names}
+        futs = {name: stores[name][rows].read() for name in names}
+        out = {}
+        for name, f in futs.items():
+            try:
+                out[name] = f.result()
+            except Exception as e:  # noqa: BLE001 -- a missing chunk or a failed chunk checksum
+                raise self._read_error(part, name, doc_ids, e) from e
+        return out
+
+    def _check_documents(self, doc_ids: np.ndarray, rows: np.ndarray, got: Mapping[str, np.ndarray]) -> None:
+        """Check the checksums of ``doc_ids``, whose rows are all among ``rows`` (sorted) in ``got``."""
+        for d, i in zip(doc_ids, np.searchsorted(rows, self.doc_start[doc_ids])):
+            if _rows_crc(self.spec, got, int(i), int(i + self.doc_length[d])) != self.doc_crc[d]:
+                raise self._damaged(int(d), "its data does not match its checksum")
+        self._verified[doc_ids] = True
 
     def read_document(self, doc_id: int) -> dict[str, np.ndarray]:
         """All rows of one document, decoded: ids int32 (T, k) ascending within a row, log-probs
-        (T, k) in the ids' order and scalars (T,), float32."""
+        (T, k) in the ids' order and scalars (T,), float32. Checks the document's checksum."""
         doc_id = int(doc_id)
         if not 0 <= doc_id < self.num_docs:
             raise IndexError(f"doc_id {doc_id} outside [0, {self.num_docs})")
@@ -785,16 +953,19 @@ class CacheReader:
         if p < 0:
             raise CacheError(f"document {doc_id} is not in the cache {self.path!r} (incomplete cache?)")
         s, n = int(self.doc_start[doc_id]), int(self.doc_length[doc_id])
-        futs = {name: st[s:s + n].read() for name, st in self._stores[p].items()}
-        return decode_rows(self.spec, {name: f.result() for name, f in futs.items()})
+        rows = np.arange(s, s + n)
+        got = self._read_rows(p, rows, np.array([doc_id]), _stored_fields(self.spec))
+        self._check_documents(np.array([doc_id]), rows, got)
+        return decode_rows(self.spec, got)
 
     def read_tokens(self, doc_ids: np.ndarray, offsets: np.ndarray, *,
                     topk: bool = True) -> dict[str, np.ndarray]:
         """Gather the rows for a packed batch: ``doc_ids``/``offsets`` of any shape S (the batch's
         ``doc_ids``, ``doc_offsets``; ``doc_id < 0`` is padding). Returns decoded arrays of shape
         S + (k,) / S (top-k entries in ascending id order, as :meth:`read_document`), zeros on
-        padding, plus ``valid`` (bool, S). ``topk=False`` reads and returns only the per-token
-        scalars (``SCALAR_FIELDS``), all cross-tokenizer ALM needs."""
+        padding, plus ``valid`` (bool, S). ``topk=False`` returns only the per-token scalars
+        (``SCALAR_FIELDS``), all cross-tokenizer ALM needs. A document seen for the first time is
+        read whole (every array) and its checksum checked."""
         doc_ids = np.asarray(doc_ids, np.int64)
         offsets = np.asarray(offsets, np.int64)
         if doc_ids.shape != offsets.shape:
@@ -815,15 +986,22 @@ class CacheReader:
             raise IndexError(f"offset {int(o[i])} outside document {int(d[i])} of length {int(length[i])} "
                              "(the cache and the batch disagree on tokenization?)")
         rows = (self.doc_start[dv] if self.num_docs else np.zeros_like(d)) + o
-        fields = {name: f for name, f in _stored_fields(self.spec).items()
-                  if topk or name in SCALAR_FIELDS}
+        all_fields = _stored_fields(self.spec)
+        fields = {name: f for name, f in all_fields.items() if topk or name in SCALAR_FIELDS}
         stored = {name: np.zeros((len(d),) + (() if w is None else (w,)),
                                  _BF16 if dt == "bfloat16" else np.dtype(dt)) for name, (dt, w) in fields.items()}
         for p in np.unique(part[valid]):
             sel = np.flatnonzero(part == p)
-            got = self._gather(int(p), rows[sel], fields)
+            docs = np.unique(d[sel])
+            new = docs[~self._verified[docs]]
+            need = np.unique(np.concatenate([rows[sel], *(np.arange(self.doc_start[x], self.doc_start[x] +
+                                                                    self.doc_length[x]) for x in new)]))
+            got = self._read_rows(int(p), need, docs, all_fields if len(new) else fields)
+            if len(new):
+                self._check_documents(new, need, got)
+            at = np.searchsorted(need, rows[sel])
             for name in fields:
-                stored[name][sel] = got[name]
+                stored[name][sel] = got[name][at]
         out = decode_rows(self.spec, stored) if topk else \
             {f: stored[f].astype(np.float32) for f in SCALAR_FIELDS}
         out = {k: np.where(valid.reshape(-1, *([1] * (v.ndim - 1))), v, 0).astype(v.dtype) for k, v in out.items()}
@@ -837,7 +1015,8 @@ class CacheReader:
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify`. ``ok`` is True when ``errors`` is empty."""
+    """Result of :func:`verify`. ``ok`` is True when ``errors`` is empty; ``damaged_documents``
+    lists the documents whose data is missing, unreadable or fails its checksum."""
 
     ok: bool
     errors: list[str]
@@ -849,21 +1028,18 @@ class VerifyReport:
     k: int
     manifest: Manifest | None = None
     bytes_by_array: dict[str, int] = field(default_factory=dict)
+    damaged_documents: list[int] = field(default_factory=list)
 
 
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def _value_problem(spec: CacheSpec, name: str, raw: np.ndarray, pdir: str, start: int) -> str | None:
-    """What is wrong with stored rows ``[start, start + len(raw))`` of array ``name``, or None."""
+def _value_problem(spec: CacheSpec, name: str, stored: Mapping[str, np.ndarray]) -> str | None:
+    """What is wrong with the values of stored array ``name`` (of ``stored``, a run of rows), or None."""
+    raw = stored[name]
     may_be_neg_inf = name == "tail_logmass" or (name == "topk_logprobs" and spec.k == spec.vocab_size)
     if name == "topk_ids":
-        stored = {"topk_ids": raw}
-        if spec.id_encoding.startswith("u16+"):
-            dt, w = _stored_fields(spec)["topk_ids_hi"]
-            hi = ts.open(_zarr_spec(os.path.join(pdir, "topk_ids_hi"), spec, dt, w, False)).result()
-            stored["topk_ids_hi"] = hi[start:start + len(raw)].read().result()
         ids = decode_ids(spec, stored)
         if len(ids) and ids[:, -1].max() >= spec.vocab_size:
             return f"ids >= vocab_size {spec.vocab_size}"
@@ -878,20 +1054,65 @@ def _value_problem(spec: CacheSpec, name: str, raw: np.ndarray, pdir: str, start
     return None
 
 
+def _check_part_data(spec: CacheSpec, stores: Mapping[str, ts.TensorStore], recs: np.ndarray,
+                     problems: list[str]) -> dict[int, str]:
+    """Read every committed document of a part, in runs of about ``shard_rows`` rows; check each
+    document's checksum and the values (appending value problems to ``problems``). Returns
+    ``{doc_id: what is wrong}`` for the damaged documents."""
+    damaged: dict[int, str] = {}
+    value_seen: set[str] = set()
+    i = 0
+    while i < len(recs):
+        j, tokens = i, 0
+        while j < len(recs) and (j == i or tokens + recs[j, 2] <= spec.shard_rows):
+            tokens += int(recs[j, 2])
+            j += 1
+        group = recs[i:j]
+        i = j
+        rows = np.concatenate([np.arange(s, s + n) for s, n in group[:, 1:3]])
+        got: dict[str, np.ndarray] = {}
+        for name, store in stores.items():
+            try:
+                got[name] = store[rows].read().result() if len(rows) else np.zeros(
+                    (0,) + tuple(store.domain.exclusive_max[1:]), store.dtype.numpy_dtype)
+            except Exception:  # noqa: BLE001 -- find the documents whose rows fail
+                for d, s, n, _ in group.tolist():
+                    try:
+                        store[s:s + n].read().result()
+                    except Exception as e:  # noqa: BLE001
+                        damaged.setdefault(int(d), f"array {name} is unreadable ({_short(e)})")
+        if len(got) < len(stores):
+            continue
+        at = 0
+        for d, _, n, crc in group.tolist():
+            if d not in damaged and _rows_crc(spec, got, at, at + n) != crc:
+                damaged[d] = "its data does not match its checksum"
+            at += n
+        for name in stores:
+            problem = _value_problem(spec, name, got)
+            if problem and name not in value_seen:
+                value_seen.add(name)
+                problems.append(f"{name}: {problem} near row {int(group[0, 1])}")
+    return damaged
+
+
 def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> VerifyReport:
     """Check a cache end to end: manifest, per-part offsets (journal records valid, contiguous and
-    monotonic, within the arrays), array shapes/dtypes, ids below vocab_size, NaN/inf in the
-    stored values (``-inf`` allowed in ``tail_logmass`` and in top-k log-probs only when
-    k = vocab_size), and coverage (every document present exactly once, in the part that owns it)."""
+    monotonic, within the arrays), array shapes/dtypes, every document's data (readable, no chunk
+    missing, matching its checksum), ids below vocab_size, NaN/inf in the stored values (``-inf``
+    allowed in ``tail_logmass`` and in top-k log-probs only when k = vocab_size), and coverage
+    (every document present exactly once, in the part that owns it). ``check_values=False``
+    skips reading the data (checksums and values)."""
     errors: list[str] = []
     try:
         m = read_manifest(path)
     except Exception as e:  # noqa: BLE001
-        return VerifyReport(False, [f"manifest: {e}"], 0, 0, 0, _dir_bytes(path) if os.path.isdir(path) else 0,
-                            0.0, 0)
+        return VerifyReport(False, [f"manifest: {_short(e)}"], 0, 0, 0,
+                            _dir_bytes(path) if os.path.isdir(path) else 0, 0.0, 0)
     spec, n = m.spec, m.num_docs
     seen = np.zeros(max(n, 0), np.int64)
     tokens = 0
+    damaged_all: list[int] = []
     parts = _list_parts(path)
     expected_parts = {_part_name(i, m.process_count) for i in range(m.process_count)}
     for p in parts:
@@ -914,7 +1135,8 @@ def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> Ver
         if (ln < 0).any():
             errors.append(f"{p}: negative document lengths")
         ends = s + ln
-        if len(s) and (s[0] != 0 or (s[1:] != ends[:-1]).any()):
+        contiguous = not (len(s) and (s[0] != 0 or (s[1:] != ends[:-1]).any()))
+        if not contiguous:
             j = 0 if s[0] != 0 else int(np.flatnonzero(s[1:] != ends[:-1])[0]) + 1
             errors.append(f"{p}: offsets not contiguous/monotonic at record {j} (doc {int(d[j])}: start "
                           f"{int(s[j])}, expected {0 if j == 0 else int(ends[j - 1])})")
@@ -926,25 +1148,29 @@ def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> Ver
         np.add.at(seen, d[inr], 1)
         part_tokens = int(ends.max()) if len(ends) else 0
         tokens += int(ln.clip(0).sum())
+        stores: dict[str, ts.TensorStore] = {}
         for name, (dt, w) in _stored_fields(spec).items():
             try:
                 st = ts.open(_zarr_spec(os.path.join(pdir, name), spec, dt, w, False)).result()
             except Exception as e:  # noqa: BLE001
-                errors.append(f"{p}/{name}: cannot open ({e})")
+                errors.append(f"{p}/{name}: cannot open ({_short(e)})")
                 continue
             shp = tuple(st.domain.exclusive_max)
             if str(st.dtype.name) != dt or (w is not None and shp[1:] != (w,)) or (w is None and len(shp) != 1):
                 errors.append(f"{p}/{name}: dtype/shape {st.dtype.name}{shp}, expected {dt} (N{'' if w is None else f', {w}'})")
-            if shp[0] < part_tokens:
+            elif shp[0] < part_tokens:
                 errors.append(f"{p}/{name}: {shp[0]} rows but offsets need {part_tokens}")
-            if check_values and part_tokens and shp[0] >= part_tokens:
-                step = max(spec.shard_rows, 1)
-                for a in range(0, part_tokens, step):
-                    raw = st[a:min(a + step, part_tokens)].read().result()
-                    problem = _value_problem(spec, name, raw, pdir, a)
-                    if problem:
-                        errors.append(f"{p}/{name}: {problem} near row {a}")
-                        break
+            else:
+                stores[name] = st
+        if check_values and len(stores) == len(_stored_fields(spec)) and (ln >= 0).all():
+            value_problems: list[str] = []
+            damaged = _check_part_data(spec, stores, recs, value_problems)
+            errors += [f"{p}/{v}" for v in value_problems]
+            if damaged:
+                first = min(damaged)
+                errors.append(f"{p}: {len(damaged)} damaged documents (first: {sorted(damaged)[:5]}; document "
+                              f"{first}: {damaged[first]}); delete {pdir} and run `cache` again to rebuild it")
+                damaged_all += sorted(damaged)
     missing = int((seen == 0).sum())
     if missing:
         errors.append(f"coverage: {missing} of {n} documents missing (first: {np.flatnonzero(seen == 0)[:5].tolist()})")
@@ -959,4 +1185,5 @@ def verify(path: str, *, check_values: bool = True, max_errors: int = 20) -> Ver
     return VerifyReport(
         ok=not errors, errors=errors[:max_errors] + ([f"... {len(errors) - max_errors} more"] if len(errors) > max_errors else []),
         documents=int((seen > 0).sum()), missing_documents=missing, tokens=tokens, bytes_on_disk=size,
-        bytes_per_token=size / tokens if tokens else 0.0, k=spec.k, manifest=m, bytes_by_array=by_array)
+        bytes_per_token=size / tokens if tokens else 0.0, k=spec.k, manifest=m, bytes_by_array=by_array,
+        damaged_documents=sorted(damaged_all))

@@ -9,6 +9,7 @@ step, batches and evaluator, so the loop itself stays free of those choices.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -30,13 +31,20 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
 
 
 def open_cache(cfg: RunConfig, tokenizer, vocab_size: int | None):
-    """The run's teacher cache reader, checked against the teacher's tokenizer, the run's data
-    and loss (``tokenizer`` is the teacher's: the student's unless the run is cross-tokenizer)."""
+    """The run's teacher cache reader, checked against the teacher (its identity, when the
+    config names a preset or a checkpoint present here), the teacher's tokenizer, the run's data and loss
+    (``tokenizer`` is the teacher's: the student's unless the run is cross-tokenizer)."""
     from distill_jax.cache import CacheReader
-    from distill_jax.cache.build import dataset_fingerprint
+    from distill_jax.cache.build import dataset_fingerprint, teacher_identity
     from distill_jax.tokenizer import tokenizer_fingerprint
+    from distill_jax.train.build import model_config
+    teacher = None  # unchecked when the config names no teacher, or a checkpoint not on this machine
+    if cfg.teacher.preset if not cfg.teacher.hf_path else os.path.exists(
+            os.path.join(cfg.teacher.hf_path, "config.json")):
+        teacher = teacher_identity(cfg.teacher, model_config(cfg.teacher))
     reader = CacheReader(cfg.teacher.cache)
-    reader.check(expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
+    reader.check(expected_teacher=teacher,
+                 expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
                  expected_dataset_fingerprint=dataset_fingerprint(cfg.data),
                  vocab_size=vocab_size,
                  # ALM reads log-probs at temperature 1; the divergences at loss.temperature
