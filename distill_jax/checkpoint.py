@@ -68,15 +68,19 @@ def _digests(state: Any) -> list[tuple[jax.Array, jax.Array]]:
 def state_digests(state: Any) -> tuple[dict[str, int], list[str]]:
     """``({leaf path: digest}, [paths of leaves holding NaN or inf])`` of a state (blocks until
     the state is computed)."""
-    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     pairs = jax.device_get(_digests(state))
     return ({k: int(d) for k, (d, _) in zip(names, pairs)},
             [k for k, (_, ok) in zip(names, pairs) if not bool(ok)])
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's first line, without TensorStore's spec dump."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = text.split(" See full TensorStore details")[0]
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class Checkpointer:

@@ -78,7 +78,8 @@ def test_second_run_refused_while_the_first_lives_and_a_killed_holder_leaves_no_
 def test_state_digest_is_sharding_independent_and_sees_one_bit(devices8):
     mesh = jax.sharding.Mesh(np.array(devices8).reshape(4, 2), ("a", "b"))
     x = np.random.RandomState(0).randn(16, 6).astype(np.float32)
-    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+    spec = jax.sharding.PartitionSpec("a", "b")
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
     state = {"w": jnp.asarray(x), "n": jnp.arange(5, dtype=jnp.int32)}
     digests, nonfinite = checkpoint.state_digests(state)
     assert checkpoint.state_digests({"w": sharded, "n": state["n"]})[0] == digests
@@ -93,7 +94,7 @@ def test_state_digest_is_sharding_independent_and_sees_one_bit(devices8):
 
 
 def _data_files(run_dir: Path, step: int) -> list[Path]:
-    """The files of the arrays' data (not all of them are read back: each one is damaged)."""
+    """The files of the arrays' data."""
     return sorted((run_dir / "checkpoints" / str(step) / "state").glob("ocdbt.process_*/d/*"))
 
 
@@ -131,11 +132,12 @@ def _corrupt_digest(run_dir: Path, step: int) -> None:
                          ids=["truncated", "one_byte_flipped", "bytes_flipped", "digest_differs"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, damage):
     run_dir = tmp_path / "run"
-    run(_tiny(run_dir))
+    one_device = ("mesh.num_devices=1", "mesh.data=1")  # one copy of the data: every file is read
+    run(_tiny(run_dir, *one_device))
     intact = _params(run_dir, 10)
     damage(run_dir, 10)
     capsys.readouterr()
-    run(_tiny(run_dir))
+    run(_tiny(run_dir, *one_device))
     err = capsys.readouterr().err
     assert "skipped checkpoint 10: it" in err and f"resumed {run_dir} from step 5" in err
     assert (run_dir / "checkpoints_damaged" / "10").is_dir()
@@ -147,12 +149,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, 
 
 def test_no_intact_checkpoint_is_refused_not_restarted(tmp_path):
     run_dir = tmp_path / "run"
-    run(_tiny(run_dir))
+    run(_tiny(run_dir, "mesh.num_devices=1", "mesh.data=1"))
     _truncate(run_dir, 10)
     _flip_many_bytes(run_dir, 5)
     with pytest.raises(checkpoint.CheckpointRestoreError,
                        match=r"no checkpoint in .* is intact: step 10: .*; step 5: .*; move "):
-        run(_tiny(run_dir))
+        run(_tiny(run_dir, "mesh.num_devices=1", "mesh.data=1"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["10", "5"]
 
 
