@@ -3,6 +3,14 @@
 Each checkpoint is a step directory written by Orbax into a temporary location and renamed
 when complete (so a killed run never leaves a half checkpoint that looks valid); saves can be
 asynchronous; the last ``keep`` are kept. The teacher is never checkpointed.
+
+Damage after the fact (a truncated or overwritten file) is caught on restore: each checkpoint
+carries a digest of every state leaf (``checksums``, a small JSON item committed with the
+checkpoint), computed on the device at save time. The digest of a leaf is the sum, modulo 2**32,
+of its elements' bit patterns (as unsigned integers) times ``2 * index + 1``: exact integer
+arithmetic, so it does not depend on the sharding, and any single changed bit changes it.
+:meth:`Checkpointer.restore_valid` restores the newest checkpoint that loads, matches its
+digests and holds only finite numbers, and moves the newer damaged ones aside.
 """
 
 from __future__ import annotations
@@ -12,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUMS = "checksums"  # the digest item of each checkpoint
+DAMAGED_SUFFIX = "_damaged"  # damaged checkpoints are moved to <checkpoints>_damaged/<step>
+
+
+class CheckpointRestoreError(ValueError):
+    """A run directory has checkpoints but none of them restores intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +50,47 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(digest, all finite) of one array; see the module docstring."""
+    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = (x.astype(jnp.uint8) if x.dtype == jnp.bool_
+            else jax.lax.bitcast_convert_type(x, uint)).astype(jnp.uint32)
+    weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.sum(bits * weights, dtype=jnp.uint32), finite
+
+
+@jax.jit
+def _digests(state: Any) -> list[tuple[jax.Array, jax.Array]]:
+    return [_leaf_digest(x) for x in jax.tree.leaves(state)]
+
+
+def state_digests(state: Any) -> tuple[dict[str, int], list[str]]:
+    """``({leaf path: digest}, [paths of leaves holding NaN or inf])`` of a state (blocks until
+    the state is computed)."""
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    pairs = jax.device_get(_digests(state))
+    return ({k: int(d) for k, (d, _) in zip(names, pairs)},
+            [k for k, (_, ok) in zip(names, pairs) if not bool(ok)])
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost cause's first line, without TensorStore's spec dump."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = text.split(" See full TensorStore details")[0]
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 class Checkpointer:
     """Save and restore ``TrainState`` (and optionally a Grain iterator) under ``directory``."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, with_data: bool = True):
         self.directory = Path(directory).absolute()
         self.with_data = with_data
-        handlers: dict[str, Any] = {"state": ocp.StandardCheckpointHandler()}
+        handlers: dict[str, Any] = {"state": ocp.StandardCheckpointHandler(),
+                                    CHECKSUMS: ocp.JsonCheckpointHandler()}
         if with_data:
             import grain
             handlers["data"] = grain.checkpoint.CheckpointHandler()
@@ -57,9 +108,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
-        """Save if ``step`` is due (or ``force``); returns whether a save started."""
-        items = {"state": ocp.args.StandardSave(state)}
+    def due(self, step: int) -> bool:
+        """Whether :meth:`save` at ``step`` writes a checkpoint."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, *,
+             force: bool = False) -> bool:
+        """Save if ``step`` is due (or ``force``); returns whether a save started. The digests
+        are computed first, so a due save waits for ``state`` to be computed."""
+        if not (force or self.due(step)):
+            return False
+        digests, _ = state_digests(state)
+        items = {"state": ocp.args.StandardSave(state),
+                 CHECKSUMS: ocp.args.JsonSave({"digest": "sum(bits * (2i+1)) mod 2**32",
+                                               "leaves": digests})}
         if self.with_data:
             import grain
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -77,6 +139,55 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def _damage(self, step: int, state: Any) -> str | None:
+        """Why the restored ``state`` of ``step`` is not what was saved, or None."""
+        digests, nonfinite = state_digests(state)
+        if (self.directory / str(step) / CHECKSUMS).is_dir():
+            saved = self._manager.restore(step, args=ocp.args.Composite(
+                **{CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]["leaves"]
+            changed = [k for k in saved if digests.get(k) != saved[k]]
+            if changed or set(saved) != set(digests):
+                return f"its contents changed since it was saved ({', '.join(changed[:3])})"
+        if nonfinite:
+            return f"it holds NaN or inf ({', '.join(nonfinite[:3])})"
+        return None
+
+    def restore_valid(self, like_state: Any, data_iterator: Any = None) -> tuple[Any, list[str]]:
+        """Restore the newest intact checkpoint (see the module docstring): ``(state, notes)``,
+        the notes naming each newer checkpoint skipped, why, and where it was moved;
+        ``(None, [])`` when there is no checkpoint. Raises :class:`CheckpointRestoreError` when
+        there are checkpoints but none is intact."""
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, like_state, data_iterator)
+                why = self._damage(step, state)
+            except Exception as e:  # any failure to read it back: try an older one
+                state, why = None, f"it does not restore ({_first_line(e)})"
+            if why is None:
+                return state, [self._set_aside(s, why) for s, why in skipped]
+            skipped.append((step, why))
+        if not skipped:
+            return None, []
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} is intact: "
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + f"; move {self.directory} away to train from scratch")
+
+    def _set_aside(self, step: int, why: str) -> str:
+        """Move a damaged checkpoint out of the way (a new one is written at its step)."""
+        aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX) / str(step)
+        if jax.process_index() == 0:
+            n = 0
+            while aside.exists():
+                n += 1
+                aside = aside.with_name(f"{step}.{n}")
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(aside)
+        ocp.multihost.sync_global_processes(f"distill_jax_set_aside_{step}")
+        self._manager.reload()
+        return f"skipped checkpoint {step}: {why}; moved it to {aside}"
 
     def wait(self) -> None:
         """Block until any asynchronous save has finished."""

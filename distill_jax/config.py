@@ -17,6 +17,16 @@ from distill_jax.data import DataConfig, SourceConfig
 from distill_jax.metrics import LoggingConfig
 from distill_jax.train.optim import OptimizerConfig
 
+CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run_dir
+# Keys that may change between a run and its resumption (everything else must match): run_dir
+# is only where the run lives (it may be moved or given as a relative path).
+RESUMABLE = ("run_dir", "steps", "checkpoint", "logging", "eval", "optimizer.skip_nonfinite",
+             "optimizer.schedule_steps")
+
+
+class ResumeConfigError(ValueError):
+    """A run directory holds checkpoints of a run with another config."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
@@ -243,3 +253,51 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
 
 def dump_run_config(cfg: RunConfig) -> str:
     return configlib.dump(cfg)
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+
+
+def resume_config(run_dir: str | Path, cfg: RunConfig,
+                  has_checkpoints: bool) -> tuple[RunConfig, list[str]]:
+    """``cfg`` with its learning-rate schedule horizon (``optimizer.schedule_steps``) resolved,
+    and notes for the log. A run with checkpoints must be resumed with the config recorded in
+    ``run_dir/config.yaml`` (only the ``RESUMABLE`` keys may change; else
+    :class:`ResumeConfigError` lists each differing key) and keeps the recorded horizon unless
+    ``optimizer.schedule_steps`` states a new one. Without checkpoints any config may start."""
+    path = Path(run_dir) / CONFIG_FILE
+    horizon = cfg.optimizer.schedule_steps or cfg.steps
+    notes: list[str] = []
+    if has_checkpoints and path.exists():
+        import yaml
+        raw = yaml.safe_load(path.read_text()) or {}
+        try:  # keys added to the config since the run started take their defaults
+            old = configlib.to_dict(configlib.from_dict(RunConfig, raw))
+        except ValueError:
+            old = raw
+        changed = [f"{k}: {a} -> {b}" for k, a, b in configlib.diff(old, configlib.to_dict(cfg))
+                   if not _resumable(k)]
+        if changed:
+            raise ResumeConfigError(
+                f"{run_dir} holds a run with a different config ({', '.join(changed)}); resume "
+                "with the same config, or choose another run_dir")
+        recorded = (old.get("optimizer") or {}).get("schedule_steps") or old.get("steps")
+        if cfg.optimizer.schedule_steps is None and recorded is not None:
+            horizon = recorded
+            if cfg.steps != old.get("steps") and cfg.steps != recorded:
+                notes.append(f"the learning-rate schedule keeps its horizon of {recorded} steps; "
+                             f"set optimizer.schedule_steps={cfg.steps} to re-plan it")
+        elif recorded is not None and horizon != recorded:
+            notes.append(f"the learning-rate schedule is re-planned from a horizon of {recorded} "
+                         f"to {horizon} steps")
+    optimizer = dataclasses.replace(cfg.optimizer, schedule_steps=horizon)
+    return dataclasses.replace(cfg, optimizer=optimizer), notes
+
+
+def write_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
+    """Write ``run_dir/config.yaml`` atomically (a temporary file renamed over it)."""
+    path = Path(run_dir) / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_run_config(cfg))
+    tmp.replace(path)

@@ -119,6 +119,17 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs between two plain config dicts
+    (a key present on one side only counts as ``None`` on the other)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML)."""
     data = yaml.safe_load(yaml.safe_dump(data)) or {}

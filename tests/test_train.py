@@ -205,7 +205,7 @@ def test_tiny_run_learns_and_writes_run_dir(tmp_path):
     assert set(last) >= {"distill/loss", "train/grad_norm", "train/lr", "perf/tokens_per_sec",
                          "data/bad_records"}
     # A changed recipe in the same run directory is refused.
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="different config.*loss.temperature: 1.0 -> 3.0"):
         run(_tiny(tmp_path, "steps=12", "loss.temperature=3.0"))
 
 

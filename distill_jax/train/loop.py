@@ -2,19 +2,24 @@
 
 The loop does no math: the step is built in :mod:`distill_jax.train.step`, the models in
 :mod:`distill_jax.train.build`, the data in :mod:`distill_jax.data`. Metrics of step ``i`` are
-fetched to the host after step ``i + 1`` has been dispatched, so the device never waits.
+fetched to the host after step ``i + 1`` has been dispatched, so the device never waits, except
+at a checkpoint or evaluation step: a checkpoint is written only once its step's loss, gradient
+norm and params are known to be finite (a non-finite step stops the run, or is skipped with
+``optimizer.skip_nonfinite``). The main process holds a lock on the run directory throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import jax
 
-from distill_jax import configlib, metrics as mlog, sharding
+from distill_jax import checkpoint, metrics as mlog, sharding
 from distill_jax.checkpoint import Checkpointer
-from distill_jax.config import RunConfig, dump_run_config
+from distill_jax.config import RunConfig, resume_config, write_run_config
+from distill_jax.locking import FileLock
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
@@ -22,35 +27,25 @@ from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, ope
 from distill_jax.train.step import (add_aux_params, check_cacheable, init_state,
                                     jit_train_step)
 
-CONFIG_FILE = "config.yaml"
-# Sections that may change between a run and its resumption (everything else must match).
-_RESUMABLE = {"steps", "checkpoint", "logging", "eval"}
-
-
-def _check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
-    path = run_dir / CONFIG_FILE
-    new = configlib.to_dict(cfg)
-    if path.exists():
-        import yaml
-        old = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in _RESUMABLE and old.get(k) != new.get(k))
-        if changed:
-            raise ValueError(
-                f"{run_dir} holds a run with a different config (sections {changed} differ); "
-                "resume with the same config, or choose another run_dir")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dump_run_config(cfg))
-    tmp.replace(path)
+LOCK_FILE = "train.lock"  # held by the run's main process while it trains
 
 
 def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, float]:
-    """Train (or resume) the run ``cfg`` describes; returns the last logged metrics."""
+    """Train (or resume) the run ``cfg`` describes; returns the last logged metrics. A second
+    run on the same run_dir is refused (``LockedError``) while the first one lives."""
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_resume_config(run_dir, cfg)
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(FileLock(run_dir / LOCK_FILE, "run directory lock"))
+        return _train(cfg, run_dir, is_main, stack, max_steps_this_call)
+
+
+def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitStack,
+           max_steps_this_call: int | None) -> dict[str, float]:
+    cfg, notes = resume_config(
+        run_dir, cfg, checkpoint.latest_step(run_dir / "checkpoints") is not None)
     mesh, rules = build.make_mesh(cfg.mesh)
     spec = cfg.loss.spec()
 
@@ -83,14 +78,24 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     iterator = setup.data_iterator(cfg.data, reader)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(None, state, iterator)
+    stack.callback(logger.close)
+    stack.callback(ckpt.close)  # (closed first) waits for an asynchronous save
+    restored, skipped = ckpt.restore_valid(state, iterator)
+    for note in skipped:
+        logger.note(note)
+    if restored is not None:
+        state = restored
         logger.note(f"resumed {run_dir} from step {int(state.step)}")
+    for note in notes:
+        logger.note(note)
+    if is_main:  # only now: a run that fails to set up leaves no config behind
+        write_run_config(run_dir, cfg)
 
     batch_sharding = sharding.batch_sharding(mesh, 2, rules)
     teacher_params = teacher.params if teacher is not None else None
-    step_fn = jit_train_step(setup.train_step(optimizer, schedule), state, teacher_params,
-                             batch_sharding, setup.keys)
+    step_fn = jit_train_step(
+        optim.guard_nonfinite(setup.train_step(optimizer, schedule), cfg.optimizer.skip_nonfinite),
+        state, teacher_params, batch_sharding, setup.keys)
 
     evaluate, eval_teacher_params = None, teacher_params
     if cfg.eval.every > 0:
@@ -121,6 +126,12 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
     def flush(item):
         step, device_metrics, dt = item
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if host[optim.NONFINITE] and not cfg.optimizer.skip_nonfinite:
+            raise optim.NonFiniteError(
+                f"{optim.nonfinite_message(step, host)}: stopped without checkpointing it; lower "
+                "optimizer.lr or set optimizer.skip_nonfinite=true to skip such steps")
+        if host[optim.NONFINITE]:
+            logger.note(f"{optim.nonfinite_message(step, host)}: update skipped")
         host[mlog.STEP_TIME] = dt
         host[mlog.TOKENS_PER_SEC] = tokens_per_step / dt
         if peak:
@@ -128,7 +139,7 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         host.update({k: float(v) for k, v in iterator.stats.items()})
         if eval_due(step):
             host.update(evaluate(state.params, eval_teacher_params))
-        if step % cfg.logging.every == 0 or step == end or eval_due(step):
+        if step % cfg.logging.every == 0 or step == end or eval_due(step) or host[optim.NONFINITE]:
             logger.log(step, host)
         return host
 
@@ -140,16 +151,16 @@ def run(cfg: RunConfig, *, max_steps_this_call: int | None = None) -> dict[str, 
         now = time.perf_counter()
         pending = (step + 1, step_metrics, now - t_prev)
         t_prev = now
-        ckpt.save(step + 1, state, iterator)
-        if eval_due(step + 1):  # evaluate the state of this step now, not one step late
+        # Evaluate the state of this step now, not one step late; and check it is finite
+        # before checkpointing it (the device waits only at these steps).
+        if eval_due(step + 1) or ckpt.due(step + 1):
             last = flush(pending)
             pending = None
+            ckpt.save(step + 1, state, iterator)
             t_prev = time.perf_counter()
     if pending is not None:
         jax.block_until_ready(state)
         last = flush(pending)
     if end > start:
         ckpt.save(end, state, iterator, force=end not in ckpt.all_steps())
-    ckpt.close()
-    logger.close()
     return last

@@ -1,19 +1,30 @@
-"""Optimiser: AdamW with warmup then cosine/linear decay, clipping and a weight-decay mask."""
+"""Optimiser: AdamW with warmup then cosine/linear decay, clipping and a weight-decay mask;
+the guard against non-finite steps."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from distill_jax.losses import LOSS
+from distill_jax.train.step import GRAD_NORM, PARAM_NORM
+
+NONFINITE = "train/nonfinite"  # 1 for a step whose loss, gradient or new params are not finite
+_WATCHED = (LOSS, GRAD_NORM, PARAM_NORM)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW settings. ``lr`` is the peak learning rate reached after ``warmup_steps``; it then
-    decays to ``lr * min_lr_ratio`` at the last step (``schedule``: cosine, linear or constant).
-    ``grad_accum`` splits each batch into that many micro-batches inside the step."""
+    decays to ``lr * min_lr_ratio`` at step ``schedule_steps`` (null: the run's ``steps``) and
+    stays there (``schedule``: cosine, linear or constant). ``grad_accum`` splits each batch into
+    that many micro-batches inside the step. A step whose loss, gradient norm or new params are
+    not finite stops the run, or with ``skip_nonfinite`` leaves params and optimiser state as
+    they were (``train/nonfinite`` = 1 in its metrics)."""
 
     lr: float = 3e-4
     warmup_steps: int = 0
@@ -25,8 +36,13 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0
     grad_accum: int = 1
+    schedule_steps: int | None = None
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"optimizer.schedule_steps must be >= 1 (or null for the run's "
+                             f"steps), got {self.schedule_steps}")
         if self.lr <= 0:
             raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
         if self.grad_accum < 1:
@@ -36,7 +52,9 @@ class OptimizerConfig:
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr``, then the configured decay until ``total_steps``."""
+    """Linear warmup from 0 to ``lr``, then the configured decay until ``cfg.schedule_steps``
+    (default ``total_steps``)."""
+    total_steps = cfg.schedule_steps or total_steps
     end = cfg.lr * cfg.min_lr_ratio
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "cosine":
@@ -67,3 +85,29 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+class NonFiniteError(ValueError):
+    """A training step produced a NaN or infinite loss, gradient or parameter."""
+
+
+def guard_nonfinite(step: Callable, skip: bool) -> Callable:
+    """Wrap a train step ``(state, teacher_params, batch) -> (state, metrics)``: its metrics
+    gain ``NONFINITE``, and with ``skip`` a non-finite step keeps the old params and optimiser
+    state (the step counter and RNG still advance, as the data does)."""
+    def guarded(state, teacher_params, batch):
+        new, metrics = step(state, teacher_params, batch)
+        ok = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in _WATCHED if k in metrics]))
+        metrics = {**metrics, NONFINITE: 1.0 - ok.astype(jnp.float32)}
+        if skip:
+            keep = lambda a, b: jnp.where(ok, a, b)
+            new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                              opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+        return new, metrics
+    return guarded
+
+
+def nonfinite_message(step: int, metrics: Mapping[str, float]) -> str:
+    """One line naming the step and its non-finite numbers."""
+    values = ", ".join(f"{k} = {metrics[k]}" for k in _WATCHED if k in metrics)
+    return f"step {step} is not finite ({values})"
