@@ -47,7 +47,7 @@ def _assert_equal_params(a, b) -> None:
 
 # ----------------------------------------------------------------------------- the lock
 _HOLD = ("import sys, time; from distill_jax.locking import FileLock; "
-         "FileLock(sys.argv[1], 'run directory lock').acquire(); print('held', flush=True); "
+         "lock = FileLock(sys.argv[1], 'run directory lock').acquire(); print('held', flush=True); "
          "time.sleep(600)")
 
 
