@@ -38,6 +38,10 @@ class LoggingConfig:
     progress: bool = True
     peak_flops_per_device: float | None = None
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"logging.every must be >= 1 (log every N steps), got {self.every}")
+
 
 def peak_flops(device_kind: str, override: float | None = None) -> float | None:
     if override:
