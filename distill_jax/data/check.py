@@ -149,9 +149,10 @@ def scan_records(config: DataConfig, tokenizer, *, teacher_tokenizer=None, limit
     return report
 
 
-def main_check(config: DataConfig, tokenizer, *, teacher_tokenizer=None, out: TextIO = sys.stdout) -> CheckReport:
-    """:func:`check_records` with progress on stderr, then the report on ``out`` (the CLI's
-    ``data check``)."""
+def main_check(config: DataConfig, tokenizer, *, teacher_tokenizer=None, out: TextIO | None = None) -> CheckReport:
+    """:func:`check_records` with progress on stderr, then the report on ``out`` (default:
+    stdout; the CLI's ``data check``)."""
+    out = sys.stdout if out is None else out
     report = check_records(config, tokenizer, teacher_tokenizer=teacher_tokenizer, progress=sys.stderr)
     print(f"data: {', '.join(report.files)}", file=out)
     print(report.summary(), file=out)
