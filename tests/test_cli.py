@@ -200,3 +200,40 @@ def test_shipped_config_runs_from_another_directory(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     rc = cli.main(["data", "check", str(REPO / "configs" / "tiny.yaml"), "data.max_records=8"])
     assert rc == 0 and "8 records (0 bad)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- progress
+class _Stream:
+    def __init__(self, tty: bool):
+        self.text, self.tty = "", tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_is_plain_lines_when_not_a_terminal():
+    from distill_jax.metrics import progress
+    log = _Stream(tty=False)
+    assert list(progress(range(1000), "eval", stream=log)) == list(range(1000))
+    lines = log.text.splitlines()
+    assert "\r" not in log.text and 2 <= len(lines) <= 11, lines
+    assert lines[0].startswith("eval: 100/1000 (10%)") and lines[-1].startswith("eval: 1000/1000 done")
+    term = _Stream(tty=True)
+    assert list(progress(range(50), "eval", stream=term)) == list(range(50))
+    assert "\r" in term.text  # a live bar on a terminal
+    quiet = _Stream(tty=False)
+    assert list(progress(range(5), "eval", stream=quiet, enabled=False)) == list(range(5))
+    assert quiet.text == ""
+
+
+def test_every_progress_bar_goes_through_metrics_progress():
+    """tqdm redraws would fill log files: only metrics.progress may use tqdm (on a terminal)."""
+    users = [p.relative_to(REPO).as_posix() for p in (REPO / "distill_jax").rglob("*.py")
+             if "tqdm" in p.read_text() and p.name != "metrics.py"]
+    assert users == []
