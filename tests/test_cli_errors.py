@@ -70,10 +70,12 @@ CASES = [
                               f"run_dir={d / 'r_bad'}", *FAST],
      ["bad_record.jsonl", "record 2", "on_bad_record=skip"]),
     ("skip-all-bad", lambda d: ["train", TINY, f"data.sources=[{{path: {d / 'all_bad.jsonl'}}}]",
-                                "data.on_bad_record=skip", f"run_dir={d / 'r_skip'}", *FAST],
+                                "data.on_bad_record=skip", "data.num_epochs=2", f"run_dir={d / 'r_skip'}",
+                                *FAST],
      ["no valid record", "all_bad.jsonl", "3 of 3 skipped"]),
     ("all-empty-docs", lambda d: ["train", TINY, f"data.sources=[{{path: {d / 'empty_docs.jsonl'}}}]",
-                                  "data.record=text", f"run_dir={d / 'r_empty'}", *FAST],
+                                  "data.record=text", "data.num_epochs=2", f"run_dir={d / 'r_empty'}",
+                                  *FAST],
      ["empty_docs.jsonl", "no document", "token to train on"]),
     ("run-dir-is-file", lambda d: ["train", TINY, f"run_dir={d / 'a_file'}", *FAST], ["a_file"]),
     ("teacher-cache-missing", lambda d: ["train", TINY, f"teacher.cache={d / 'no_cache'}",
@@ -200,3 +202,15 @@ def test_error_mid_run_leaves_no_noise_at_exit(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("training ")]
     assert len(lines) == 1 and "late_bad.jsonl (line 51): record 50" in lines[0], proc.stderr[-3000:]
+
+
+def test_library_errors_count_as_input_errors():
+    """A cache that does not match the run, or an asset that cannot be fetched, is the user's to
+    fix (one line, exit 2), though neither is a ValueError."""
+    from distill_jax.assets import AssetError
+    from distill_jax.cache.store import CacheError, CacheMismatchError
+    from distill_jax.errors import UserError, is_user_error
+    for err in (CacheMismatchError("x"), CacheError("x"), AssetError("x"), UserError("x"),
+                NotADirectoryError("x"), IsADirectoryError("x"), PermissionError("x")):
+        assert is_user_error(err), err
+    assert not is_user_error(ZeroDivisionError("x")) and not is_user_error(TypeError("x"))
