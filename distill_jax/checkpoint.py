@@ -16,6 +16,7 @@ digests and holds only finite numbers, and moves the newer damaged ones aside.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class Checkpointer:
             create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
+        _OPEN.add(self)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -194,8 +196,22 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish any asynchronous save and release the manager (idempotent)."""
+        if self in _OPEN:
+            _OPEN.discard(self)
+            self._manager.wait_until_finished()
+            self._manager.close()
+
+
+# Checkpointers not closed yet: an error that ends a run leaves its manager open, and an async
+# save still in flight at interpreter exit fails noisily ("Event loop is closed").
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Finish the saves of, and close, every checkpointer still open (after an error)."""
+    for ckpt in list(_OPEN):
+        ckpt.close()
 
 
 def latest_step(directory: str | Path) -> int | None:

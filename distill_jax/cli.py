@@ -9,12 +9,17 @@
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
   distill-jax mathgen --n N --out FILE         synthetic GSM8K-style problems as JSONL
+  distill-jax data check CONFIG [key=value ...]  read and tokenize all the data; report bad records
   distill-jax demo                             the end-to-end demo on real assets
+
+Errors a command's input causes print as one line (exit status 2); --debug (or
+DISTILL_JAX_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -48,10 +53,22 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _tokenizers(cfg):
+    """The run's tokenizer, and the teacher's when the run is cross-tokenizer (else None)."""
+    from distill_jax.tokenizer import load_tokenizer
+    teacher = None
+    if cfg.loss.cross_tokenizer and cfg.teacher is not None:
+        teacher = load_tokenizer(cfg.teacher_tokenizer_path())
+    return load_tokenizer(cfg.tokenizer_path()), teacher
+
+
 def _cmd_train(args) -> int:
     from distill_jax.config import load_run_config
+    from distill_jax.data import scan_records
     from distill_jax.train.loop import run
     cfg = load_run_config(args.config, args.overrides)
+    tokenizer, teacher = _tokenizers(cfg)  # tokenizers, data files and the first records fail
+    scan_records(cfg.data, tokenizer, teacher_tokenizer=teacher)  # before the run is written
     run(cfg)
     return 0
 
@@ -118,6 +135,21 @@ def _cmd_mathgen(args) -> int:
     return mathgen.main(args.rest) or 0
 
 
+def _cmd_data_check(args) -> int:
+    from distill_jax.config import load_run_config
+    from distill_jax.data.check import main_check
+    cfg = load_run_config(args.config, args.overrides)
+    data_cfg = cfg.data
+    if args.eval:
+        if not cfg.eval.sources:
+            raise ValueError("eval.sources is empty: nothing to check; set eval.sources=[{path: FILE}]")
+        data_cfg = dataclasses.replace(data_cfg, sources=cfg.eval.sources,
+                                       max_records=cfg.eval.max_documents)
+    tokenizer, teacher = _tokenizers(cfg)
+    report = main_check(data_cfg, tokenizer, teacher_tokenizer=teacher)
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args) -> int:
     from distill_jax import demo
     demo.main(args.run_dir, steps=args.steps, eval_documents=args.eval_documents,
@@ -128,6 +160,8 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (also: DISTILL_JAX_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train or resume a student from a YAML run config")
@@ -183,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("rest", nargs=argparse.REMAINDER)
     m.set_defaults(fn=_cmd_mathgen)
 
+    da = sub.add_parser("data", help="check a config's data: data check CONFIG [key=value ...]")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="read and tokenize every record; report bad records (file "
+                         "and index), documents, tokens, empty and long documents; exit 1 on problems")
+    dc.add_argument("config", help="YAML run config (see configs/)")
+    dc.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_records=100")
+    dc.add_argument("--eval", action="store_true", help="check eval.sources instead of data.sources")
+    dc.set_defaults(fn=_cmd_data_check)
+
     d = sub.add_parser("demo", help="run the end-to-end demo on real assets")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -194,20 +237,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["mathgen"]:  # its own argparse handles the flags
-        from distill_jax.data import mathgen
-        return mathgen.main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
-    _setup_jax()
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if os.environ.get("DISTILL_JAX_DEBUG"):
-            raise
-        print(f"distill-jax {args.command}: error: {e}", file=sys.stderr)
+def _debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere on the command line (or ``DISTILL_JAX_DEBUG=1``): show tracebacks."""
+    flag = "--debug" in argv
+    env = os.environ.get("DISTILL_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, [a for a in argv if a != "--debug"]
+
+
+def _report(command: str, err: BaseException) -> int:
+    """Print ``err`` as one line on stderr; the exit status (2: the input, 1: a bug)."""
+    from distill_jax.errors import is_user_error, one_line
+    if is_user_error(err):
+        print(f"distill-jax {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    print(f"distill-jax {command}: internal error: {type(err).__name__}: {one_line(err)} "
+          "(run with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; errors are printed as one line (a traceback only with ``--debug``).
+
+    Exit status: 0 done, 1 an unexpected error (a bug) or a failed check, 2 a problem with the
+    input (bad config, missing file, bad data), 130 interrupted.
+    """
+    debug, argv = _debug(list(sys.argv[1:] if argv is None else argv))
+    command = argv[0] if argv else "distill-jax"
+    try:
+        if argv[:1] == ["mathgen"]:  # its own argparse handles the flags
+            from distill_jax.data import mathgen
+            return mathgen.main(argv[1:]) or 0
+        args = build_parser().parse_args(argv)
+        if args.command == "data" or (args.command == "cache" and args.config == "verify"):
+            command = " ".join(argv[:2])
+        _setup_jax()
+        return args.fn(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"distill-jax {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if debug:
+            raise
+        return _report(command, e)
+    finally:
+        _close_resources()
+
+
+def _close_resources() -> None:
+    """Finish what an interrupted command left running (asynchronous checkpoint saves), so
+    nothing fails noisily at interpreter exit."""
+    checkpoint = sys.modules.get("distill_jax.checkpoint")
+    if checkpoint is not None:
+        try:
+            checkpoint.close_all()
+        except Exception as e:  # noqa: BLE001 - already reporting the error that got us here
+            print(f"distill-jax: warning: closing checkpoints: {type(e).__name__}: {e}",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

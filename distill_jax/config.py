@@ -8,6 +8,7 @@ dataclass owned by the module that uses it (the model never sees this config).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -15,6 +16,8 @@ from distill_jax import configlib
 from distill_jax.checkpoint import CheckpointConfig
 from distill_jax.data import DataConfig, SourceConfig
 from distill_jax.metrics import LoggingConfig
+from distill_jax.models.config import ModelConfig
+from distill_jax.tokenizer import BYTES, NAMED
 from distill_jax.train.optim import OptimizerConfig
 
 CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run_dir
@@ -42,6 +45,17 @@ class ModelSource:
     param_dtype: str = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     seed: int = 0
+
+    def __post_init__(self):
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        numerics = {"dtype", "param_dtype", "remat"}  # this section's own keys
+        for key in self.overrides:
+            if key in numerics:
+                raise configlib.ConfigKeyError(
+                    f"overrides.{key}: set {key} directly in the model's section, not in overrides")
+            if key not in fields:
+                raise configlib.ConfigKeyError(
+                    f"unknown model config field overrides.{key!r}{configlib.suggest(key, fields)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +132,16 @@ class LossConfig:
     uld_top_k: Optional[int] = None
     balance: Literal["none", "gradmag"] = "none"
     latents_projector: Optional[bool] = None
+
+    def __post_init__(self):
+        if not self.terms or not any(w != 0 for w in self.terms.values()):
+            raise ValueError(f"loss.terms={self.terms or {}} has no term with a non-zero weight, so "
+                             "nothing would be trained; give at least one, e.g. "
+                             "loss.terms={forward_kl: 1.0}")
+        negative = [f"{k}={w}" for k, w in self.terms.items() if w < 0]
+        if negative:
+            raise ValueError(f"loss.terms: negative weights ({', '.join(negative)}) would maximise "
+                             "a loss; use weights >= 0")
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -246,9 +270,53 @@ class RunConfig:
         return self.tokenizer_path()
 
 
+# Paths a run reads, as (section, key); ``sources`` entries are lists of {path: ...}.
+_INPUT_PATHS = (("data", "sources"), ("eval", "sources"), ("eval", "math"), ("teacher", "hf_path"),
+                ("student", "hf_path"), ("teacher", "tokenizer"), (None, "tokenizer"))
+
+
+def _relative_to(value: Any, directory: Path, key: str) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    if key == "tokenizer" and value in (BYTES, *NAMED):
+        return value  # a tokenizer name, not a path
+    if os.path.isabs(value) or value.startswith("~") or "://" in value:
+        return value
+    return os.path.normpath(os.path.join(directory, value))
+
+
+def resolve_input_paths(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """One config file's mapping with its relative input paths (data and eval sources,
+    ``eval.math``, checkpoint and tokenizer directories) joined to ``directory``, the file's
+    directory. Output paths (``run_dir``, ``teacher.cache``) are left relative to the working
+    directory."""
+    data = dict(data)
+    for section, key in _INPUT_PATHS:
+        node = data if section is None else data.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        node = dict(node)
+        if key == "sources" and isinstance(node[key], list):
+            node[key] = [{**s, "path": _relative_to(s.get("path"), directory, "path")}
+                         if isinstance(s, dict) else s for s in node[key]]
+        else:
+            node[key] = _relative_to(node[key], directory, key)
+        if section is None:
+            data = node
+        else:
+            data[section] = node
+    return data
+
+
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config with ``key.sub=value`` overrides into a :class:`RunConfig`."""
-    return configlib.load(RunConfig, path, overrides)
+    """Read a YAML run config with ``key.sub=value`` overrides into a :class:`RunConfig`.
+
+    Relative paths a run reads (data, eval data, ``eval.math``, model and tokenizer directories)
+    are relative to the file that names them (a ``base`` file's to the base file); paths a run
+    writes (``run_dir``, ``teacher.cache``) and every path given as an override are relative to
+    the working directory.
+    """
+    return configlib.load(RunConfig, path, overrides, resolve=resolve_input_paths)
 
 
 def dump_run_config(cfg: RunConfig) -> str:

@@ -13,7 +13,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
@@ -24,7 +24,8 @@ class ConfigKeyError(ValueError):
     """An unknown key, a bad value or a malformed override in a run config."""
 
 
-def _suggest(key: str, valid: Sequence[str]) -> str:
+def suggest(key: str, valid: Sequence[str]) -> str:
+    """``; did you mean 'x'?`` for the closest of ``valid``, else the list of valid keys."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
@@ -100,7 +101,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigKeyError(f"unknown config key {path!r}{_suggest(key, list(fields))}")
+            raise ConfigKeyError(f"unknown config key {path!r}{suggest(key, list(fields))}")
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)
@@ -144,9 +145,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
+            if node.get(p) is None:  # an absent or null section: start it
+                node[p] = {}
+            if not isinstance(node[p], dict):
                 raise ConfigKeyError(f"override {item!r}: {p!r} is not a section")
-            node = node.setdefault(p, {})
+            node = node[p]
         node[parts[-1]] = value
     return data
 
@@ -159,29 +162,48 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+Resolver = Callable[[dict[str, Any], Path], dict[str, Any]]
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = (), *,
+              resolve: Resolver | None = None) -> dict[str, Any]:
     """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is read first
-    and this file's keys are deep-merged over it (lists are replaced, not merged)."""
+    and this file's keys are deep-merged over it (lists are replaced, not merged).
+    ``resolve(data, directory)``, when given, rewrites each file's own mapping before the merge
+    (e.g. relative paths made relative to the file's directory)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigKeyError(f"config file {path} is a directory; give a YAML file in it "
+                             f"(e.g. {path / 'tiny.yaml'})")
     if path.resolve() in _seen:
         raise ConfigKeyError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigKeyError(f"{path}: not valid YAML: {e}") from None
+        first = str(e).splitlines()
+        raise ConfigKeyError(f"{path}: not valid YAML: {' '.join(x.strip() for x in first)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigKeyError(f"{path}: not a text file ({e.reason} at byte {e.start}); give a "
+                             "YAML config") from None
     if not isinstance(data, dict):
         raise ConfigKeyError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
+    if resolve is not None:
+        data = resolve(data, path.parent)
     if base is None:
         return data
-    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    if not isinstance(base, str):
+        raise ConfigKeyError(f"{path}: 'base' must be a file name, got {base!r}")
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),), resolve=resolve), data)
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load YAML ``path`` (or nothing) into ``cls`` with dotted ``overrides`` applied."""
-    data = read_yaml(path) if path is not None else {}
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *,
+         resolve: Resolver | None = None) -> T:
+    """Load YAML ``path`` (or nothing) into ``cls`` with dotted ``overrides`` applied;
+    ``resolve`` rewrites each file's mapping (see :func:`read_yaml`), not the overrides."""
+    data = read_yaml(path, resolve=resolve) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -13,7 +13,9 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Iterable, Iterator, Mapping, TextIO, TypeVar
+
+T = TypeVar("T")
 
 TOKENS_PER_SEC = "perf/tokens_per_sec"
 STEP_TIME = "perf/step_time_s"
@@ -38,6 +40,10 @@ class LoggingConfig:
     progress: bool = True
     peak_flops_per_device: float | None = None
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"logging.every must be >= 1 (log every N steps), got {self.every}")
+
 
 def peak_flops(device_kind: str, override: float | None = None) -> float | None:
     if override:
@@ -59,6 +65,39 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress(items: Iterable[T], desc: str, *, total: int | None = None, enabled: bool = True,
+             stream: TextIO | None = None, every_s: float = 30.0, every_frac: float = 0.1
+             ) -> Iterator[T]:
+    """``items`` with progress on ``stream`` (default stderr): a tqdm bar on a terminal; else
+    (a log file, a pipe) a plain line ``desc: i/total (p%) elapsed`` every ``every_frac`` of the
+    total or ``every_s`` seconds, whichever comes first, and one at the end, so logs are not
+    filled with redraws."""
+    stream = stream or sys.stderr
+    if not enabled:
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if bool(getattr(stream, "isatty", lambda: False)()):
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, total=total, file=stream, leave=False)
+        return
+    t0 = last_t = time.monotonic()
+    last_frac, i = 0.0, 0
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        frac = i / total if total else 0.0
+        if (total and frac - last_frac >= every_frac and i < total) or now - last_t >= every_s:
+            of = f"/{total} ({100 * frac:.0f}%)" if total else ""
+            stream.write(f"{desc}: {i}{of} {format_eta(now - t0)} elapsed\n")
+            stream.flush()
+            last_t, last_frac = now, frac
+    if i:
+        stream.write(f"{desc}: {i}{f'/{total}' if total else ''} done in {format_eta(time.monotonic() - t0)}\n")
+        stream.flush()
 
 
 class MetricsLogger:

@@ -66,6 +66,7 @@ Shuffling, mixing, sharding and resumption: see :mod:`distill_jax.data.records` 
 skipped bad records for training metrics.
 """
 
+from distill_jax.data.check import CheckReport, check_records, scan_records
 from distill_jax.data.config import DataConfig, SourceConfig
 from distill_jax.data.packing import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point,
                                       row_segments)
@@ -78,6 +79,7 @@ from distill_jax.data.tokenize import (TokenizedDoc, TokenizerInfo, Tokens, toke
 __all__ = [
     "ALIGNMENT_FIELDS",
     "BadRecordError",
+    "CheckReport",
     "DataConfig",
     "PackedDataset",
     "PackedIterator",
@@ -91,12 +93,14 @@ __all__ = [
     "TokenizedDoc",
     "TokenizerInfo",
     "Tokens",
+    "check_records",
     "cut_point",
     "make_dataset",
     "make_iterator",
     "make_process_iterator",
     "read_records",
     "row_segments",
+    "scan_records",
     "tokenize_record",
     "tokenize_records",
     "tokenizer_info",

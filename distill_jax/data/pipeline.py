@@ -35,6 +35,7 @@ from distill_jax.data.config import DataConfig
 from distill_jax.data.packing import BatchPacker, Piece, cut_point
 from distill_jax.data.records import BadRecordError, Records, read_records
 from distill_jax.data.tokenize import TokenizedDoc, tokenize_records
+from distill_jax.errors import UserError
 
 __all__ = ["PackedDataset", "PackedIterator", "make_dataset", "make_iterator"]
 
@@ -176,6 +177,8 @@ class PackedIterator(grain.DatasetIterator):
         self._start_offsets = (offset, teacher_offset)  # where the document at doc_index resumes
         self._pending: tuple[int, TokenizedDoc, int, int] | None = None  # (doc index, doc, s, t)
         self.bad_record_count, self.dropped_doc_count, self.batch_count = bad, dropped, batches
+        self._fruitless = self._fruitless_bad = 0  # documents in a row with nothing to train on
+        self._first_bad: BadRecordError | None = None
         self._next_state = self._state_dict(doc_index, offset, teacher_offset)
 
     def _state_dict(self, doc_index: int, offset: int = 0, teacher_offset: int = 0) -> dict[str, Any]:
@@ -245,15 +248,41 @@ class PackedIterator(grain.DatasetIterator):
             (s, t), self._start_offsets = self._start_offsets, (0, 0)
             if isinstance(doc, BadRecordError):
                 self.bad_record_count += 1
-                continue
-            if not len(doc.student):
+                self._watch(doc)
                 continue
             too_long = len(doc.student) > c.seq_len or (teacher_len is not None and len(doc.teacher) > teacher_len)
             if too_long and c.long_docs == "drop":
                 self.dropped_doc_count += 1
+                self._watch(None)
+                continue
+            self._watch(doc)
+            if not len(doc.student):
                 continue
             self._pending = (index, doc, s, t)
             return True
+
+    def _watch(self, doc: TokenizedDoc | BadRecordError | None) -> None:
+        """Count documents in a row with nothing to train on (bad, dropped: None, or without a
+        trained token); raise once they make a whole pass over this shard, instead of looping
+        forever on data that yields no batch."""
+        if isinstance(doc, TokenizedDoc) and doc.student.trained[1:].any():
+            self._fruitless, self._fruitless_bad, self._first_bad = 0, 0, None
+            return
+        self._fruitless += 1
+        if isinstance(doc, BadRecordError):
+            self._fruitless_bad += 1
+            self._first_bad = self._first_bad or doc
+        n = self._ds.docs_per_epoch
+        if self._fruitless < n:
+            return
+        files = ", ".join(self._ds.records.files)
+        if self._fruitless_bad >= n:
+            first = self._first_bad
+            raise UserError(f"no valid record in {files}: {n} of {n} skipped (data.on_bad_record=skip); "
+                            f"first error: {first.source}: record {first.index}: {first.reason}")
+        raise UserError(f"no document in {files} has a token to train on ({n} of {n} records bad, "
+                        "empty, prompt-only with data.loss_on_prompt=false, or longer than a row with "
+                        "data.long_docs=drop); check the data with `distill-jax data check`")
 
     # -- iteration ----------------------------------------------------------------------------
 

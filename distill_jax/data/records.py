@@ -475,6 +475,11 @@ class Records(Sequence[Record]):
     def __len__(self) -> int:
         return self.num_docs
 
+    @property
+    def files(self) -> list[str]:
+        """The data files (or datasets) read, in ``doc_id`` order."""
+        return [reader.name for readers in self._files for reader in readers]
+
     def locate(self, j: int, epoch: int = 0) -> int:
         """The ``doc_id`` at position ``j`` of the mixture in ``epoch``."""
         if not 0 <= j < self.num_docs:

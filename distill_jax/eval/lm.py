@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.metrics import progress as progress_lines
 from distill_jax.models import Model, hidden_states, logits_from_hidden
 
 Array = jax.Array
@@ -227,12 +227,11 @@ def run_batches(fn: Callable[..., Any], batches: Sequence[Batch], sharding: Any 
     """Sum ``fn(tokens, segment_ids, targets, mask)`` (a vector of device sums) over
     ``batches`` in float64; returns the sums and the wall time. Each batch's result is fetched
     after the next batch is dispatched, so the device does not wait for the host. ``progress``
-    shows a tqdm bar on stderr."""
-    from tqdm import tqdm
+    shows progress on stderr (a bar on a terminal, plain lines otherwise)."""
     t0 = time.perf_counter()
     total = np.zeros((), np.float64)
     pending = None
-    for b in tqdm(batches, desc=desc, file=sys.stderr, disable=not progress, leave=False):
+    for b in progress_lines(batches, desc or "eval", enabled=progress):
         arrays = [device_put(x, sharding) for x in (b.tokens, b.segment_ids, b.targets, b.mask)]
         result = fn(*arrays)
         if pending is not None:
@@ -279,7 +278,7 @@ def evaluate_docs(model: Model, docs: Sequence[ScoredDoc], *, seq_len: int = 512
 
     ``sharding``: a NamedSharding for (batch, length) inputs (e.g.
     ``distill_jax.sharding.batch_sharding(mesh)``), rows spread over the data-parallel axes;
-    ``batch_size`` is then rounded up to a multiple of those axes. ``progress`` shows a tqdm bar
+    ``batch_size`` is then rounded up to a multiple of those axes. ``progress`` shows progress
     on stderr.
     """
     tokens, n_bytes = doc_totals(docs)

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from distill_jax.data.mathgen import parse_answer
+from distill_jax.metrics import progress as progress_lines
 from distill_jax.models import Model
 from distill_jax.models.generate import generate
 
@@ -173,10 +173,9 @@ def math_accuracy(model: Model, tokenizer: Any, problems: Sequence[Mapping[str, 
     or ``prompt`` and a ``response`` ending ``#### <answer>``); see the module docstring.
 
     ``batch_size`` is the number of sequences generated together (a problem's samples are
-    separate sequences); ``seed`` makes sampling reproducible; ``progress`` shows a tqdm bar on
-    stderr.
+    separate sequences); ``seed`` makes sampling reproducible; ``progress`` shows progress on
+    stderr (a bar on a terminal, plain lines otherwise).
     """
-    from tqdm import tqdm
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if num_samples > 1 and not temperature > 0:
@@ -199,8 +198,8 @@ def math_accuracy(model: Model, tokenizer: Any, problems: Sequence[Mapping[str, 
     generated = 0
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    for b, start in enumerate(tqdm(range(0, len(rows), batch_size), desc="math", file=sys.stderr,
-                                   disable=not progress, leave=False)):
+    for b, start in enumerate(progress_lines(range(0, len(rows), batch_size), "math",
+                                             enabled=progress)):
         chunk = rows[start:start + batch_size]
         prompts = [r for _, r in chunk] + [chunk[0][1]] * (batch_size - len(chunk))
         out = generate(model, prompts, max_new_tokens=max_new_tokens,

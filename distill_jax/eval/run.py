@@ -38,6 +38,7 @@ import jax
 
 from distill_jax import checkpoint, models as M, sharding
 from distill_jax.config import RunConfig
+from distill_jax.errors import UserError
 from distill_jax.eval.agreement import agreement_docs
 from distill_jax.eval.lm import ScoredDoc, evaluate_docs, same_first_byte, scored_doc
 from distill_jax.eval.math_eval import load_problems, math_accuracy
@@ -157,6 +158,9 @@ def run_eval(cfg: RunConfig, *, step: int | None = None, models: Sequence[str] |
         models = MODELS if cfg.teacher is not None else ("student",)
     models = _check_models(cfg, models)
     ev = cfg.eval
+    if not ev.sources and not ev.math:
+        raise UserError("no eval data configured: set eval.sources=[{path: FILE}] (held-out bits per "
+                        "byte) and/or eval.math=FILE (math exact match)")
     notes: list[str] = []
     mesh, rules = build.make_mesh(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, 2, rules)

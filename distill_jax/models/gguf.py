@@ -101,6 +101,10 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist.")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise GGUFConversionError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF "
+                                      "magic); give a .gguf model file")
     fsutil.check_output_dir(out_dir, overwrite=overwrite)  # before converting
     reader = gguf.GGUFReader(gguf_path)
     meta = read_metadata(reader)
