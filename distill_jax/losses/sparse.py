@@ -55,7 +55,8 @@ equals ``kd.<loss>(student_logits, teacher_logits, mask, temperature=T)``.
 
 Divergences are the dense ones applied to the (k + 1)- or k-outcome distributions (``kd``'s
 per-token helpers, so ``0 log 0 = 0``, the accurate mixture log-ratios and the *scaled*
-generalised JSD(beta) with beta = 0 forward KL and beta = 1 reverse KL all carry over).
+generalised JSD(beta) of GKD / TRL with beta = 0 forward KL and beta = 1 reverse KL, and its
+scaled variant ``jsd_scaled``, all carry over).
 ``sparse_term_sums`` also accepts ``tvd``, ``skew_kl`` and ``skew_reverse_kl`` (the same
 divergences of the sparse distributions).
 
@@ -293,14 +294,22 @@ def sparse_reverse_kl(student_logits: Array, topk_ids: Array, topk_logprobs: Arr
 def sparse_jsd(student_logits: Array, topk_ids: Array, topk_logprobs: Array,
                tail_logmass: Array | None, mask: Array, *, temperature: float = 1.0,
                tail: str = BUCKET, beta: float = 0.5) -> tuple[Array, Metrics]:
-    """Masked mean of the scaled generalised JSD(beta) * T^2 over the sparse distributions:
-    ``kd.jsd``'s convention (beta = 0 forward KL, beta = 1 reverse KL, 0.5 is 4x JS)."""
+    """Masked mean of GKD's generalised JSD(beta) * T^2 over the sparse distributions:
+    ``kd.jsd``'s convention (TRL's; beta = 0 forward KL, beta = 1 reverse KL)."""
     return _sparse_loss(kd.JSD, student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
                         temperature, tail, beta=beta)
 
 
+def sparse_jsd_scaled(student_logits: Array, topk_ids: Array, topk_logprobs: Array,
+                      tail_logmass: Array | None, mask: Array, *, temperature: float = 1.0,
+                      tail: str = BUCKET, beta: float = 0.5) -> tuple[Array, Metrics]:
+    """``sparse_jsd`` divided by beta (1 - beta) for 0 < beta < 1 (``kd.jsd_scaled``)."""
+    return _sparse_loss(kd.JSD_SCALED, student_logits, topk_ids, topk_logprobs, tail_logmass,
+                        mask, temperature, tail, beta=beta)
+
+
 SPARSE_DIVERGENCES = {kd.FORWARD_KL: sparse_forward_kl, kd.REVERSE_KL: sparse_reverse_kl,
-                      kd.JSD: sparse_jsd}
+                      kd.JSD: sparse_jsd, kd.JSD_SCALED: sparse_jsd_scaled}
 
 
 # ---------------------------------------------------------------------------------------------
