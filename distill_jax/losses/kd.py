@@ -47,7 +47,8 @@ or ``-inf``) changes neither the loss nor the gradients. Mask weights <= 0 mean 
 log-ratios log(w_c + w q/p) use ``log1p(w expm1(.))`` (``logaddexp`` far out), with w and 1 - w
 formed in double precision, so ``jsd`` and ``jsd_scaled`` keep their fp32 accuracy as beta
 approaches 0 or 1 (~1e-7 relative against float64 at beta = 1e-5 and 1 - 1e-5; a naive form
-loses ~1e-8 / beta). The skew KLs with alpha very close to 1 are O((1 - alpha)**2) and lose relative (not absolute) accuracy there.
+loses ~1e-8 / beta). The skew KLs with alpha very close to 1 are O((1 - alpha)**2) and lose
+relative (not absolute) accuracy there.
 
 ``LossSpec`` + ``combined_loss`` sum weighted terms (what the run config builds from YAML:
 ``loss: {terms: {forward_kl: 1.0, cross_entropy: 0.1}, temperature: 2.0, jsd_beta: 0.5}``);
@@ -165,23 +166,24 @@ def _tvd(logs_xV: Array, logt_xV: Array) -> Array:
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logt_xV) - jnp.exp(logs_xV)), axis=-1)
 
 
-def _divergence(name: str, logs_xV: Array, logt_xV: Array, *, beta: float, alpha: float) -> Array:
+# Per-token divergence of every divergence term: ``fn(logs_xV, logt_xV, beta, alpha)`` from
+# student and teacher log-probs (the one table the dense and sparse losses dispatch on).
+PER_TOKEN: dict[str, Callable[[Array, Array, float, float], Array]] = {
+    FORWARD_KL: lambda logs, logt, beta, alpha: _kl(logt, logs),
+    REVERSE_KL: lambda logs, logt, beta, alpha: _kl(logs, logt),
+    JSD: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta),
+    JSD_SCALED: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta, scaled=True),
+    TVD: lambda logs, logt, beta, alpha: _tvd(logs, logt),
+    SKEW_KL: lambda logs, logt, beta, alpha: _kl_to_mixture(logt, logs, alpha),
+    SKEW_REVERSE_KL: lambda logs, logt, beta, alpha: _kl_to_mixture(logs, logt, alpha),
+}
+
+
+def divergence(name: str, logs_xV: Array, logt_xV: Array, *, beta: float, alpha: float) -> Array:
     """Per-token divergence ``name`` from student and teacher log-probs."""
-    if name == FORWARD_KL:
-        return _kl(logt_xV, logs_xV)
-    if name == REVERSE_KL:
-        return _kl(logs_xV, logt_xV)
-    if name == JSD:
-        return _jsd(logs_xV, logt_xV, beta)
-    if name == JSD_SCALED:
-        return _jsd(logs_xV, logt_xV, beta, scaled=True)
-    if name == TVD:
-        return _tvd(logs_xV, logt_xV)
-    if name == SKEW_KL:
-        return _kl_to_mixture(logt_xV, logs_xV, alpha)
-    if name == SKEW_REVERSE_KL:
-        return _kl_to_mixture(logs_xV, logt_xV, alpha)
-    raise ValueError(_unknown(name, DIVERGENCE_TERMS, "divergence"))
+    if name not in PER_TOKEN:
+        raise ValueError(_unknown(name, DIVERGENCE_TERMS, "divergence"))
+    return PER_TOKEN[name](logs_xV, logt_xV, beta, alpha)
 
 
 def _cross_entropy(logp_xV: Array, labels_x: Array) -> Array:
@@ -253,7 +255,7 @@ def _divergence_loss(name: str, student_logits_xV: Array, teacher_logits_xV: Arr
     w_x = token_weights(mask_x, student_logits_xV.shape[:-1])
     logs = _log_probs(student_logits_xV, w_x, temperature)
     logt = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temperature)
-    per_token = _divergence(name, logs, logt, beta=beta, alpha=alpha) * temperature ** 2
+    per_token = divergence(name, logs, logt, beta=beta, alpha=alpha) * temperature ** 2
     return _single(name, _masked_sum(per_token, w_x), token_count(w_x))
 
 
@@ -361,22 +363,29 @@ class LossSpec:
     ``terms`` maps term names (``TERMS``) to weights; a mapping is accepted and stored as a
     sorted tuple of pairs. ``temperature`` applies to every divergence (with T^2 scaling), never
     to ``cross_entropy``. ``jsd_beta`` and ``skew_alpha`` configure ``jsd`` / ``jsd_scaled``
-    and the skew KLs.
+    and the skew KLs. ``chunk_terms``: ``(name, fn)`` pairs of further terms that read the
+    teacher and the labels, each ``fn(student_logits_xV, teacher, labels_x, w_x, spec) -> sum``
+    where ``teacher`` is ``{"logits": ...}`` (live) or the cache's ``{"topk_ids",
+    "topk_logprobs", "tail_logmass"}`` (see ``distill_jax.losses.terms``).
     """
 
     terms: Any = ((FORWARD_KL, 1.0),)
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    chunk_terms: Any = ()
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
         terms = tuple(sorted((str(k), float(v)) for k, v in items))
         if not terms:
             raise ValueError("a loss needs at least one term, e.g. terms={'forward_kl': 1.0}")
+        chunk_terms = tuple((str(n), fn) for n, fn in self.chunk_terms)
+        known = TERMS + tuple(n for n, _ in chunk_terms)
         for name, _ in terms:
-            if name not in TERMS:
-                raise ValueError(_unknown(name, TERMS, "loss term"))
+            if name not in known:
+                raise ValueError(_unknown(name, known, "loss term"))
+        object.__setattr__(self, "chunk_terms", chunk_terms)
         if len({n for n, _ in terms}) != len(terms):
             raise ValueError(f"duplicate loss terms in {terms}")
         object.__setattr__(self, "terms", terms)
@@ -402,11 +411,11 @@ class LossSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(name in DIVERGENCE_TERMS for name, _ in self.terms)
+        return any(name in DIVERGENCE_TERMS for name, _ in self.terms) or bool(self.chunk_terms)
 
     @property
     def needs_labels(self) -> bool:
-        return any(name == CROSS_ENTROPY for name, _ in self.terms)
+        return any(name == CROSS_ENTROPY for name, _ in self.terms) or bool(self.chunk_terms)
 
 
 def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_x: Array | None,
@@ -424,7 +433,7 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
         logt_T = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temp)
         for name, _ in spec.terms:
             if name in DIVERGENCE_TERMS:
-                per_token = _divergence(name, logs_T, logt_T, beta=spec.jsd_beta,
+                per_token = divergence(name, logs_T, logt_T, beta=spec.jsd_beta,
                                         alpha=spec.skew_alpha) * temp ** 2
                 sums[name] = _masked_sum(per_token, w_x)
     if spec.needs_labels:
@@ -432,10 +441,14 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
             raise ValueError("this loss has a cross_entropy term but no labels were given")
         if labels_x.shape != w_x.shape:
             raise ValueError(f"labels have shape {labels_x.shape}, expected {w_x.shape}")
+    if CROSS_ENTROPY in spec.weights:
         logp = logs_T if (logs_T is not None and temp == 1.0) \
             else _log_probs(student_logits_xV, w_x, 1.0)
         ce = _cross_entropy(logp, jnp.where(w_x > 0, labels_x, 0))
         sums[CROSS_ENTROPY] = _masked_sum(ce, w_x)
+    for name, fn in spec.chunk_terms:
+        if name in spec.weights:
+            sums[name] = fn(student_logits_xV, {"logits": teacher_logits_xV}, labels_x, w_x, spec)
     return sums
 
 

@@ -238,7 +238,7 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
         logs, logt = _sparse_log_probs(z, ids, logt_k, tl, tail)
         for name, _ in spec.terms:
             if name in kd.DIVERGENCE_TERMS:
-                per_token = kd._divergence(name, logs, logt, beta=spec.jsd_beta,
+                per_token = kd.divergence(name, logs, logt, beta=spec.jsd_beta,
                                            alpha=spec.skew_alpha) * temp ** 2
                 sums[name] = kd._masked_sum(per_token, w_x)
     if spec.needs_labels:
@@ -246,6 +246,12 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
             raise ValueError("this loss has a cross_entropy term but no labels were given")
         if labels_x.shape != w_x.shape:
             raise ValueError(f"labels have shape {labels_x.shape}, expected {w_x.shape}")
+    for name, fn in spec.chunk_terms:
+        if name in spec.weights:
+            teacher = {"topk_ids": topk_ids_xK, "topk_logprobs": topk_logprobs_xK,
+                       "tail_logmass": tail_logmass_x if tail == BUCKET else None}
+            sums[name] = fn(student_logits_xV, teacher, labels_x, w_x, spec)
+    if kd.CROSS_ENTROPY in spec.weights:
         z1 = kd._masked_logits(student_logits_xV, w_x)
         lab = jnp.where(w_x > 0, labels_x, 0).astype(jnp.int32)
         ce = jax.nn.logsumexp(z1, axis=-1) \
