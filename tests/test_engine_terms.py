@@ -127,3 +127,61 @@ def test_pld_trains_from_a_teacher_cache(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(np.isfinite(r["distill/pld"]) and r["distill/pld"] > 0 for r in rows)
     assert rows[-1]["distill/pld"] < rows[0]["distill/pld"]
+
+
+def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
+    """GradMag with forward_kl + cross_entropy: each term's weight is proportional to its
+    configured weight over the norm of its gradient at the student's final hidden states
+    (computed here from the plain, unchunked losses on full logits), rescaled to the configured
+    total; an update with those weights is the gradient of the reweighted objective."""
+    import optax
+    from distill_jax import losses, models as M
+    from distill_jax.losses.chunked import logits_from_hidden
+    from distill_jax.train.step import init_state, make_train_step
+    tc = M.ModelConfig.tiny("llama", num_layers=2)
+    sc = M.ModelConfig.tiny("llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1)
+    teacher, student = M.init(tc, 1), M.init(sc, 2)
+    rng = np.random.RandomState(0)
+    b, t, vocab = 4, 16, sc.vocab_size
+    tokens = rng.randint(1, vocab, (b, t)).astype(np.int32)
+    batch = dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
+                 positions=np.arange(t)[None].repeat(b, 0).astype(np.int32),
+                 segment_ids=np.ones((b, t), np.int32),
+                 loss_mask=(rng.rand(b, t) > 0.3).astype(np.float32))
+    weights = {"forward_kl": 1.0, "cross_entropy": 0.5}
+    spec = losses.LossSpec(terms=weights, temperature=2.0, balance="gradmag")
+    sgd = optax.sgd(1.0)
+    step = jax.jit(make_train_step(sc, tc, spec, sgd, chunk_size=24))
+    state, metrics = step(init_state(student.params, sgd), teacher.params, batch)
+
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    h = M.hidden_states(student, batch["tokens"], **kw)
+    zt = M.forward(teacher, batch["tokens"], **kw)
+
+    def term(name, h_):
+        zs = logits_from_hidden(h_, M.lm_head(student))
+        if name == "forward_kl":
+            return losses.forward_kl(zs, zt, batch["loss_mask"], temperature=2.0)[0]
+        return losses.cross_entropy(zs, batch["targets"], batch["loss_mask"])[0]
+
+    raw = {n: w / float(jnp.linalg.norm(jax.grad(lambda h_: term(n, h_))(h)))
+           for n, w in weights.items()}
+    scale = sum(weights.values()) / sum(raw.values())
+    for name in weights:
+        got = float(metrics[f"distill/weight_{name}"])
+        np.testing.assert_allclose(got, raw[name] * scale, rtol=1e-4)
+    assert abs(sum(float(metrics[f"distill/weight_{n}"]) for n in weights) - 1.5) < 1e-5
+
+    def objective(model_params):
+        m = M.Model(sc, model_params)
+        h_ = M.hidden_states(m, batch["tokens"], **kw)
+        zs = logits_from_hidden(h_, M.lm_head(m))
+        return (float(metrics["distill/weight_forward_kl"])
+                * losses.forward_kl(zs, zt, batch["loss_mask"], temperature=2.0)[0]
+                + float(metrics["distill/weight_cross_entropy"])
+                * losses.cross_entropy(zs, batch["targets"], batch["loss_mask"])[0])
+
+    grads = jax.grad(objective)(student.params)
+    for p0, p1, g in zip(jax.tree.leaves(student.params), jax.tree.leaves(state.params[MODEL]),
+                         jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(p0) - np.asarray(p1), np.asarray(g), atol=1e-6)

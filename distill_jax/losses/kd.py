@@ -366,7 +366,9 @@ class LossSpec:
     and the skew KLs. ``chunk_terms``: ``(name, fn)`` pairs of further terms that read the
     teacher and the labels, each ``fn(student_logits_xV, teacher, labels_x, w_x, spec) -> sum``
     where ``teacher`` is ``{"logits": ...}`` (live) or the cache's ``{"topk_ids",
-    "topk_logprobs", "tail_logmass"}`` (see ``distill_jax.losses.terms``).
+    "topk_logprobs", "tail_logmass"}`` (see ``distill_jax.losses.terms``). ``balance``:
+    ``none`` or ``gradmag`` (the step weighs the terms by their gradient magnitude at the
+    student's final hidden states; ``distill_jax.losses.xtok.balance_weights``).
     """
 
     terms: Any = ((FORWARD_KL, 1.0),)
@@ -374,6 +376,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     chunk_terms: Any = ()
+    balance: str = "none"
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
@@ -395,6 +398,8 @@ class LossSpec:
         _check_temperature(self.temperature)
         _check_beta(self.jsd_beta)
         _check_alpha(self.skew_alpha)
+        if self.balance not in ("none", "gradmag"):
+            raise ValueError(f"unknown loss balance {self.balance!r}; known: none, gradmag")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LossSpec":

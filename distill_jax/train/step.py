@@ -84,32 +84,58 @@ def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
+def teacher_view(teacher_cfg: ModelConfig | None, spec: losses.LossSpec, teacher_params: Any,
+                 batch: dict[str, Array], cached: bool) -> tuple[Array, Array] | None:
+    """The frozen live teacher's (hidden states, lm_head) of a same-tokenizer batch, or None
+    when the loss needs no teacher or it comes from a cache."""
+    if cached or not spec.needs_teacher:
+        return None
+    teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+    h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"],
+                                              positions=batch["positions"],
+                                              segment_ids=batch["segment_ids"]))
+    return h_t, jax.lax.stop_gradient(lm_head(teacher))
+
+
+def head_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
+              chunk_size: int, h_s: Array, head_s: Array, teacher: tuple | None,
+              batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
+    """Summed loss terms and the token count from the student's final hidden states and
+    lm_head: the chunked lm_head + loss, against the live teacher's (hidden states, head) or,
+    with ``tail`` set, the cached top-k distribution in the batch (``CACHE_KEYS``)."""
+    if tail is not None:
+        from distill_jax.losses import sparse
+        _, metrics = sparse.sparse_chunked_loss(
+            h_s, head_s, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
+            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
+        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+    h_t, head_t = teacher if teacher is not None else (None, None)
+    _, metrics = losses.chunked_loss(
+        h_s, head_s, h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
+        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
+        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
+    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+
+
+def _trunk(student_cfg: ModelConfig, model_params: Any, batch: dict[str, Array]):
+    """The student's final hidden states and lm_head."""
+    student = Model(student_cfg, model_params)
+    h = hidden_states(student, batch["tokens"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"])
+    return h, lm_head(student)
+
+
 def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
               chunk_size: int, params: Any, teacher_params: Any,
               batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
     """Summed loss terms and the token count of one (micro-)batch: the teacher forward (frozen),
     the student forward, and the chunked lm_head + loss. With ``tail`` set, the teacher is the
     cached top-k distribution in the batch (``CACHE_KEYS``) and no teacher runs."""
-    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-    student = Model(student_cfg, params[MODEL])
-    h_s = hidden_states(student, batch["tokens"], **kw)
-    if tail is not None:
-        from distill_jax.losses import sparse
-        _, metrics = sparse.sparse_chunked_loss(
-            h_s, lm_head(student), batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
-            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
-        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
-    h_t = head_t = None
-    if spec.needs_teacher:
-        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-        h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"], **kw))
-        head_t = jax.lax.stop_gradient(lm_head(teacher))
-    _, metrics = losses.chunked_loss(
-        h_s, lm_head(student), h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
-        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
-        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
-    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+    teacher = teacher_view(teacher_cfg, spec, teacher_params, batch, tail is not None)
+    h_s, head_s = _trunk(student_cfg, params[MODEL], batch)
+    return head_sums(student_cfg, teacher_cfg, spec, chunk_size, h_s, head_s, teacher, batch,
+                     tail)
 
 
 def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
@@ -142,21 +168,36 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
 
     keys = batch_keys(cached)
 
-    def micro_sums(params, teacher_params, mb):
-        return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params, mb,
-                         cache_tail)
-
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
+        from distill_jax.losses import xtok
         batch = {k: batch[k] for k in keys}
-        total_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32), 1.0)
 
-        def objective(params, mb):
-            sums = micro_sums(params, teacher_params, mb)
-            return sums[losses.LOSS_SUM] / jnp.maximum(total_tokens, 1.0), sums
+        def grad_fn(params, mb):
+            # One trunk backward with per-term head vjps, as in the cross-tokenizer step: the
+            # trunk (params -> final hidden states and lm_head), every term's mean from them,
+            # the terms' weights (GradMag or the configured ones), then the trunk once.
+            teacher = teacher_view(teacher_cfg, spec, teacher_params, mb, cached)
+            (h, head), trunk_vjp = jax.vjp(lambda p: _trunk(student_cfg, p, mb), params[MODEL])
 
-        grads, sums = _accumulate(jax.grad(objective, has_aux=True), state.params, batch,
-                                  grad_accum)
-        return _apply_update(state, grads, summarize(sums, spec), optimizer, schedule)
+            def head_terms(h, head):
+                sums = head_sums(student_cfg, teacher_cfg, spec, chunk_size, h, head, teacher,
+                                 mb, cache_tail)
+                return {n: sums[losses.sum_key(n)] / total_tokens for n, _ in spec.terms}, sums
+
+            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, has_aux=True)
+            weights = xtok.balance_weights(spec, normed, terms_vjp)
+            g_h, g_head = terms_vjp({k: jnp.asarray(weights[k], jnp.float32) for k in normed})
+            (grads,) = trunk_vjp((g_h, g_head))
+            sums = dict(sums)
+            sums.update({xtok.weight_key(k): w for k, w in weights.items()})
+            return {MODEL: grads, LOSS: jax.tree.map(jnp.zeros_like, params[LOSS])}, sums
+
+        grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
+        metrics = summarize(sums, spec)
+        for name, _ in spec.terms:  # mean weight over micro-batches
+            metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
+        return _apply_update(state, grads, metrics, optimizer, schedule)
 
     return step
 
