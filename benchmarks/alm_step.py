@@ -27,7 +27,7 @@ from train_throughput import BATCH, LENGTH, STUDENT, TEACHER  # noqa: E402
 from distill_jax import losses, models as M
 from distill_jax.losses.xtok import XtokSpec
 from distill_jax.train import optim
-from distill_jax.train.step import (add_aux_params, init_state, make_train_step,
+from distill_jax.train.step import (init_loss_params, init_state, make_train_step,
                                     make_xtok_train_step)
 
 
@@ -84,9 +84,9 @@ def main(argv=None) -> int:
         cases.append((name, step, batch, spec))
     for name, step, b, spec in cases:
         params = jax.tree.map(jnp.copy, student.params)  # the step donates its state
-        if isinstance(spec, XtokSpec):  # the alm_latents / DSKD projectors
-            params = add_aux_params(params, spec, sc, tc)
-        dt, compile_s = _time(jax.jit(step, donate_argnums=(0,)), init_state(params, opt),
+        loss_params = init_loss_params(spec, sc, tc, params)  # alm_latents / DSKD projectors
+        dt, compile_s = _time(jax.jit(step, donate_argnums=(0,)),
+                              init_state(params, opt, loss_params=loss_params),
                               teacher.params, b, args.steps)
         rows.append(dict(step=name, step_s=dt, tokens_per_s=BATCH * LENGTH / dt,
                          compile_s=compile_s))

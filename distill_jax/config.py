@@ -147,8 +147,8 @@ class LossConfig:
     def cross_tokenizer(self) -> bool:
         """Whether the terms are the cross-tokenizer ones (``alm``, ``sft``, ``uld``, ``mined``,
         ``alm_latents``, ``dskd``)."""
-        from distill_jax.losses.xtok import TERMS
-        return any(name in TERMS for name in self.terms)
+        from distill_jax.losses import terms
+        return terms.vocabulary_of(self.terms) == terms.ALIGNED
 
     def spec(self):
         """The loss spec: a ``LossSpec`` (same tokenizer) or an ``XtokSpec`` (cross-tokenizer)."""
@@ -159,12 +159,10 @@ class LossConfig:
                             merge_threshold=self.alm_merge_threshold,
                             temperature=self.temperature, uld_top_k=self.uld_top_k,
                             balance=self.balance, latents_projector=self.latents_projector)
-        if self.balance != "none":
-            raise ValueError(f"loss.balance={self.balance} balances the cross-tokenizer terms "
-                             "(alm, sft, uld, mined); set loss.balance=none for these terms")
-        from distill_jax.losses import LossSpec
+        from distill_jax.losses import LossSpec, terms
         return LossSpec(terms=self.terms, temperature=self.temperature,
-                        jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha)
+                        jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
+                        chunk_terms=terms.chunk_terms(self.terms), balance=self.balance)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from distill_jax import checkpoint, fsutil, models as M
 from distill_jax.config import RunConfig, load_run_config
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
-from distill_jax.train.step import model_params
+from distill_jax.train.step import MODEL
 from distill_jax.xtok import transfer
 
 CONFIG_FILE = "config.yaml"
@@ -45,7 +45,7 @@ def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model,
     cfg = load_run_config(run_dir / CONFIG_FILE)
     mcfg = student_config(cfg)
     state = checkpoint.load_state_dict(run_dir / "checkpoints", step)
-    trained = model_params(state["params"])  # without the loss modules' projectors
+    trained = state["params"][MODEL]  # the model only (not the loss terms' params)
     expected = M.param_shapes(mcfg)
     got = jax.tree.map(lambda x: x.shape, trained)
     if jax.tree.map(lambda s: s.shape, expected) != got:

@@ -112,7 +112,7 @@ def test_home_and_root_are_refused(tmp_path, monkeypatch):
 def test_convert_gguf_refuses_a_directory_with_user_files(tmp_path):
     from distill_jax.models.gguf import gguf_to_hf
     gguf_file = tmp_path / "m.gguf"
-    gguf_file.write_bytes(b"not read: the output is checked first")
+    gguf_file.write_bytes(b"GGUF" + b" not read past the magic: the output is checked first")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

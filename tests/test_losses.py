@@ -50,14 +50,15 @@ def _ref_kl_mix(xp, lp, lq, w):
                                           - xp.log(xp.where(p > 0, m, 1.0))), 0.0), axis=-1)
 
 
-def _ref_jsd(xp, ls, lt, beta):
+def _ref_jsd(xp, ls, lt, beta, scaled=False):
     if beta == 0:
         return _ref_kl(xp, lt, ls)
     if beta == 1:
         return _ref_kl(xp, ls, lt)
     kl_t = _ref_kl_mix(xp, lt, ls, beta)        # KL(p_T || m), m = beta p_T + (1 - beta) p_S
     kl_s = _ref_kl_mix(xp, ls, lt, 1 - beta)    # KL(p_S || m)
-    return (beta * kl_t + (1 - beta) * kl_s) / (beta * (1 - beta))
+    js = beta * kl_t + (1 - beta) * kl_s
+    return js / (beta * (1 - beta)) if scaled else js
 
 
 def _ref_per_token(xp, name, ls, lt, beta=0.5, alpha=0.1):
@@ -67,6 +68,8 @@ def _ref_per_token(xp, name, ls, lt, beta=0.5, alpha=0.1):
         return _ref_kl(xp, ls, lt)
     if name == "jsd":
         return _ref_jsd(xp, ls, lt, beta)
+    if name == "jsd_scaled":
+        return _ref_jsd(xp, ls, lt, beta, scaled=True)
     if name == "tvd":
         return 0.5 * xp.sum(xp.abs(xp.exp(lt) - xp.exp(ls)), axis=-1)
     if name == "skew_kl":
@@ -108,6 +111,8 @@ CASES = [
     ("forward_kl", {}), ("reverse_kl", {}), ("tvd", {}),
     ("jsd", dict(beta=0.0)), ("jsd", dict(beta=0.1)), ("jsd", dict(beta=0.5)),
     ("jsd", dict(beta=0.9)), ("jsd", dict(beta=1.0)),
+    ("jsd_scaled", dict(beta=0.0)), ("jsd_scaled", dict(beta=0.1)),
+    ("jsd_scaled", dict(beta=0.5)), ("jsd_scaled", dict(beta=1.0)),
     ("skew_kl", dict(alpha=0.0)), ("skew_kl", dict(alpha=0.1)), ("skew_kl", dict(alpha=0.5)),
     ("skew_reverse_kl", dict(alpha=0.0)), ("skew_reverse_kl", dict(alpha=0.1)),
     ("skew_reverse_kl", dict(alpha=0.5)),
@@ -167,36 +172,82 @@ def test_forward_kl_gradient_is_p_student_minus_p_teacher():
     np.testing.assert_allclose(grad, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
 
 
-def test_jsd_endpoints_equal_the_kls_and_midpoint_is_4_js():
+def _trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature):
+    """float64 numpy transcription of TRL's ``GKDTrainer.generalized_jsd_loss`` (reduction
+    "batchmean" over the unmasked labels). ``F.kl_div(input, target, log_target=True)`` is
+    ``exp(target) * (target - input)`` elementwise, i.e. KL(target || input)."""
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    def kl_div(inp, target):
+        return np.exp(target) * (target - inp)
+
+    s = log_softmax(student_logits / temperature)
+    t = log_softmax(teacher_logits / temperature)
+    if beta == 0:
+        jsd = kl_div(s, t)
+    elif beta == 1:
+        jsd = kl_div(t, s)
+    else:
+        mixture = np.logaddexp(s + np.log(1 - beta), t + np.log(beta))
+        jsd = beta * kl_div(mixture, t) + (1 - beta) * kl_div(mixture, s)
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_is_trl_generalized_jsd(beta):
+    """``jsd`` is TRL's / GKD's generalised JSD for the same beta (endpoints included), so
+    weights and betas carry over; the temperature adds the T^2 every divergence here has."""
+    zs, zt, mask, labels = _inputs(seed=14)
+    labels = np.where(mask, labels, -100)
+    for temp in (1.0, 2.0):
+        ref = _trl_generalized_jsd_loss(zs.astype(np.float64), zt.astype(np.float64), labels,
+                                        beta, temp) * temp ** 2
+        np.testing.assert_allclose(L.jsd(zs, zt, mask, temperature=temp, beta=beta)[0], ref,
+                                   rtol=RTOL)
+    # At beta = 1/2: the usual Jensen-Shannon divergence, bounded by log 2.
+    if beta == 0.5:
+        assert 0 < float(L.jsd(zs, zt, mask, beta=0.5)[0]) <= np.log(2)
+
+
+def test_jsd_scaled_endpoints_equal_the_kls_and_midpoint_is_4_js():
     zs, zt, mask, _ = _inputs(seed=4)
     for temp in (1.0, 2.0):
         fkl = L.forward_kl(zs, zt, mask, temperature=temp)[0]
         rkl = L.reverse_kl(zs, zt, mask, temperature=temp)[0]
-        assert L.jsd(zs, zt, mask, temperature=temp, beta=0.0)[0] == fkl
-        assert L.jsd(zs, zt, mask, temperature=temp, beta=1.0)[0] == rkl
+        for fn in (L.jsd, L.jsd_scaled):
+            assert fn(zs, zt, mask, temperature=temp, beta=0.0)[0] == fkl
+            assert fn(zs, zt, mask, temperature=temp, beta=1.0)[0] == rkl
         # The usual Jensen-Shannon divergence, M = (p_T + p_S) / 2.
         ls = _ref_logp(np, zs.astype(np.float64), temp)
         lt = _ref_logp(np, zt.astype(np.float64), temp)
         mid = np.log(0.5 * (np.exp(ls) + np.exp(lt)))
         js = 0.5 * _ref_kl(np, lt, mid) + 0.5 * _ref_kl(np, ls, mid)
-        ref = 4 * np.sum(mask * js) / mask.sum() * temp ** 2
+        ref = np.sum(mask * js) / mask.sum() * temp ** 2
         np.testing.assert_allclose(L.jsd(zs, zt, mask, temperature=temp, beta=0.5)[0], ref,
                                    rtol=RTOL)
+        np.testing.assert_allclose(L.jsd_scaled(zs, zt, mask, temperature=temp, beta=0.5)[0],
+                                   4 * ref, rtol=RTOL)
     # The endpoints are the limits of the interior formula: jsd_beta - KL = O(beta * chi^2), so
     # this check uses milder logits (chi^2 of the scale-3 ones above reaches ~1e5).
     zs, zt, mask, _ = _inputs(seed=4, scale=1.0)
     ls, lt = _ref_logp(np, zs.astype(np.float64), 1.0), _ref_logp(np, zt.astype(np.float64), 1.0)
-    np.testing.assert_allclose(_ref_jsd(np, ls, lt, 1e-7), _ref_kl(np, lt, ls), rtol=1e-5)
-    np.testing.assert_allclose(_ref_jsd(np, ls, lt, 1 - 1e-7), _ref_kl(np, ls, lt), rtol=1e-5)
+    np.testing.assert_allclose(_ref_jsd(np, ls, lt, 1e-7, True), _ref_kl(np, lt, ls), rtol=1e-5)
+    np.testing.assert_allclose(_ref_jsd(np, ls, lt, 1 - 1e-7, True), _ref_kl(np, ls, lt),
+                               rtol=1e-5)
     # ... and the fp32 implementation stays accurate right next to them (no cancellation as
     # beta -> 0 or 1), so the family is continuous in practice too.
     w = mask.astype(np.float64)
     for beta in (1e-5, 1 - 1e-5):
+        ref = np.sum(w * _ref_jsd(np, ls, lt, beta, True)) / w.sum()
+        np.testing.assert_allclose(L.jsd_scaled(zs, zt, mask, beta=beta)[0], ref, rtol=RTOL)
         ref = np.sum(w * _ref_jsd(np, ls, lt, beta)) / w.sum()
         np.testing.assert_allclose(L.jsd(zs, zt, mask, beta=beta)[0], ref, rtol=RTOL)
-    np.testing.assert_allclose(L.jsd(zs, zt, mask, beta=1e-5)[0],
+    np.testing.assert_allclose(L.jsd_scaled(zs, zt, mask, beta=1e-5)[0],
                                L.forward_kl(zs, zt, mask)[0], rtol=1e-4)
-    np.testing.assert_allclose(L.jsd(zs, zt, mask, beta=1 - 1e-5)[0],
+    np.testing.assert_allclose(L.jsd_scaled(zs, zt, mask, beta=1 - 1e-5)[0],
                                L.reverse_kl(zs, zt, mask)[0], rtol=1e-4)
 
 
@@ -311,7 +362,7 @@ def test_teacher_zero_where_student_is_not():
     zt[..., :4] = -np.inf
     for (name, opts), ident in zip(CASES, _ID):
         loss, _ = _call(name, zs, zt, mask, **opts)
-        infinite = name == "reverse_kl" or (name == "jsd" and opts["beta"] == 1.0) or (
+        infinite = name == "reverse_kl" or (name.startswith("jsd") and opts["beta"] == 1.0) or (
             name == "skew_reverse_kl" and opts["alpha"] == 0.0)
         assert (np.isposinf(loss) if infinite else np.isfinite(loss)), (ident, loss)
         if not infinite:

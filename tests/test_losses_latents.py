@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.losses import xtok
+from distill_jax.losses import terms, xtok
 
 jax.config.update("jax_enable_x64", False)
 
@@ -105,7 +105,8 @@ def test_latents_sum_and_normaliser_match_reference(widths, seed):
              "teacher_chunk_ids": jnp.asarray(tids), "teacher_segment_ids": jnp.asarray(tseg)}
     got = float(xtok.latents_sums(jnp.asarray(hs), jnp.asarray(ht), batch, proj))
     spec = xtok.XtokSpec(terms={"alm_latents": 1.0})
-    norms = xtok.normalisers(spec, {**batch, "loss_mask": jnp.ones((B, L))}, None, jnp.asarray(ht))
+    norms = terms.counts(spec, {**batch, "loss_mask": jnp.ones((B, L)),
+                                "teacher_hidden": jnp.asarray(ht)})
     ref_total, ref_scale, ref_pairs = _ref_latents(
         hs, ht, sids, sseg, tids, tseg, *((proj["kernel"], proj["bias"]) if proj else ()))
     assert ref_pairs > 0
@@ -113,7 +114,7 @@ def test_latents_sum_and_normaliser_match_reference(widths, seed):
     np.testing.assert_allclose(float(norms[xtok.LATENT_SCALE]), ref_scale, rtol=1e-5)
     assert int(norms[xtok.LATENT_PAIRS]) == ref_pairs
     sums = {"distill/alm_latents_sum": jnp.asarray(got)}
-    np.testing.assert_allclose(float(xtok.objective(spec, sums, norms)), ref_total / ref_scale,
+    np.testing.assert_allclose(float(terms.objective(spec, sums, norms)), ref_total / ref_scale,
                                rtol=1e-5)
 
 

@@ -20,6 +20,7 @@ LOSSES = {
     "reverse_kl": (S.sparse_reverse_kl, kd.reverse_kl, {}),
     "jsd": (S.sparse_jsd, kd.jsd, {"beta": 0.5}),
     "jsd_0.2": (S.sparse_jsd, kd.jsd, {"beta": 0.2}),
+    "jsd_scaled_0.3": (S.sparse_jsd_scaled, kd.jsd_scaled, {"beta": 0.3}),
 }
 
 
@@ -69,16 +70,17 @@ def _ref_kl(xp, lp, lq):
 
 
 def _ref_div(xp, name, ls, lt, beta):
-    if name == "forward_kl" or (name == "jsd" and beta == 0):
+    if name == "forward_kl" or (name.startswith("jsd") and beta == 0):
         return _ref_kl(xp, lt, ls)
-    if name == "reverse_kl" or (name == "jsd" and beta == 1):
+    if name == "reverse_kl" or (name.startswith("jsd") and beta == 1):
         return _ref_kl(xp, ls, lt)
     ps, pt = xp.exp(ls), xp.exp(lt)
     m = beta * pt + (1 - beta) * ps
     lm = xp.log(m)
     kl_t = xp.sum(pt * (lt - lm), -1)
     kl_s = xp.sum(ps * (ls - lm), -1)
-    return (beta * kl_t + (1 - beta) * kl_s) / (beta * (1 - beta))
+    js = beta * kl_t + (1 - beta) * kl_s
+    return js / (beta * (1 - beta)) if name == "jsd_scaled" else js
 
 
 def _ref_loss(xp, name, zs, ids, lp, tail, w, temp, mode, beta=0.5):

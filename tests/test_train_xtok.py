@@ -15,7 +15,7 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.loop import run
 from distill_jax.train.setup import RunSetup, teacher_tokenizer
-from distill_jax.train.step import DSKD_PARAMS, PROJECTOR, add_aux_params, init_state
+from distill_jax.train.step import LOSS, MODEL, init_loss_params, init_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINYX = REPO / "configs" / "tiny_xtok.yaml"
@@ -75,15 +75,16 @@ def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
     # differences stay at rounding level, where AdamW would divide near-zero gradients by
     # their own magnitude.
     opt = optax.sgd(1.0)
-    start = add_aux_params(student.params, setup.spec, student.config, teacher.config)
-    assert (PROJECTOR in start) == ("latents" in terms)
-    assert (DSKD_PARAMS in start) == ("dskd" in terms)
+    loss_params = init_loss_params(setup.spec, student.config, teacher.config, student.params)
+    assert ("alm_latents" in loss_params) == ("latents" in terms)
+    assert ("dskd" in loss_params) == ("dskd" in terms)
     params = {}
     for accum in (1, 2):
         setup.cfg = dataclasses.replace(
             cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum=accum))
         step = jax.jit(setup.train_step(opt, None))
-        state, metrics = step(init_state(start, opt), teacher.params, batch)
+        state, metrics = step(init_state(student.params, opt, loss_params=loss_params),
+                              teacher.params, batch)
         params[accum] = state.params
         assert np.isfinite(float(metrics["distill/loss"]))
     for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])):
@@ -137,8 +138,9 @@ def test_gradmag_weights(tmp_path):
     assert w_alm > 0 and w_sft > 0 and abs(w_alm + w_sft - 1.5) <= 1e-4
     # ALM's gradient at the last layer is much smaller than sft's, so GradMag lifts its weight.
     assert w_alm / w_sft > 1.0 / 0.5
-    with pytest.raises(ValueError, match="balance"):
-        load_run_config(REPO / "configs" / "tiny.yaml", ["loss.balance=gradmag"]).loss.spec()
+    # GradMag balances same-vocabulary terms too (tests/test_engine_terms.py checks it).
+    assert load_run_config(REPO / "configs" / "tiny.yaml",
+                           ["loss.balance=gradmag"]).loss.spec().balance == "gradmag"
 
 
 @pytest.mark.parametrize("case", ["alm_sft", "latents_dskd"])
@@ -149,18 +151,20 @@ def test_xtok_step_gradient_equals_autodiff_of_the_objective(tmp_path, case):
     alm + alm_latents through a projector + dskd (student width 16, teacher 32)."""
     import jax.numpy as jnp
     import optax
-    from distill_jax.losses import xtok
+    from distill_jax.losses import terms, xtok
     from distill_jax.models import Model, hidden_states, lm_head
-    from distill_jax.train.step import make_xtok_train_step, split_aux, teacher_token_stats
+    from distill_jax.train.step import make_xtok_train_step, teacher_token_stats
     over = (["loss.terms={alm: 1.0, sft: 0.3}"] if case == "alm_sft" else
             ["loss.terms={alm: 1.0, alm_latents: 2.0, dskd: 0.5}", NARROW, "data.batch_size=4",
              "data.seq_len=128", "data.teacher_seq_len=64"])
     cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, *over)
-    params0 = add_aux_params(student.params, setup.spec, student.config, teacher.config)
+    loss_params = init_loss_params(setup.spec, student.config, teacher.config, student.params)
     sgd = optax.sgd(1.0)
     step = jax.jit(make_xtok_train_step(student.config, teacher.config, setup.spec, sgd,
                                         chunk_size=64, **setup.xtok_args))
-    state, metrics = step(init_state(params0, sgd), teacher.params, batch)
+    state0 = init_state(student.params, sgd, loss_params=loss_params)
+    params0 = state0.params
+    state, metrics = step(state0, teacher.params, batch)
 
     stats = jax.jit(lambda tp, b: teacher_token_stats(
         teacher.config, tp, b, jnp.asarray(setup.xtok_args["teacher_word_start"]), chunk_size=64,
@@ -168,32 +172,27 @@ def test_xtok_step_gradient_equals_autodiff_of_the_objective(tmp_path, case):
     full = dict(batch, **stats)
     ids, t_ids = xtok.trained_chunks(full["chunk_ids"], full["teacher_chunk_ids"], full["loss_mask"])
     full["chunk_ids"], full["teacher_chunk_ids"] = ids, t_ids
-    norms = xtok.normalisers(setup.spec, full, full["teacher_boundary_logmass"],
-                             full["teacher_hidden"])
+    norms = terms.counts(setup.spec, full)
     teacher_model = Model(teacher.config, teacher.params)
 
     def objective(params):
-        model_p, aux = split_aux(params)
+        model_p = params[MODEL]
         m = Model(student.config, model_p)
         h = hidden_states(m, full["tokens"], positions=full["positions"],
                           segment_ids=full["segment_ids"])
-        sums = xtok.term_sums(setup.spec, full, student_h=h, student_head=lm_head(m),
-                              student_word_start=jnp.asarray(setup.xtok_args["student_word_start"]),
-                              teacher_logp=full["teacher_actual_logprob"],
-                              teacher_boundary=full["teacher_boundary_logmass"],
-                              teacher_h=full["teacher_hidden"], chunk_size=64,
-                              projector=aux.get(PROJECTOR), dskd_params=aux.get(DSKD_PARAMS),
-                              teacher_head=lm_head(teacher_model), student_embed=model_p["embed"],
-                              teacher_embed=teacher.params["embed"])
-        return xtok.objective(setup.spec, sums, norms)
+        sums = terms.term_sums(terms.HeadInputs(
+            setup.spec, full, student_h=h, student_head=lm_head(m),
+            student_word_start=jnp.asarray(setup.xtok_args["student_word_start"]),
+            chunk_size=64, params=params[LOSS], teacher_head=lm_head(teacher_model),
+            student_embed=model_p["embed"], teacher_embed=teacher.params["embed"]))
+        return terms.objective(setup.spec, sums, norms)
 
     value, grads = jax.jit(jax.value_and_grad(objective))(params0)
     assert abs(float(value) - float(metrics["distill/loss"])) <= 1e-5
     if case == "latents_dskd":
-        assert params0[PROJECTOR]["kernel"].shape == (16, 32)
+        assert params0[LOSS]["alm_latents"]["kernel"].shape == (16, 32)
         assert float(metrics["distill/alm_latents"]) > 0 and float(metrics["distill/dskd"]) > 0
-        for name, leaf in jax.tree_util.tree_leaves_with_path({k: grads[k] for k in
-                                                               (PROJECTOR, DSKD_PARAMS)}):
+        for name, leaf in jax.tree_util.tree_leaves_with_path(grads[LOSS]):
             assert float(jnp.max(jnp.abs(leaf))) > 0, name
     for p0, p1, g in zip(jax.tree.leaves(params0), jax.tree.leaves(state.params),
                          jax.tree.leaves(grads)):
@@ -218,9 +217,9 @@ def test_alm_latents_run_resumes_exactly_and_exports_without_projector(tmp_path)
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[1]["eval/alm_latents"] < evals[0]["eval/alm_latents"]
     state = checkpoint.load_state_dict(tmp_path / "straight" / "checkpoints")
-    assert state["params"][PROJECTOR]["kernel"].shape == (16, 32)
+    assert state["params"][LOSS]["alm_latents"]["kernel"].shape == (16, 32)
     model, _ = load_student(tmp_path / "straight")
-    assert PROJECTOR not in model.params and model.config.hidden_size == 16
+    assert set(model.params) == set(state["params"][MODEL]) and model.config.hidden_size == 16
     out = export_run(tmp_path / "straight", tmp_path / "export")
     assert (out / "config.json").exists()
     assert "latents" not in (out / "config.json").read_text()
@@ -238,14 +237,14 @@ def test_dskd_run_trains_its_projectors_and_exports_without_them(tmp_path):
     rows = _metrics(tmp_path)
     assert rows[-1]["distill/dskd_student_tokens"] > 0 and rows[-1]["distill/dskd_teacher_tokens"] > 0
     assert np.isfinite(rows[-1]["eval/dskd"]) and rows[-1]["eval/dskd"] > 0
-    trained = checkpoint.load_state_dict(tmp_path / "checkpoints")["params"][DSKD_PARAMS]
+    trained = checkpoint.load_state_dict(tmp_path / "checkpoints")["params"][LOSS]["dskd"]
     fresh = dskd.init_dskd_params(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0x1A7E), 1),
                                   16, 32)
     for name, shape in (("query", (32, 64)), ("t2s", (32, 16)), ("s2t", (16, 32))):
         assert trained[name].shape == shape
         assert 1e-4 < float(jnp.max(jnp.abs(trained[name] - fresh[name]))) < 0.05  # 4 small steps
     model, _ = load_student(tmp_path)
-    assert DSKD_PARAMS not in model.params
+    assert "dskd" not in model.params and "embed" in model.params
 
 
 @pytest.mark.parametrize("term", ["alm_latents", "dskd"])

@@ -17,21 +17,21 @@ Notation: ``p_T`` is the teacher distribution, ``p_S`` the student's, both at te
 
 - ``forward_kl``:      KL(p_T || p_S) = sum_v p_T (log p_T - log p_S)
 - ``reverse_kl``:      KL(p_S || p_T)
-- ``jsd`` (``beta``):  the *scaled* generalised Jensen-Shannon divergence
+- ``jsd`` (``beta``):  the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024),
+  numerically TRL's ``GKDTrainer.generalized_jsd_loss`` (times ``T**2``, as every divergence
+  here), endpoints included::
 
-      JS_beta  = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m),   m = beta p_T + (1 - beta) p_S
-      jsd_beta = JS_beta / (beta (1 - beta))     for 0 < beta < 1,
+      jsd_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m),   m = beta p_T + (1 - beta) p_S
       jsd_0    = KL(p_T || p_S)  (forward KL),   jsd_1 = KL(p_S || p_T)  (reverse KL).
 
-  ``JS_beta`` alone (the form in GKD, Agarwal et al. 2024) vanishes at both endpoints, because
-  ``JS_beta = beta KL(p_T || p_S) + O(beta**2)`` as beta -> 0 and
-  ``JS_beta = (1 - beta) KL(p_S || p_T) + O((1 - beta)**2)`` as beta -> 1. Dividing by
-  ``beta (1 - beta)`` (Nielsen's scaled skew Jensen-Shannon divergence) makes the family
-  continuous in beta with the two KLs as its limits, which the endpoints then equal exactly. At
-  beta = 1/2 it is ``4 * JS``, four times the usual Jensen-Shannon divergence
-  ``JS = KL(p_T || M) / 2 + KL(p_S || M) / 2`` with ``M = (p_T + p_S) / 2`` (bounded by
-  ``4 log 2``). The gradient direction for 0 < beta < 1 is that of GKD's JSD(beta); only its scale
-  differs, by the constant ``1 / (beta (1 - beta))``.
+  As TRL does, the endpoints are defined separately: the interior formula itself vanishes at
+  both ends (``jsd_beta = beta KL(p_T || p_S) + O(beta**2)``), so the family jumps there. At
+  beta = 1/2 it is the usual Jensen-Shannon divergence (bounded by ``log 2``), and weights and
+  ``beta`` values carry over from TRL / GKD recipes unchanged.
+- ``jsd_scaled`` (``beta``): ``jsd_beta / (beta (1 - beta))`` for 0 < beta < 1, with the same
+  endpoints (Nielsen's scaled skew Jensen-Shannon divergence): continuous in beta, the two KLs
+  being its limits; at beta = 1/2 it is four times ``jsd``. The gradient direction is that of
+  ``jsd``; only its scale differs, by the constant ``1 / (beta (1 - beta))``.
 - ``tvd``:             total variation 0.5 * sum_v |p_T - p_S|
 - ``skew_kl`` (``alpha``):          KL(p_T || alpha p_T + (1 - alpha) p_S)   (DistiLLM's SKL)
 - ``skew_reverse_kl`` (``alpha``):  KL(p_S || alpha p_S + (1 - alpha) p_T)   (DistiLLM's SRKL)
@@ -45,9 +45,10 @@ Numerics: ``0 * log 0 = 0`` everywhere, so vocabulary entries with ``-inf`` logi
 positions are replaced by zeros before anything is computed, so whatever they hold (even ``nan``
 or ``-inf``) changes neither the loss nor the gradients. Mask weights <= 0 mean "masked". Mixture
 log-ratios log(w_c + w q/p) use ``log1p(w expm1(.))`` (``logaddexp`` far out), with w and 1 - w
-formed in double precision, so ``jsd`` keeps its fp32 accuracy as beta approaches 0 or 1 (~1e-7
-relative against float64 at beta = 1e-5 and 1 - 1e-5; a naive form loses ~1e-8 / beta). The skew KLs with alpha very close to 1 are
-O((1 - alpha)**2) and lose relative (not absolute) accuracy there.
+formed in double precision, so ``jsd`` and ``jsd_scaled`` keep their fp32 accuracy as beta
+approaches 0 or 1 (~1e-7 relative against float64 at beta = 1e-5 and 1 - 1e-5; a naive form
+loses ~1e-8 / beta). The skew KLs with alpha very close to 1 are O((1 - alpha)**2) and lose
+relative (not absolute) accuracy there.
 
 ``LossSpec`` + ``combined_loss`` sum weighted terms (what the run config builds from YAML:
 ``loss: {terms: {forward_kl: 1.0, cross_entropy: 0.1}, temperature: 2.0, jsd_beta: 0.5}``);
@@ -76,12 +77,13 @@ PREFIX = "distill/"
 FORWARD_KL = "forward_kl"
 REVERSE_KL = "reverse_kl"
 JSD = "jsd"
+JSD_SCALED = "jsd_scaled"
 TVD = "tvd"
 SKEW_KL = "skew_kl"
 SKEW_REVERSE_KL = "skew_reverse_kl"
 CROSS_ENTROPY = "cross_entropy"
 
-DIVERGENCE_TERMS = (FORWARD_KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL)
+DIVERGENCE_TERMS = (FORWARD_KL, REVERSE_KL, JSD, JSD_SCALED, TVD, SKEW_KL, SKEW_REVERSE_KL)
 TERMS = DIVERGENCE_TERMS + (CROSS_ENTROPY,)
 
 TOKENS = PREFIX + "tokens"          # number (sum of weights) of unmasked tokens
@@ -148,35 +150,40 @@ def _kl_to_mixture(logp_xV: Array, logq_xV: Array, w: float) -> Array:
     return -jnp.sum(jnp.exp(logp_xV) * _log_mix_ratio(1.0 - w, w, x), axis=-1)
 
 
-def _jsd(logs_xV: Array, logt_xV: Array, beta: float) -> Array:
+def _jsd(logs_xV: Array, logt_xV: Array, beta: float, scaled: bool = False) -> Array:
+    """GKD's generalised JSD(beta) per token (TRL's endpoints), or with ``scaled`` that
+    divided by beta (1 - beta)."""
     if beta == 0.0:
         return _kl(logt_xV, logs_xV)
     if beta == 1.0:
         return _kl(logs_xV, logt_xV)
     js = beta * _kl_to_mixture(logt_xV, logs_xV, beta) \
         + (1.0 - beta) * _kl_to_mixture(logs_xV, logt_xV, 1.0 - beta)
-    return js / (beta * (1.0 - beta))
+    return js / (beta * (1.0 - beta)) if scaled else js
 
 
 def _tvd(logs_xV: Array, logt_xV: Array) -> Array:
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logt_xV) - jnp.exp(logs_xV)), axis=-1)
 
 
-def _divergence(name: str, logs_xV: Array, logt_xV: Array, *, beta: float, alpha: float) -> Array:
+# Per-token divergence of every divergence term: ``fn(logs_xV, logt_xV, beta, alpha)`` from
+# student and teacher log-probs (the one table the dense and sparse losses dispatch on).
+PER_TOKEN: dict[str, Callable[[Array, Array, float, float], Array]] = {
+    FORWARD_KL: lambda logs, logt, beta, alpha: _kl(logt, logs),
+    REVERSE_KL: lambda logs, logt, beta, alpha: _kl(logs, logt),
+    JSD: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta),
+    JSD_SCALED: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta, scaled=True),
+    TVD: lambda logs, logt, beta, alpha: _tvd(logs, logt),
+    SKEW_KL: lambda logs, logt, beta, alpha: _kl_to_mixture(logt, logs, alpha),
+    SKEW_REVERSE_KL: lambda logs, logt, beta, alpha: _kl_to_mixture(logs, logt, alpha),
+}
+
+
+def divergence(name: str, logs_xV: Array, logt_xV: Array, *, beta: float, alpha: float) -> Array:
     """Per-token divergence ``name`` from student and teacher log-probs."""
-    if name == FORWARD_KL:
-        return _kl(logt_xV, logs_xV)
-    if name == REVERSE_KL:
-        return _kl(logs_xV, logt_xV)
-    if name == JSD:
-        return _jsd(logs_xV, logt_xV, beta)
-    if name == TVD:
-        return _tvd(logs_xV, logt_xV)
-    if name == SKEW_KL:
-        return _kl_to_mixture(logt_xV, logs_xV, alpha)
-    if name == SKEW_REVERSE_KL:
-        return _kl_to_mixture(logs_xV, logt_xV, alpha)
-    raise ValueError(_unknown(name, DIVERGENCE_TERMS, "divergence"))
+    if name not in PER_TOKEN:
+        raise ValueError(_unknown(name, DIVERGENCE_TERMS, "divergence"))
+    return PER_TOKEN[name](logs_xV, logt_xV, beta, alpha)
 
 
 def _cross_entropy(logp_xV: Array, labels_x: Array) -> Array:
@@ -248,7 +255,7 @@ def _divergence_loss(name: str, student_logits_xV: Array, teacher_logits_xV: Arr
     w_x = token_weights(mask_x, student_logits_xV.shape[:-1])
     logs = _log_probs(student_logits_xV, w_x, temperature)
     logt = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temperature)
-    per_token = _divergence(name, logs, logt, beta=beta, alpha=alpha) * temperature ** 2
+    per_token = divergence(name, logs, logt, beta=beta, alpha=alpha) * temperature ** 2
     return _single(name, _masked_sum(per_token, w_x), token_count(w_x))
 
 
@@ -271,14 +278,23 @@ def reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array, *,
 
 def jsd(student_logits: Array, teacher_logits: Array, mask: Array, *, temperature: float = 1.0,
         beta: float = 0.5) -> tuple[Array, Metrics]:
-    """Masked mean of the scaled generalised JSD(beta) * T^2 (see the module docstring).
+    """Masked mean of GKD's generalised JSD(beta) * T^2 (see the module docstring): TRL's
+    ``generalized_jsd_loss`` with the same beta.
 
-    jsd_beta = [beta KL(p_T || m) + (1 - beta) KL(p_S || m)] / (beta (1 - beta)) with
-    m = beta p_T + (1 - beta) p_S; beta = 0 is forward KL, beta = 1 reverse KL (the limits),
-    beta = 0.5 is 4x the usual Jensen-Shannon divergence.
+    jsd_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m) with m = beta p_T + (1 - beta) p_S;
+    beta = 0 is forward KL, beta = 1 reverse KL, beta = 0.5 the usual Jensen-Shannon divergence.
     """
     _check_beta(beta)
     return _divergence_loss(JSD, student_logits, teacher_logits, mask, temperature, beta=beta)
+
+
+def jsd_scaled(student_logits: Array, teacher_logits: Array, mask: Array, *,
+               temperature: float = 1.0, beta: float = 0.5) -> tuple[Array, Metrics]:
+    """Masked mean of JSD(beta) / (beta (1 - beta)) * T^2: continuous in beta, forward KL at
+    beta = 0 and reverse KL at beta = 1 as its limits, 4x ``jsd`` at beta = 0.5."""
+    _check_beta(beta)
+    return _divergence_loss(JSD_SCALED, student_logits, teacher_logits, mask, temperature,
+                            beta=beta)
 
 
 def tvd(student_logits: Array, teacher_logits: Array, mask: Array, *,
@@ -314,8 +330,8 @@ def cross_entropy(student_logits: Array, labels: Array, mask: Array) -> tuple[Ar
 
 
 DIVERGENCES: dict[str, Callable[..., tuple[Array, Metrics]]] = {
-    FORWARD_KL: forward_kl, REVERSE_KL: reverse_kl, JSD: jsd, TVD: tvd, SKEW_KL: skew_kl,
-    SKEW_REVERSE_KL: skew_reverse_kl,
+    FORWARD_KL: forward_kl, REVERSE_KL: reverse_kl, JSD: jsd, JSD_SCALED: jsd_scaled, TVD: tvd,
+    SKEW_KL: skew_kl, SKEW_REVERSE_KL: skew_reverse_kl,
 }
 
 
@@ -346,22 +362,33 @@ class LossSpec:
 
     ``terms`` maps term names (``TERMS``) to weights; a mapping is accepted and stored as a
     sorted tuple of pairs. ``temperature`` applies to every divergence (with T^2 scaling), never
-    to ``cross_entropy``. ``jsd_beta`` and ``skew_alpha`` configure ``jsd`` and the skew KLs.
+    to ``cross_entropy``. ``jsd_beta`` and ``skew_alpha`` configure ``jsd`` / ``jsd_scaled``
+    and the skew KLs. ``chunk_terms``: ``(name, fn)`` pairs of further terms that read the
+    teacher and the labels, each ``fn(student_logits_xV, teacher, labels_x, w_x, spec) -> sum``
+    where ``teacher`` is ``{"logits": ...}`` (live) or the cache's ``{"topk_ids",
+    "topk_logprobs", "tail_logmass"}`` (see ``distill_jax.losses.terms``). ``balance``:
+    ``none`` or ``gradmag`` (the step weighs the terms by their gradient magnitude at the
+    student's final hidden states; ``distill_jax.losses.xtok.balance_weights``).
     """
 
     terms: Any = ((FORWARD_KL, 1.0),)
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    chunk_terms: Any = ()
+    balance: str = "none"
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
         terms = tuple(sorted((str(k), float(v)) for k, v in items))
         if not terms:
             raise ValueError("a loss needs at least one term, e.g. terms={'forward_kl': 1.0}")
+        chunk_terms = tuple((str(n), fn) for n, fn in self.chunk_terms)
+        known = TERMS + tuple(n for n, _ in chunk_terms)
         for name, _ in terms:
-            if name not in TERMS:
-                raise ValueError(_unknown(name, TERMS, "loss term"))
+            if name not in known:
+                raise ValueError(_unknown(name, known, "loss term"))
+        object.__setattr__(self, "chunk_terms", chunk_terms)
         if len({n for n, _ in terms}) != len(terms):
             raise ValueError(f"duplicate loss terms in {terms}")
         object.__setattr__(self, "terms", terms)
@@ -371,6 +398,8 @@ class LossSpec:
         _check_temperature(self.temperature)
         _check_beta(self.jsd_beta)
         _check_alpha(self.skew_alpha)
+        if self.balance not in ("none", "gradmag"):
+            raise ValueError(f"unknown loss balance {self.balance!r}; known: none, gradmag")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LossSpec":
@@ -387,11 +416,11 @@ class LossSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(name in DIVERGENCE_TERMS for name, _ in self.terms)
+        return any(name in DIVERGENCE_TERMS for name, _ in self.terms) or bool(self.chunk_terms)
 
     @property
     def needs_labels(self) -> bool:
-        return any(name == CROSS_ENTROPY for name, _ in self.terms)
+        return any(name == CROSS_ENTROPY for name, _ in self.terms) or bool(self.chunk_terms)
 
 
 def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_x: Array | None,
@@ -409,7 +438,7 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
         logt_T = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temp)
         for name, _ in spec.terms:
             if name in DIVERGENCE_TERMS:
-                per_token = _divergence(name, logs_T, logt_T, beta=spec.jsd_beta,
+                per_token = divergence(name, logs_T, logt_T, beta=spec.jsd_beta,
                                         alpha=spec.skew_alpha) * temp ** 2
                 sums[name] = _masked_sum(per_token, w_x)
     if spec.needs_labels:
@@ -417,10 +446,14 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
             raise ValueError("this loss has a cross_entropy term but no labels were given")
         if labels_x.shape != w_x.shape:
             raise ValueError(f"labels have shape {labels_x.shape}, expected {w_x.shape}")
+    if CROSS_ENTROPY in spec.weights:
         logp = logs_T if (logs_T is not None and temp == 1.0) \
             else _log_probs(student_logits_xV, w_x, 1.0)
         ce = _cross_entropy(logp, jnp.where(w_x > 0, labels_x, 0))
         sums[CROSS_ENTROPY] = _masked_sum(ce, w_x)
+    for name, fn in spec.chunk_terms:
+        if name in spec.weights:
+            sums[name] = fn(student_logits_xV, {"logits": teacher_logits_xV}, labels_x, w_x, spec)
     return sums
 
 

@@ -55,7 +55,8 @@ equals ``kd.<loss>(student_logits, teacher_logits, mask, temperature=T)``.
 
 Divergences are the dense ones applied to the (k + 1)- or k-outcome distributions (``kd``'s
 per-token helpers, so ``0 log 0 = 0``, the accurate mixture log-ratios and the *scaled*
-generalised JSD(beta) with beta = 0 forward KL and beta = 1 reverse KL all carry over).
+generalised JSD(beta) of GKD / TRL with beta = 0 forward KL and beta = 1 reverse KL, and its
+scaled variant ``jsd_scaled``, all carry over).
 ``sparse_term_sums`` also accepts ``tvd``, ``skew_kl`` and ``skew_reverse_kl`` (the same
 divergences of the sparse distributions).
 
@@ -237,7 +238,7 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
         logs, logt = _sparse_log_probs(z, ids, logt_k, tl, tail)
         for name, _ in spec.terms:
             if name in kd.DIVERGENCE_TERMS:
-                per_token = kd._divergence(name, logs, logt, beta=spec.jsd_beta,
+                per_token = kd.divergence(name, logs, logt, beta=spec.jsd_beta,
                                            alpha=spec.skew_alpha) * temp ** 2
                 sums[name] = kd._masked_sum(per_token, w_x)
     if spec.needs_labels:
@@ -245,6 +246,12 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
             raise ValueError("this loss has a cross_entropy term but no labels were given")
         if labels_x.shape != w_x.shape:
             raise ValueError(f"labels have shape {labels_x.shape}, expected {w_x.shape}")
+    for name, fn in spec.chunk_terms:
+        if name in spec.weights:
+            teacher = {"topk_ids": topk_ids_xK, "topk_logprobs": topk_logprobs_xK,
+                       "tail_logmass": tail_logmass_x if tail == BUCKET else None}
+            sums[name] = fn(student_logits_xV, teacher, labels_x, w_x, spec)
+    if kd.CROSS_ENTROPY in spec.weights:
         z1 = kd._masked_logits(student_logits_xV, w_x)
         lab = jnp.where(w_x > 0, labels_x, 0).astype(jnp.int32)
         ce = jax.nn.logsumexp(z1, axis=-1) \
@@ -293,14 +300,22 @@ def sparse_reverse_kl(student_logits: Array, topk_ids: Array, topk_logprobs: Arr
 def sparse_jsd(student_logits: Array, topk_ids: Array, topk_logprobs: Array,
                tail_logmass: Array | None, mask: Array, *, temperature: float = 1.0,
                tail: str = BUCKET, beta: float = 0.5) -> tuple[Array, Metrics]:
-    """Masked mean of the scaled generalised JSD(beta) * T^2 over the sparse distributions:
-    ``kd.jsd``'s convention (beta = 0 forward KL, beta = 1 reverse KL, 0.5 is 4x JS)."""
+    """Masked mean of GKD's generalised JSD(beta) * T^2 over the sparse distributions:
+    ``kd.jsd``'s convention (TRL's; beta = 0 forward KL, beta = 1 reverse KL)."""
     return _sparse_loss(kd.JSD, student_logits, topk_ids, topk_logprobs, tail_logmass, mask,
                         temperature, tail, beta=beta)
 
 
+def sparse_jsd_scaled(student_logits: Array, topk_ids: Array, topk_logprobs: Array,
+                      tail_logmass: Array | None, mask: Array, *, temperature: float = 1.0,
+                      tail: str = BUCKET, beta: float = 0.5) -> tuple[Array, Metrics]:
+    """``sparse_jsd`` divided by beta (1 - beta) for 0 < beta < 1 (``kd.jsd_scaled``)."""
+    return _sparse_loss(kd.JSD_SCALED, student_logits, topk_ids, topk_logprobs, tail_logmass,
+                        mask, temperature, tail, beta=beta)
+
+
 SPARSE_DIVERGENCES = {kd.FORWARD_KL: sparse_forward_kl, kd.REVERSE_KL: sparse_reverse_kl,
-                      kd.JSD: sparse_jsd}
+                      kd.JSD: sparse_jsd, kd.JSD_SCALED: sparse_jsd_scaled}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,14 +20,15 @@ A cross-tokenizer batch holds the student's rows and the teacher's rows of the s
 The teacher side of ``alm`` needs only two numbers per teacher token (the actual next token's
 log-prob and the log-mass of next tokens that start a word), so it comes either from the live
 teacher or from a cache. Each term is a masked *sum*; the normaliser of each term is a function
-of the batch and the teacher alone (:func:`normalisers`), computed over the whole global batch
-before any micro-batch, which keeps gradient accumulation and multi-host averaging exact.
+of the batch and the teacher alone, computed over the whole global batch before any
+micro-batch, which keeps gradient accumulation and multi-host averaging exact. This module holds
+the math; the terms' declarations (what each needs, its params, its sums and normaliser) are in
+:mod:`distill_jax.losses.terms`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Mapping
 
 import jax
@@ -43,7 +44,6 @@ ULD = "uld"
 MINED = "mined"
 LATENTS = "alm_latents"
 DSKD = "dskd"
-TERMS = (ALM, SFT, ULD, MINED, LATENTS, DSKD)
 DISTANCES = ("binary_ce", "abs", "reverse_binary_kl")
 BALANCES = ("none", "gradmag")
 
@@ -56,7 +56,7 @@ DSKD_STUDENT = kd.PREFIX + "dskd_student_tokens"  # student positions DSKD avera
 DSKD_TEACHER = kd.PREFIX + "dskd_teacher_tokens"  # teacher positions its teacher space averages over
 DSKD_TEACHER_SUM = kd.PREFIX + "dskd_teacher_sum"  # the teacher-space part's sum
 DSKD_T2S_CORRECT = kd.PREFIX + "dskd_t2s_correct"  # student positions its student-space KL covers
-# every whole-batch normaliser
+# every whole-batch normaliser of the built-in terms
 NORMS = (kd.TOKENS, CHUNKS, PAIRS, LATENT_PAIRS, LATENT_SCALE, DSKD_STUDENT, DSKD_TEACHER)
 
 
@@ -97,14 +97,6 @@ class XtokSpec:
         terms = tuple(sorted((str(k), float(v)) for k, v in items))
         if not terms:
             raise ValueError("a cross-tokenizer loss needs at least one term, e.g. {alm: 1.0}")
-        for name, _ in terms:
-            if name not in TERMS:
-                close = difflib.get_close_matches(name, TERMS + kd.TERMS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"loss term {name!r} is not a cross-tokenizer term.{hint} The teacher and the "
-                    f"student have different tokenizers, so the terms are {', '.join(TERMS)} "
-                    "(same-vocabulary divergences need one tokenizer).")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown ALM distance {self.distance!r}; known: {', '.join(DISTANCES)}")
         if self.balance not in BALANCES:
@@ -122,22 +114,6 @@ class XtokSpec:
     @property
     def weights(self) -> dict[str, float]:
         return dict(self.terms)
-
-    @property
-    def needs_teacher_logits(self) -> bool:
-        """Whether a term needs the teacher's full distributions (the baselines), not just the
-        two per-token numbers ALM uses."""
-        return any(name in (ULD, MINED) for name, _ in self.terms)
-
-    @property
-    def needs_teacher_hidden(self) -> bool:
-        """Whether a term reads the live teacher's final hidden states (baselines, latents,
-        DSKD)."""
-        return self.needs_teacher_logits or LATENTS in self.weights or DSKD in self.weights
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(name != SFT for name, _ in self.terms)
 
     def uses_projector(self, student_width: int, teacher_width: int) -> bool:
         """Whether ``alm_latents`` trains a projector between these hidden widths (raises when
@@ -179,61 +155,20 @@ def trained_chunks(chunk_ids: Array, teacher_chunk_ids: Array, loss_mask: Array,
     return drop(chunk_ids), drop(teacher_chunk_ids)
 
 
-def normalisers(spec: XtokSpec, batch: Mapping[str, Array], teacher_boundary: Array | None,
-                teacher_hidden: Array | None = None) -> dict[str, Array]:
-    """The count each term's sum is divided by, from the whole (global) batch: trained student
-    tokens (``sft``), merged chunks (``alm``; needs the teacher's boundary log-mass), aligned
-    chunk-start pairs (``uld``, ``mined``), and for ``alm_latents`` the teacher's squared
-    hidden-state norm summed over the chunk-end pairs (needs its final hidden states)."""
-    out = {kd.TOKENS: jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)}
-    if ALM in spec.weights:
-        groups = alm.alm_groups(teacher_boundary, batch["teacher_chunk_ids"],
-                                batch["teacher_segment_ids"], student_chunk_ids=batch["chunk_ids"],
-                                merge_threshold=spec.merge_threshold)
-        out[CHUNKS] = jnp.asarray(groups["count"], jnp.float32)
-    if spec.needs_teacher_logits:
-        from distill_jax.losses import xtok_baselines
-        _, _, mask = xtok_baselines.aligned_pairs(batch["chunk_ids"], batch["teacher_chunk_ids"])
-        out[PAIRS] = jnp.sum(mask).astype(jnp.float32)
-    if LATENTS in spec.weights:
-        _, tpos, mask = chunk_end_pairs(batch["chunk_ids"], batch["segment_ids"],
-                                        batch["teacher_chunk_ids"], batch["teacher_segment_ids"])
-        ht = _gather_rows(jax.lax.stop_gradient(teacher_hidden), tpos).astype(jnp.float32)
-        out[LATENT_PAIRS] = jnp.sum(mask).astype(jnp.float32)
-        out[LATENT_SCALE] = jnp.sum(jnp.where(mask, jnp.sum(jnp.square(ht), axis=-1), 0.0))
-    if DSKD in spec.weights:
-        from distill_jax.losses import dskd
-        counts = dskd.dskd_counts(targets=batch["targets"], loss_mask=batch["loss_mask"],
-                                  segment_ids=batch["segment_ids"],
-                                  teacher_segment_ids=batch["teacher_segment_ids"],
-                                  teacher_mask=dskd_teacher_mask(batch))
-        out[DSKD_STUDENT] = counts[dskd.STUDENT_TOKENS]
-        out[DSKD_TEACHER] = counts[dskd.TEACHER_TOKENS]
-    return out
+def latents_counts(batch: Mapping[str, Array]) -> dict[str, Array]:
+    """``alm_latents``' whole-batch normaliser: the chunk-end pairs it compares, and the
+    teacher's squared hidden-state norm summed over them (needs ``batch["teacher_hidden"]``)."""
+    _, tpos, mask = chunk_end_pairs(batch["chunk_ids"], batch["segment_ids"],
+                                    batch["teacher_chunk_ids"], batch["teacher_segment_ids"])
+    ht = gather_rows(jax.lax.stop_gradient(batch["teacher_hidden"]), tpos).astype(jnp.float32)
+    return {LATENT_PAIRS: jnp.sum(mask).astype(jnp.float32),
+            LATENT_SCALE: jnp.sum(jnp.where(mask, jnp.sum(jnp.square(ht), axis=-1), 0.0))}
 
 
 def dskd_teacher_mask(batch: Mapping[str, Array]) -> Array:
     """The teacher positions DSKD's teacher-space KL covers: those whose target lies in a
     trained chunk (after :func:`trained_chunks`)."""
     return batch["teacher_chunk_ids"] >= 0
-
-
-def _norm_key(name: str) -> str:
-    return {ALM: CHUNKS, SFT: kd.TOKENS, LATENTS: LATENT_SCALE, DSKD: DSKD_STUDENT}.get(name, PAIRS)
-
-
-def _normalise(sums: Mapping[str, Array], norms: Mapping[str, Array], name: str) -> Array:
-    """A term's (micro-)batch sum over its whole-batch normaliser: a count, for
-    ``alm_latents`` a sum of squares (0 gives 0, not a division by zero), and for ``dskd`` its
-    student-space sum over student positions plus its teacher-space sum over teacher ones."""
-    total = sums[kd.sum_key(name)]
-    norm = norms[_norm_key(name)]
-    if name == LATENTS:
-        return total / jnp.where(norm > 0, norm, 1.0)
-    if name == DSKD:
-        return (total / jnp.maximum(norm, 1.0)
-                + sums[DSKD_TEACHER_SUM] / jnp.maximum(norms[DSKD_TEACHER], 1.0))
-    return total / jnp.maximum(norm, 1.0)
 
 
 def chunk_ends(chunk_ids_BL: Array, segment_ids_BL: Array, num_chunks: int
@@ -271,8 +206,8 @@ def latents_sums(student_h: Array, teacher_h: Array, batch: Mapping[str, Array],
     with ``P(x) = x @ kernel + bias`` when a ``projector`` is given, else the identity."""
     spos, tpos, mask = chunk_end_pairs(batch["chunk_ids"], batch["segment_ids"],
                                        batch["teacher_chunk_ids"], batch["teacher_segment_ids"])
-    hs = _gather_rows(student_h, spos).astype(jnp.float32)
-    ht = _gather_rows(jax.lax.stop_gradient(teacher_h), tpos).astype(jnp.float32)
+    hs = gather_rows(student_h, spos).astype(jnp.float32)
+    ht = gather_rows(jax.lax.stop_gradient(teacher_h), tpos).astype(jnp.float32)
     if projector is not None:
         hs = hs @ projector["kernel"].astype(jnp.float32) + projector["bias"].astype(jnp.float32)
     if hs.shape[-1] != ht.shape[-1]:
@@ -291,11 +226,11 @@ def init_projector(key: Array, student_width: int, teacher_width: int,
             "bias": jnp.zeros((teacher_width,), dtype)}
 
 
-def _gather_rows(x_BLD: Array, pos_BC: Array) -> Array:
+def gather_rows(x_BLD: Array, pos_BC: Array) -> Array:
     return jnp.take_along_axis(x_BLD, pos_BC[..., None], axis=1)
 
 
-def _pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: Array,
+def pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: Array,
                head_t: Array, w_BC: Array, *, student_softcap, teacher_softcap, chunk_size: int,
                mined_map: Array | None) -> Array:
     """A baseline's sum over aligned pairs, computing both sides' logits in pair chunks."""
@@ -322,83 +257,9 @@ def _pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: 
     return total
 
 
-def term_sums(spec: XtokSpec, batch: Mapping[str, Array], *, student_h: Array, student_head: Array,
-              student_word_start: Array, teacher_logp: Array | None, teacher_boundary: Array | None,
-              teacher_h: Array | None = None, teacher_head: Array | None = None,
-              student_softcap: float | None = None, teacher_softcap: float | None = None,
-              mined_map: Array | None = None, chunk_size: int = 512,
-              projector: Mapping[str, Array] | None = None,
-              dskd_params: Mapping[str, Array] | None = None, student_embed: Array | None = None,
-              teacher_embed: Array | None = None) -> dict[str, Array]:
-    """Each term's sum over one (micro-)batch, keyed by ``kd.sum_key(term)``.
-
-    ``student_h`` are the student's final hidden states (B, L, D) and ``student_head`` its (D, V)
-    projection; ``teacher_logp`` / ``teacher_boundary`` (B, Lt) the teacher's per-token numbers
-    (for ``alm``); ``teacher_h`` / ``teacher_head`` its hidden states and head (for the baselines;
-    ``alm_latents`` needs ``teacher_h``, and ``projector`` when the widths differ; ``dskd``
-    needs ``teacher_h``, ``teacher_head``, both embedding tables, the teacher's tokens and
-    targets in ``batch``, and its ``dskd_params``).
-    """
-    w = spec.weights
-    sums: dict[str, Array] = {}
-    logp, boundary = alm.token_stats(student_h, student_head, batch["targets"], student_word_start,
-                                     softcap=student_softcap, chunk_size=chunk_size)
-    if SFT in w:
-        sums[kd.sum_key(SFT)] = -jnp.sum(jnp.where(batch["loss_mask"] > 0, logp, 0.0))
-    if ALM in w:
-        out = alm.alm_sums(logp, boundary, batch["chunk_ids"], batch["segment_ids"],
-                           jax.lax.stop_gradient(teacher_logp), jax.lax.stop_gradient(teacher_boundary),
-                           batch["teacher_chunk_ids"], batch["teacher_segment_ids"],
-                           append_space=spec.append_space, merge_threshold=spec.merge_threshold,
-                           distance=spec.distance, tau=spec.tau)
-        sums[kd.sum_key(ALM)] = out["sum"]
-    if spec.needs_teacher_logits:
-        from distill_jax.losses import xtok_baselines
-        spos, tpos, mask = xtok_baselines.aligned_pairs(batch["chunk_ids"], batch["teacher_chunk_ids"])
-        hs = _gather_rows(student_h, spos)
-        ht = _gather_rows(jax.lax.stop_gradient(teacher_h), tpos)
-        for name in (ULD, MINED):
-            if name in w:
-                sums[kd.sum_key(name)] = _pair_sums(
-                    spec, name, hs, student_head, ht, jax.lax.stop_gradient(teacher_head), mask,
-                    student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                    chunk_size=chunk_size, mined_map=mined_map)
-    if LATENTS in w:
-        if teacher_h is None:
-            raise ValueError("alm_latents needs the live teacher's hidden states (teacher_h)")
-        sums[kd.sum_key(LATENTS)] = latents_sums(student_h, teacher_h, batch, projector)
-    if DSKD in w:
-        from distill_jax.losses import dskd
-        if dskd_params is None or teacher_h is None or teacher_head is None \
-                or student_embed is None or teacher_embed is None:
-            raise ValueError("dskd needs the live teacher's hidden states, head and embeddings, "
-                             "the student's embeddings, and its projectors (dskd_params; see "
-                             "train.step.add_aux_params)")
-        out = dskd.dskd_sums(
-            h_s=student_h, head_s=student_head, emb_s=student_embed, tokens=batch["tokens"],
-            targets=batch["targets"], loss_mask=batch["loss_mask"],
-            segment_ids=batch["segment_ids"], h_t=teacher_h, head_t=teacher_head,
-            emb_t=teacher_embed, teacher_tokens=batch["teacher_tokens"],
-            teacher_targets=batch["teacher_targets"],
-            teacher_segment_ids=batch["teacher_segment_ids"],
-            teacher_mask=dskd_teacher_mask(batch), params=dskd_params,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            chunk_size=chunk_size)
-        sums[kd.sum_key(DSKD)] = out[dskd.CE_T2S] + out[dskd.KD_STUDENT]
-        sums[DSKD_TEACHER_SUM] = out[dskd.KD_TEACHER]
-        sums[DSKD_T2S_CORRECT] = out[dskd.T2S_CORRECT]
-    return sums
-
-
 def weight_key(term: str) -> str:
     """Metric name of a term's effective weight (GradMag changes it every step)."""
     return f"{kd.PREFIX}weight_{term}"
-
-
-def normalised_terms(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]
-                     ) -> dict[str, Array]:
-    """Each term's (micro-)batch sum divided by its whole-batch count, keyed by term name."""
-    return {name: _normalise(sums, norms, name) for name, _ in spec.terms}
 
 
 def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[str, Array]:
@@ -421,22 +282,3 @@ def balance_weights(spec: XtokSpec, normed: Mapping[str, Array], vjp) -> dict[st
     total = sum(configured.values())
     scale = total / jnp.maximum(sum(raw.values()), 1e-12)
     return {k: jax.lax.stop_gradient(v * scale) for k, v in raw.items()}
-
-
-def objective(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]) -> Array:
-    """The weighted loss of a (micro-)batch's sums: sum_t w_t * sum_t / count_t, with the counts
-    of the whole global batch (so micro-batch objectives add up to the batch's loss)."""
-    total = jnp.zeros((), jnp.float32)
-    for name, weight in spec.terms:
-        total = total + weight * _normalise(sums, norms, name)
-    return total
-
-
-def summarize(spec: XtokSpec, sums: Mapping[str, Array], norms: Mapping[str, Array]) -> dict[str, Array]:
-    """Metrics: each term's sum and mean, the counts, and the weighted total ``distill/loss``."""
-    out = dict(sums)
-    out.update(norms)
-    for name, _ in spec.terms:
-        out[kd.metric_key(name)] = _normalise(sums, norms, name)
-    out[kd.LOSS] = objective(spec, sums, norms)
-    return out

@@ -24,8 +24,8 @@ from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build, optim
 from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
                                      teacher_tokenizer)
-from distill_jax.train.step import (add_aux_params, check_cacheable, init_state,
-                                    jit_train_step)
+from distill_jax.losses import terms
+from distill_jax.train.step import init_loss_params, init_state, jit_train_step
 
 LOCK_FILE = "train.lock"  # held by the run's main process while it trains
 
@@ -49,25 +49,27 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     mesh, rules = build.make_mesh(cfg.mesh)
     spec = cfg.loss.spec()
 
-    cached = bool(cfg.teacher is not None and cfg.teacher.cache and spec.needs_teacher)
-    if cached and cfg.loss.cross_tokenizer:
-        check_cacheable(spec)  # before loading anything
+    needs_teacher = terms.needs_teacher(cfg.loss.terms)
+    cached = bool(cfg.teacher is not None and cfg.teacher.cache and needs_teacher)
+    vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
+    terms.check_signal(cfg.loss.terms, terms.signal_for(vocabulary, cached))  # before loading
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     teacher_tok = teacher_tokenizer(cfg, tokenizer)
     teacher = None
-    if cfg.teacher is not None and ((spec.needs_teacher and not cached)
+    if cfg.teacher is not None and ((needs_teacher and not cached)
                                     or cfg.student.init in ("teacher_layers", "transfer")):
         teacher = build.load_model(cfg.teacher, mesh, rules)
     student = build.build_student(cfg.student, teacher, mesh, rules, student_tokenizer=tokenizer,
                                   teacher_tokenizer=teacher_tok)
-    if not spec.needs_teacher or cached:
+    if not needs_teacher or cached:
         teacher = None  # a cached teacher never runs
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
-    params = student.params
-    if cfg.loss.cross_tokenizer and teacher is not None:  # alm_latents / DSKD projectors
-        params = add_aux_params(params, spec, student.config, teacher.config, cfg.seed)
-    state = init_state(params, optimizer, cfg.seed)
+    loss_params = {}
+    if teacher is not None:  # params of the loss terms (alm_latents / DSKD projectors)
+        loss_params = init_loss_params(spec, student.config, teacher.config, student.params,
+                                       cfg.seed)
+    state = init_state(student.params, optimizer, cfg.seed, loss_params)
 
     reader = None
     if cached:

@@ -17,7 +17,7 @@ import numpy as np
 
 from distill_jax import data
 from distill_jax.config import RunConfig
-from distill_jax.losses.xtok import NORMS
+from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train.step import (batch_keys, make_eval_step, make_train_step,
                                     make_xtok_train_step, summarize)
@@ -73,12 +73,11 @@ class RunSetup:
         self.xtok_args: dict[str, Any] = {}
         if self.xtok:
             from distill_jax.cache.build import word_start_mask
-            from distill_jax.losses.xtok import MINED
             args = {"student_word_start": word_start_mask(tokenizer, student_cfg.vocab_size)}
             if teacher_cfg is not None:
                 args["teacher_word_start"] = word_start_mask(teacher_tokenizer,
                                                              teacher_cfg.vocab_size)
-            if MINED in spec.weights:
+            if terms.VOCAB_MAP in terms.needs(spec.weights):
                 from distill_jax.losses.xtok_baselines import mined_mapping
                 args["mined_map"] = mined_mapping(tokenizer, teacher_tokenizer,
                                                  student_vocab_size=student_cfg.vocab_size)
@@ -103,6 +102,7 @@ class RunSetup:
                                cache_tail=cfg.loss.tail if self.cached else None)
 
     def eval_step(self):
+        """``(params, teacher_params, batch) -> (sums, counts)``; :meth:`means` finishes."""
         if self.xtok:
             return make_xtok_train_step(
                 self.student_cfg, self.teacher_cfg, self.spec, None, None,
@@ -110,8 +110,13 @@ class RunSetup:
                 **self.xtok_args)
         step = make_eval_step(self.student_cfg, self.teacher_cfg, self.spec,
                               chunk_size=self.cfg.loss.chunk_size)
-        return lambda params, teacher_params, batch: summarize(
-            step(params, teacher_params, batch), self.spec)
+        return lambda params, teacher_params, batch: (step(params, teacher_params, batch), {})
+
+    def means(self, sums, counts):
+        """Metrics (means, sums, counts) from sums and counts added over batches."""
+        if self.xtok:
+            return terms.summarize(self.spec, sums, counts)
+        return summarize(sums, self.spec)
 
 
 def make_evaluator(setup: RunSetup, batch_sharding):
@@ -133,17 +138,10 @@ def make_evaluator(setup: RunSetup, batch_sharding):
         iterator = setup.data_iterator(eval_data)
         total = None
         for _ in range(cfg.eval.batches):
-            metrics = step(params, teacher_params,
-                           global_batch(next(iterator), batch_sharding, keys))
-            sums = {k: v for k, v in metrics.items()
-                    if k.endswith("_sum") or k in NORMS}
-            total = sums if total is None else jax.tree.map(jax.numpy.add, total, sums)
+            out = step(params, teacher_params, global_batch(next(iterator), batch_sharding, keys))
+            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
         iterator.close()
-        if setup.xtok:
-            from distill_jax.losses import xtok
-            means = xtok.summarize(setup.spec, total, {k: total[k] for k in NORMS if k in total})
-        else:
-            means = summarize(total, setup.spec)
+        means = setup.means(*total)
         return {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
                 if not k.endswith("_sum")}
 
@@ -158,7 +156,7 @@ def teacher_tokenizer(cfg: RunConfig, tokenizer):
     if path == cfg.tokenizer_path():
         return tokenizer
     teacher_tokenizer = load_tokenizer(path)
-    if not cfg.loss.cross_tokenizer and cfg.loss.spec().needs_teacher:
+    if not cfg.loss.cross_tokenizer and terms.needs_teacher(cfg.loss.terms):
         from distill_jax.tokenizer import tokenizer_fingerprint
         if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
             raise ValueError(

@@ -20,27 +20,25 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax import losses
+from distill_jax.losses import terms
 from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
 
 Array = jax.Array
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-# A cached teacher's per-token top-k distribution, joined into the batch by document index.
-CACHE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass")
-
-
-# Cross-tokenizer runs: the alignment, and the teacher's rows (live) or two cached numbers per
-# teacher token (what ALM needs) with their validity.
-XTOK_KEYS = ("chunk_ids", "teacher_chunk_ids", "teacher_segment_ids")
-XTOK_LIVE_KEYS = ("teacher_tokens", "teacher_positions", "teacher_targets")
-XTOK_CACHE_KEYS = ("teacher_actual_logprob", "teacher_boundary_logmass", "teacher_valid")
+BATCH_KEYS, CACHE_KEYS = terms.BATCH_KEYS, terms.CACHE_KEYS
+XTOK_KEYS, XTOK_LIVE_KEYS, XTOK_CACHE_KEYS = \
+    terms.XTOK_KEYS, terms.XTOK_LIVE_KEYS, terms.XTOK_CACHE_KEYS
+# The state's params: ``{MODEL: the student's params, LOSS: {term name: that term's params}}``.
+# The loss terms' params (the alm_latents projector, DSKD's projectors) are trained and
+# checkpointed with the student but are not part of the model: export and eval read MODEL only.
+MODEL, LOSS = "model", "loss"
 
 
 def batch_keys(cached: bool, xtok: bool = False) -> tuple[str, ...]:
-    """The batch arrays a step reads: same-tokenizer (live or cached top-k teacher) or
-    cross-tokenizer (live teacher rows, or the cached per-token numbers ALM needs)."""
-    if not xtok:
-        return BATCH_KEYS + (CACHE_KEYS if cached else ())
-    return BATCH_KEYS + XTOK_KEYS + (XTOK_CACHE_KEYS if cached else XTOK_LIVE_KEYS)
+    """The batch arrays a step reads: those of its teacher signal (same tokenizer, live or
+    cached top-k; or cross-tokenizer, live rows or the cached per-token numbers)."""
+    return terms.signal_for(terms.ALIGNED if xtok else terms.SHARED, cached).batch_keys
+
+
 GRAD_NORM = "train/grad_norm"
 LEARNING_RATE = "train/lr"
 PARAM_NORM = "train/param_norm"
@@ -61,9 +59,12 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    """A fresh state; the optimiser state is created with the params' shardings."""
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int = 0,
+               loss_params: dict[str, Any] | None = None) -> TrainState:
+    """A fresh state for the student's ``params`` and the loss terms' ``loss_params`` (see
+    :func:`init_loss_params`); the optimiser state is created with the params' shardings."""
     sharding = jax.tree.leaves(params)[0].sharding
+    params = {MODEL: params, LOSS: dict(loss_params or {})}
     if isinstance(sharding, NamedSharding):  # scalars replicated on the params' mesh
         sharding = NamedSharding(sharding.mesh, PartitionSpec())
     # Moments follow their params' shardings; counters etc. are replicated on the same mesh.
@@ -83,38 +84,65 @@ def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
+def teacher_view(teacher_cfg: ModelConfig | None, spec: losses.LossSpec, teacher_params: Any,
+                 batch: dict[str, Array], cached: bool) -> tuple[Array, Array] | None:
+    """The frozen live teacher's (hidden states, lm_head) of a same-tokenizer batch, or None
+    when the loss needs no teacher or it comes from a cache."""
+    if cached or not spec.needs_teacher:
+        return None
+    teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+    h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"],
+                                              positions=batch["positions"],
+                                              segment_ids=batch["segment_ids"]))
+    return h_t, jax.lax.stop_gradient(lm_head(teacher))
+
+
+def head_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
+              chunk_size: int, h_s: Array, head_s: Array, teacher: tuple | None,
+              batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
+    """Summed loss terms and the token count from the student's final hidden states and
+    lm_head: the chunked lm_head + loss, against the live teacher's (hidden states, head) or,
+    with ``tail`` set, the cached top-k distribution in the batch (``CACHE_KEYS``)."""
+    if tail is not None:
+        from distill_jax.losses import sparse
+        _, metrics = sparse.sparse_chunked_loss(
+            h_s, head_s, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
+            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
+        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+    h_t, head_t = teacher if teacher is not None else (None, None)
+    _, metrics = losses.chunked_loss(
+        h_s, head_s, h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
+        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
+        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
+    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+
+
+def _trunk(student_cfg: ModelConfig, model_params: Any, batch: dict[str, Array]):
+    """The student's final hidden states and lm_head."""
+    student = Model(student_cfg, model_params)
+    h = hidden_states(student, batch["tokens"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"])
+    return h, lm_head(student)
+
+
 def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
               chunk_size: int, params: Any, teacher_params: Any,
               batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
     """Summed loss terms and the token count of one (micro-)batch: the teacher forward (frozen),
     the student forward, and the chunked lm_head + loss. With ``tail`` set, the teacher is the
     cached top-k distribution in the batch (``CACHE_KEYS``) and no teacher runs."""
-    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-    student = Model(student_cfg, params)
-    h_s = hidden_states(student, batch["tokens"], **kw)
-    if tail is not None:
-        from distill_jax.losses import sparse
-        _, metrics = sparse.sparse_chunked_loss(
-            h_s, lm_head(student), batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
-            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
-        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
-    h_t = head_t = None
-    if spec.needs_teacher:
-        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-        h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"], **kw))
-        head_t = jax.lax.stop_gradient(lm_head(teacher))
-    _, metrics = losses.chunked_loss(
-        h_s, lm_head(student), h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
-        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
-        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
-    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+    teacher = teacher_view(teacher_cfg, spec, teacher_params, batch, tail is not None)
+    h_s, head_s = _trunk(student_cfg, params[MODEL], batch)
+    return head_sums(student_cfg, teacher_cfg, spec, chunk_size, h_s, head_s, teacher, batch,
+                     tail)
 
 
 def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
                    spec: losses.LossSpec, *, chunk_size: int = 512,
                    cache_tail: str | None = None) -> Callable:
-    """``(params, teacher_params, batch) -> sums`` of the loss terms, without an update."""
+    """``(params, teacher_params, batch) -> sums`` of the loss terms, without an update
+    (``params``: the state's params)."""
     keys = batch_keys(cache_tail is not None)
 
     def step(params, teacher_params, batch):
@@ -130,6 +158,7 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
     """Build the (unjitted) step. ``teacher_cfg`` may be None when the loss needs no teacher
     or when the teacher comes from a cache (``cache_tail`` = "bucket" or "renormalize")."""
     cached = cache_tail is not None
+    terms.check_signal(dict(spec.terms), terms.signal_for(terms.SHARED, cached))
     if spec.needs_teacher and teacher_cfg is None and not cached:
         raise ValueError("the loss has distillation terms but no teacher model is configured")
     if spec.needs_teacher and not cached and teacher_cfg.vocab_size != student_cfg.vocab_size:
@@ -139,21 +168,36 @@ def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
 
     keys = batch_keys(cached)
 
-    def micro_sums(params, teacher_params, mb):
-        return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params, mb,
-                         cache_tail)
-
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
+        from distill_jax.losses import xtok
         batch = {k: batch[k] for k in keys}
-        total_tokens = jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32), 1.0)
 
-        def objective(params, mb):
-            sums = micro_sums(params, teacher_params, mb)
-            return sums[losses.LOSS_SUM] / jnp.maximum(total_tokens, 1.0), sums
+        def grad_fn(params, mb):
+            # One trunk backward with per-term head vjps, as in the cross-tokenizer step: the
+            # trunk (params -> final hidden states and lm_head), every term's mean from them,
+            # the terms' weights (GradMag or the configured ones), then the trunk once.
+            teacher = teacher_view(teacher_cfg, spec, teacher_params, mb, cached)
+            (h, head), trunk_vjp = jax.vjp(lambda p: _trunk(student_cfg, p, mb), params[MODEL])
 
-        grads, sums = _accumulate(jax.grad(objective, has_aux=True), state.params, batch,
-                                  grad_accum)
-        return _apply_update(state, grads, summarize(sums, spec), optimizer, schedule)
+            def head_terms(h, head):
+                sums = head_sums(student_cfg, teacher_cfg, spec, chunk_size, h, head, teacher,
+                                 mb, cache_tail)
+                return {n: sums[losses.sum_key(n)] / total_tokens for n, _ in spec.terms}, sums
+
+            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, has_aux=True)
+            weights = xtok.balance_weights(spec, normed, terms_vjp)
+            g_h, g_head = terms_vjp({k: jnp.asarray(weights[k], jnp.float32) for k in normed})
+            (grads,) = trunk_vjp((g_h, g_head))
+            sums = dict(sums)
+            sums.update({xtok.weight_key(k): w for k, w in weights.items()})
+            return {MODEL: grads, LOSS: jax.tree.map(jnp.zeros_like, params[LOSS])}, sums
+
+        grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
+        metrics = summarize(sums, spec)
+        for name, _ in spec.terms:  # mean weight over micro-batches
+            metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
+        return _apply_update(state, grads, metrics, optimizer, schedule)
 
     return step
 
@@ -192,49 +236,18 @@ def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_ac
 # ---------------------------------------------------------------------------------------------
 # Cross-tokenizer step
 
-# Keys of the trained loss modules in a cross-tokenizer run's params: the student's params plus
-# ``{"latents_projector": {"kernel", "bias"}}`` (alm_latents) and/or ``{"dskd": {"query", "t2s",
-# "s2t"}}`` (DSKD's projectors). They are trained and checkpointed with the student and stripped
-# by :func:`model_params` (export, eval), since they are not part of the model.
-PROJECTOR = "latents_projector"
-DSKD_PARAMS = "dskd"
-AUX_KEYS = (PROJECTOR, DSKD_PARAMS)
-
-
-def model_params(params: Any) -> Any:
-    """The model's params of a training state's params (without the loss modules' params)."""
-    if isinstance(params, dict) and any(k in params for k in AUX_KEYS):
-        return {k: v for k, v in params.items() if k not in AUX_KEYS}
-    return params
-
-
-def split_aux(params: Any) -> tuple[Any, dict[str, Any]]:
-    """``(model params, {aux key: params})`` of a training state's params."""
-    aux = {k: params[k] for k in AUX_KEYS if isinstance(params, dict) and k in params}
-    return model_params(params), aux
-
-
-def add_aux_params(params: dict[str, Any], spec: Any, student_cfg: ModelConfig,
-                   teacher_cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """``params`` plus the fresh params the cross-tokenizer loss ``spec`` trains: the
-    ``alm_latents`` projector when it uses one (see ``XtokSpec.uses_projector``) and DSKD's
-    projectors; unchanged when it trains none. They are replicated on the params' devices
-    (width x width matrices, small next to the model)."""
-    from distill_jax.losses import dskd, xtok
-    ds, dt = student_cfg.hidden_size, teacher_cfg.hidden_size
-    dtype = jnp.dtype(student_cfg.param_dtype)
+def init_loss_params(spec: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
+                     like: Any, seed: int = 0) -> dict[str, Any]:
+    """Fresh params of the loss terms of ``spec`` that train some (``{term: params}``; empty
+    when none does), replicated on the devices of the params ``like`` (width x width
+    matrices, small next to the model)."""
     key = jax.random.fold_in(jax.random.key(seed), 0x1A7E)
-    aux = {}
-    if spec.uses_projector(ds, dt):
-        aux[PROJECTOR] = xtok.init_projector(jax.random.fold_in(key, 0), ds, dt, dtype)
-    if xtok.DSKD in spec.weights:
-        aux[DSKD_PARAMS] = dskd.init_dskd_params(jax.random.fold_in(key, 1), ds, dt, dtype)
-    if not aux:
-        return params
-    sharding = jax.tree.leaves(params)[0].sharding
-    if isinstance(sharding, NamedSharding):
-        aux = jax.device_put(aux, NamedSharding(sharding.mesh, PartitionSpec()))
-    return {**params, **aux}
+    out = terms.init_params(spec, key, student_cfg.hidden_size, teacher_cfg.hidden_size,
+                            jnp.dtype(student_cfg.param_dtype))
+    sharding = jax.tree.leaves(like)[0].sharding
+    if out and isinstance(sharding, NamedSharding):
+        out = jax.device_put(out, NamedSharding(sharding.mesh, PartitionSpec()))
+    return out
 
 
 def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: dict[str, Array],
@@ -268,20 +281,6 @@ def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: di
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
 
 
-def check_cacheable(spec: Any) -> None:
-    """Refuse cross-tokenizer terms a teacher cache cannot feed (it holds, per teacher token,
-    only the two numbers ``alm`` needs)."""
-    from distill_jax.losses import xtok
-    if spec.needs_teacher_logits:
-        raise ValueError("uld/mined need the teacher's full distributions; a cache holds only "
-                         "what alm needs. Train them with a live teacher (unset teacher.cache)")
-    for name in (xtok.LATENTS, xtok.DSKD):
-        if name in spec.weights:
-            raise ValueError(f"{name} needs the teacher's hidden states; a cache holds only the "
-                             "two per-token numbers alm needs. Train it with a live teacher "
-                             f"(unset teacher.cache) or drop {name} from loss.terms")
-
-
 def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
                          optimizer: optax.GradientTransformation,
                          schedule: optax.Schedule | None = None, *, student_word_start: Any,
@@ -298,37 +297,33 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
     is ``(params, teacher_params, batch) -> metrics`` and no update happens.
     """
     from distill_jax.losses import xtok
-    if cached:
-        check_cacheable(spec)
-    if spec.needs_teacher and not cached and teacher_cfg is None:
+    names = dict(spec.terms)
+    terms.check_signal(names, terms.signal_for(terms.ALIGNED, cached))
+    needs = terms.needs(names)
+    if needs and not cached and teacher_cfg is None:
         raise ValueError("the cross-tokenizer loss needs a teacher model (or teacher.cache for alm)")
-    if xtok.MINED in spec.weights and mined_map is None:
+    if terms.VOCAB_MAP in needs and mined_map is None:
         raise ValueError("the mined term needs the student->teacher vocabulary mapping")
     s_word = jnp.asarray(student_word_start)
     t_word = None if teacher_word_start is None else jnp.asarray(teacher_word_start)
     keys = batch_keys(cached, xtok=True)
+    live = bool(needs) and not cached
 
     def prepare(teacher_params, batch):
         batch = dict(batch)
-        if spec.needs_teacher and not cached:
+        if live:
             batch.update(teacher_token_stats(
                 teacher_cfg, teacher_params, batch, t_word, chunk_size=chunk_size,
-                micro_batches=grad_accum, keep_hidden=spec.needs_teacher_hidden))
-        if cached:
-            chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
-                batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
-                batch["teacher_valid"])
-        else:
-            chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
-                batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"])
+                micro_batches=grad_accum, keep_hidden=terms.TEACHER_HIDDEN in needs))
+        chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
+            batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
+            batch["teacher_valid"] if cached else None)
         batch["chunk_ids"], batch["teacher_chunk_ids"] = chunk_ids, teacher_chunk_ids
-        norms = xtok.normalisers(spec, batch, batch.get("teacher_boundary_logmass"),
-                                 batch.get("teacher_hidden"))
-        return batch, norms
+        return batch, terms.counts(spec, batch)
 
     def teacher_parts(teacher_params):
         """The teacher's (lm_head, embedding table) where a term needs them, else None."""
-        if not (spec.needs_teacher_logits or xtok.DSKD in spec.weights):
+        if terms.TEACHER_LOGITS not in needs:
             return None
         teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
         return lm_head(teacher), teacher.params["embed"]
@@ -339,29 +334,24 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
                           segment_ids=mb["segment_ids"])
         return h, lm_head(student)
 
-    def head_sums(h, head, aux, embed, mb, teacher):
+    def head_sums(h, head, loss_params, embed, mb, teacher):
         head_t, embed_t = (None, None) if teacher is None else teacher
-        return xtok.term_sums(
-            spec, mb, student_h=h, student_head=head, student_word_start=s_word,
-            teacher_logp=mb.get("teacher_actual_logprob"),
-            teacher_boundary=mb.get("teacher_boundary_logmass"),
-            teacher_h=mb.get("teacher_hidden"),
-            teacher_head=head_t,
+        return terms.term_sums(terms.HeadInputs(
+            spec, mb, student_h=h, student_head=head, student_embed=embed,
+            teacher_head=head_t, teacher_embed=embed_t, student_word_start=s_word,
+            mined_map=None if mined_map is None else jnp.asarray(mined_map),
             student_softcap=student_cfg.final_logit_softcap,
             teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
-            mined_map=None if mined_map is None else jnp.asarray(mined_map),
-            chunk_size=chunk_size, projector=aux.get(PROJECTOR), dskd_params=aux.get(DSKD_PARAMS),
-            student_embed=embed, teacher_embed=embed_t)
-
-    def micro_sums(params, mb, teacher):
-        model_p, aux = split_aux(params)
-        return head_sums(*trunk(model_p, mb), aux, model_p["embed"], mb, teacher)
+            chunk_size=chunk_size, params=loss_params))
 
     if eval_only:
         def evaluate(params, teacher_params, batch):
+            """``(sums, counts)`` of the batch (:func:`terms.summarize` makes the means)."""
             batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
-            return xtok.summarize(spec, micro_sums(params, batch, teacher_parts(teacher_params)),
-                                  norms)
+            model_p = params[MODEL]
+            sums = head_sums(*trunk(model_p, batch), params[LOSS], model_p["embed"], batch,
+                             teacher_parts(teacher_params))
+            return sums, norms
         return evaluate
 
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
@@ -372,28 +362,27 @@ def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | No
             # Forward once: the trunk (params -> final hidden states and lm_head), then every
             # term from them. Backward: each term's cotangent through the head region (one per
             # term with GradMag, which weighs terms by their gradient magnitude at the last
-            # layer's output), then the trunk once with the weighted sum. The loss modules'
+            # layer's output), then the trunk once with the weighted sum. The loss terms'
             # params (alm_latents / DSKD projectors) live in the head region.
-            model_p, aux = split_aux(params)
+            model_p, loss_p = params[MODEL], params[LOSS]
             (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), model_p)
             embed = jax.lax.stop_gradient(model_p["embed"])  # read by DSKD's queries (frozen)
 
-            def terms(h, head, aux):
-                sums = head_sums(h, head, aux, embed, mb, teacher)
-                return xtok.normalised_terms(spec, sums, norms), sums
+            def head_terms(h, head, loss_p):
+                sums = head_sums(h, head, loss_p, embed, mb, teacher)
+                return terms.normalised_terms(spec, sums, norms), sums
 
-            normed, terms_vjp, sums = jax.vjp(terms, h, head, aux, has_aux=True)
+            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, loss_p, has_aux=True)
             weights = xtok.balance_weights(spec, normed, terms_vjp)
-            g_h, g_head, g_aux = terms_vjp(
+            g_h, g_head, g_loss = terms_vjp(
                 {k: jnp.asarray(weights[k], jnp.float32) for k in normed})
             (grads,) = trunk_vjp((g_h, g_head))
-            grads = {**grads, **g_aux}
             sums = dict(sums)
             sums.update({xtok.weight_key(k): w for k, w in weights.items()})
-            return grads, sums
+            return {MODEL: grads, LOSS: g_loss}, sums
 
         grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
-        metrics = xtok.summarize(spec, sums, norms)
+        metrics = terms.summarize(spec, sums, norms)
         for name, _ in spec.terms:  # mean weight over micro-batches
             metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
         return _apply_update(state, grads, metrics, optimizer, schedule)
