@@ -218,8 +218,10 @@ def make_teacher_fn(model_config, k: int, temperature: float, word_mask: np.ndar
     :func:`teacher_token_stats`.
 
     The lm_head and everything after it run over the flattened batch in chunks of
-    ``chunk_tokens`` tokens (``lax.map``), so only ``(chunk_tokens, V)`` logits exist at once.
+    ``chunk_tokens`` tokens (``losses.chunked.chunked_scan``), so only ``(chunk_tokens, V)``
+    logits exist at once.
     """
+    from distill_jax.losses.chunked import chunked_scan, unchunk
     from distill_jax.models import Model, hidden_states, logits_from_hidden
 
     wmask = jnp.asarray(word_mask)
@@ -230,20 +232,15 @@ def make_teacher_fn(model_config, k: int, temperature: float, word_mask: np.ndar
                                                 segment_ids=segment_ids))
         b, t, d = h.shape
         n = b * t
-        c = min(chunk_tokens, n)
-        pad = (-n) % c
-        hf = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)
-        tf = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, c)
 
-        def chunk(x):
+        def chunk(carry, x):
             hc, tc = x
             z = logits_from_hidden(model, hc[None])[0]  # (c, V) fp32
-            return teacher_token_stats(z, tc, k, wmask, temperature)
+            return carry, teacher_token_stats(z, tc, k, wmask, temperature)
 
-        outs = jax.lax.map(chunk, (hf, tf))
+        _, outs = chunked_scan(chunk, (), (h.reshape(n, d), targets.reshape(n)), chunk_tokens)
         names = ("topk_ids", "topk_logprobs", "actual_logprob", "tail_logmass", "boundary_logmass")
-        return {name: o.reshape((-1,) + o.shape[2:])[:n].reshape((b, t) + o.shape[2:])
-                for name, o in zip(names, outs)}
+        return {name: o.reshape((b, t) + o.shape[1:]) for name, o in zip(names, unchunk(outs, n))}
 
     return fn
 
