@@ -18,7 +18,6 @@ from distill_jax.data import DataConfig, SourceConfig
 from distill_jax.metrics import LoggingConfig
 from distill_jax.models.config import ModelConfig
 from distill_jax.tokenizer import BYTES, NAMED
-from distill_jax.train.optim import OptimizerConfig
 
 CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run_dir
 # Keys that may change between a run and its resumption (everything else must match): run_dir
@@ -163,6 +162,40 @@ class LossConfig:
         return LossSpec(terms=self.terms, temperature=self.temperature,
                         jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
                         chunk_terms=terms.chunk_terms(self.terms), balance=self.balance)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings. ``lr`` is the peak learning rate reached after ``warmup_steps``; it then
+    decays to ``lr * min_lr_ratio`` at step ``schedule_steps`` (null: the run's ``steps``) and
+    stays there (``schedule``: cosine, linear or constant). ``grad_accum`` splits each batch into
+    that many micro-batches inside the step. A step whose loss, gradient norm or new params are
+    not finite stops the run, or with ``skip_nonfinite`` leaves params and optimiser state as
+    they were (``train/nonfinite`` = 1 in its metrics)."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+    schedule_steps: int | None = None
+    skip_nonfinite: bool = False
+
+    def __post_init__(self):
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"optimizer.schedule_steps must be >= 1 (or null for the run's "
+                             f"steps), got {self.schedule_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ValueError(f"optimizer.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)

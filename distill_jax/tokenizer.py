@@ -20,26 +20,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from distill_jax.tokens import bytes_to_unicode, tokenizer_fingerprint  # noqa: F401  (re-exported)
+
 BYTES = "bytes"
 NAMED = ("smollm2", "qwen", "mistral")
 _CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<eos>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (GPT-2)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,11 +78,3 @@ def load_tokenizer(spec: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary and special tokens (what decides the token ids)."""
-    import hashlib
-    import json
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = sorted(str(t) for t in tokenizer.all_special_tokens)
-    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

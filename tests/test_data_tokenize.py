@@ -7,7 +7,9 @@ import pytest
 
 from distill_jax.data import BadRecordError, DataConfig, tokenize_record
 from distill_jax.data.testing import tiny_tokenizer
-from distill_jax.data.tokenize import _UNICODE_TO_BYTE
+from distill_jax.tokens import bytes_to_unicode
+
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 
 TEXT = "Hello wörld 😀 東京! naïve café, привет ☃ℵ\n\n  tabs\there ±1."
 

@@ -5,7 +5,7 @@
     print(result.summary())   # documents, tokens, bytes/token, k, time, tokens/s, resumed or not
 
 What runs. The mesh and the teacher are built exactly as the training loop builds them
-(``train.build.load_model(cfg.teacher, mesh, rules)``). The documents are the run's data section
+(``models.source.load_model(cfg.teacher, mesh, rules)``). The documents are the run's data section
 read with ``shuffle=False`` and ``num_epochs=1`` and, for a mixture of several sources, each
 source weighted by its size, so one pass yields *every* ``doc_id`` exactly once (the cache is
 keyed by ``doc_id``, so it serves any mixture weights, shuffle and epoch of the same documents);
@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.cache.store import CacheSpec, CacheWriter, Manifest
-from distill_jax.tokenizer import bytes_to_unicode, tokenizer_fingerprint
+from distill_jax.tokens import tokenizer_fingerprint, word_start_mask
 
 __all__ = ["FINGERPRINT_VERSION", "BuildResult", "build_cache", "cache_data_config", "dataset_fingerprint",
            "document_windows", "make_teacher_fn", "pack_windows", "teacher_identity",
@@ -81,7 +81,6 @@ __all__ = ["FINGERPRINT_VERSION", "BuildResult", "build_cache", "cache_data_conf
 
 FINGERPRINT_VERSION = 1
 _MIB = 1 << 20
-_WHITESPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -174,38 +173,7 @@ def teacher_identity(teacher_cfg, model_config) -> dict[str, str]:
     return ident
 
 
-# ----------------------------------------------------------------------------- word starts
 
-
-def word_start_mask(tokenizer, vocab_size: int | None = None) -> np.ndarray:
-    """Bool ``(vocab_size,)``: tokens that start a new word -- their text begins with whitespace
-    (byte-level BPE ``Ġ``/``Ċ``/``ĉ``..., SentencePiece ``▁``, a ``<0x20>``-style byte-fallback
-    whitespace byte, or a literal whitespace character) -- or are special/added-special tokens.
-    ``vocab_size`` (default: the tokenizer's) pads with False (ids the tokenizer does not have)."""
-    vocab = tokenizer.get_vocab()
-    n = vocab_size or (max(vocab.values()) + 1)
-    mask = np.zeros(n, bool)
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    for tok, i in vocab.items():
-        if i >= n or not tok:
-            continue
-        c = tok[0]
-        if c == "\u2581" or c.isspace() or byte_of.get(c, -1) in _WHITESPACE_BYTES:
-            mask[i] = True
-        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            try:
-                mask[i] = int(tok[3:5], 16) in _WHITESPACE_BYTES
-            except ValueError:
-                pass
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    try:
-        special |= {t for t, a in tokenizer.added_tokens_decoder.items() if a.special}
-    except AttributeError:
-        pass
-    for i in special:
-        if 0 <= i < n:
-            mask[i] = True
-    return mask
 
 
 # ----------------------------------------------------------------------------- teacher step
@@ -250,8 +218,10 @@ def make_teacher_fn(model_config, k: int, temperature: float, word_mask: np.ndar
     :func:`teacher_token_stats`.
 
     The lm_head and everything after it run over the flattened batch in chunks of
-    ``chunk_tokens`` tokens (``lax.map``), so only ``(chunk_tokens, V)`` logits exist at once.
+    ``chunk_tokens`` tokens (``losses.chunked.chunked_scan``), so only ``(chunk_tokens, V)``
+    logits exist at once.
     """
+    from distill_jax.losses.chunked import chunked_scan, unchunk
     from distill_jax.models import Model, hidden_states, logits_from_hidden
 
     wmask = jnp.asarray(word_mask)
@@ -262,20 +232,15 @@ def make_teacher_fn(model_config, k: int, temperature: float, word_mask: np.ndar
                                                 segment_ids=segment_ids))
         b, t, d = h.shape
         n = b * t
-        c = min(chunk_tokens, n)
-        pad = (-n) % c
-        hf = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)
-        tf = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, c)
 
-        def chunk(x):
+        def chunk(carry, x):
             hc, tc = x
             z = logits_from_hidden(model, hc[None])[0]  # (c, V) fp32
-            return teacher_token_stats(z, tc, k, wmask, temperature)
+            return carry, teacher_token_stats(z, tc, k, wmask, temperature)
 
-        outs = jax.lax.map(chunk, (hf, tf))
+        _, outs = chunked_scan(chunk, (), (h.reshape(n, d), targets.reshape(n)), chunk_tokens)
         names = ("topk_ids", "topk_logprobs", "actual_logprob", "tail_logmass", "boundary_logmass")
-        return {name: o.reshape((-1,) + o.shape[2:])[:n].reshape((b, t) + o.shape[2:])
-                for name, o in zip(names, outs)}
+        return {name: o.reshape((b, t) + o.shape[1:]) for name, o in zip(names, unchunk(outs, n))}
 
     return fn
 
@@ -611,8 +576,8 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     same backend, with the same ``cache.batch_size`` and process count).
     """
     from distill_jax.data.records import read_records
+    from distill_jax.models import source
     from distill_jax.tokenizer import load_tokenizer
-    from distill_jax.train import build
 
     t0 = time.perf_counter()
     if cfg.teacher is None or not getattr(cfg.teacher, "cache", None):
@@ -626,7 +591,7 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
         commit_every_s = float(os.environ.get("DISTILL_JAX_CACHE_COMMIT_S", "30"))
     pi, pc = jax.process_index(), jax.process_count()
 
-    teacher_config = build.model_config(cfg.teacher)
+    teacher_config = source.model_config(cfg.teacher)
     vocab = teacher_config.vocab_size
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     cross = bool(getattr(cfg.loss, "cross_tokenizer", False))
@@ -667,7 +632,7 @@ def _run_build(cfg, writer: CacheWriter, owned: list[int], records, data_cfg, to
                max_batches: int | None, t0: float) -> BuildResult:
     """The teacher loop of :func:`build_cache`, writing through ``writer``."""
     from distill_jax import sharding
-    from distill_jax.train import build
+    from distill_jax.models import source
 
     pi, pc = jax.process_index(), jax.process_count()
     spec = writer.spec
@@ -675,8 +640,8 @@ def _run_build(cfg, writer: CacheWriter, owned: list[int], records, data_cfg, to
     tokens_at_start = writer.committed_tokens
 
     # Mesh and teacher, as train.loop.run builds them.
-    mesh, rules = build.make_mesh(cfg.mesh)
-    teacher = build.load_model(cfg.teacher, mesh, rules)
+    mesh, rules = source.make_mesh(cfg.mesh)
+    teacher = source.load_model(cfg.teacher, mesh, rules)
     if teacher.config.vocab_size != spec.vocab_size:
         raise AssertionError(f"teacher vocab {teacher.config.vocab_size} != config's {spec.vocab_size}")
     word_mask = word_start_mask(teacher_tok or tokenizer, spec.vocab_size)

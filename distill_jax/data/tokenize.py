@@ -42,41 +42,18 @@ carries their chunk alignment (:func:`distill_jax.xtok.align_tokens`, in mode
 from __future__ import annotations
 
 import dataclasses
-import json
 import operator
-import re
 import unicodedata
-import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from distill_jax.data.config import DataConfig
 from distill_jax.data.records import BadRecordError, Record, _Bad, _validate
-from distill_jax.tokenizer import bytes_to_unicode
+from distill_jax.tokens import Tokens, TokenizerInfo, tokenizer_info
 from distill_jax.xtok.align import Alignment, align_tokens
 
 __all__ = ["Tokens", "TokenizedDoc", "tokenize_record", "tokenize_records"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tokens:
-    """One tokenization of a document.
-
-    Attributes:
-      ids: int32 ``[n]`` token ids (with BOS/EOS when added).
-      byte_starts, byte_ends: int32 ``[n]``, each token's span in the document's UTF-8 bytes.
-      trained: bool ``[n]``, whether predicting this token is trained on.
-    """
-
-    ids: np.ndarray
-    byte_starts: np.ndarray
-    byte_ends: np.ndarray
-    trained: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,137 +94,6 @@ class TokenizedDoc:
     @property
     def trained(self) -> np.ndarray:
         return self.student.trained
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer facts, computed once per tokenizer and process
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def _has_type(node: Any, name: str) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_type(v, name) for v in node)
-    return False
-
-
-class TokenizerInfo:
-    """What tokenization and alignment need to know about a Hugging Face tokenizer (built lazily,
-    once per tokenizer object and process; get it with :func:`tokenizer_info`).
-
-    Attributes: ``backend`` (the Rust tokenizer without truncation/padding, or None),
-    ``bos_id`` / ``eos_id`` / ``default_bos``, ``special_ids`` (sorted int64 ids of special
-    tokens, special added tokens included), ``token_bytes`` (each id's bytes), ``byte_level``
-    (whether the vocabulary is byte-level BPE) and ``missing_bytes``.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and (backend.truncation is not None or backend.padding is not None):
-            import tokenizers
-
-            backend = tokenizers.Tokenizer.from_str(backend.to_str())
-            backend.no_truncation()
-            backend.no_padding()
-        self.backend = backend
-        self.bos_id = tokenizer.bos_token_id
-        self.eos_id = tokenizer.eos_token_id
-        self.eos_token = tokenizer.eos_token if isinstance(getattr(tokenizer, "eos_token", None), str) else None
-        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-        without = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.default_bos = bool(self.bos_id is not None and with_special[:1] == [self.bos_id]
-                                and without[:1] != [self.bos_id])
-        self._token_bytes: list[bytes | None] | None = None
-        self._missing_bytes: frozenset[int] | None = None
-        self._byte_level = False
-        self.special_strings: tuple[str, ...] = tuple(
-            t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t)
-        special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None}
-        if backend is not None:
-            special |= {int(i) for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        self.special_ids = np.array(sorted(special), np.int64)
-
-    def encode(self, text: str):
-        """``(ids, offsets)`` of ``text`` without added special tokens; ``offsets()`` gives the
-        character offsets (fetched only when needed: converting them costs as much as the rest)."""
-        if self.backend is not None:
-            enc = self.backend.encode(text, add_special_tokens=False)
-            return enc.ids, lambda: enc.offsets
-        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(out["input_ids"]), lambda: list(out["offset_mapping"])
-
-    def encode_many(self, texts: Sequence[str]) -> list:
-        """:meth:`encode` of several texts at once (the Rust tokenizer parallelises the batch)."""
-        if self.backend is None or len(texts) < 2:
-            return [self.encode(t) for t in texts]
-        return [(enc.ids, (lambda enc=enc: enc.offsets))
-                for enc in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-
-    @property
-    def token_bytes(self) -> list[bytes | None] | None:
-        """Each id's exact bytes where the vocabulary spells them (byte-level BPE, byte fallback)."""
-        if self._token_bytes is None and self.backend is not None:
-            self._build_token_bytes()
-        return self._token_bytes
-
-    @property
-    def byte_level(self) -> bool:
-        """Whether the vocabulary is byte-level BPE (its symbols stand for bytes)."""
-        self.token_bytes  # noqa: B018  (decided while the byte table is built)
-        return self._byte_level
-
-    @property
-    def missing_bytes(self) -> frozenset[int]:
-        """Bytes a byte-level vocabulary cannot spell (the tokenizer drops them); empty otherwise."""
-        if self._missing_bytes is None:
-            table = self.token_bytes
-            single = {p[0] for p in table or () if p is not None and len(p) == 1}
-            self._missing_bytes = frozenset(set(range(256)) - single) if self.byte_level else frozenset()
-        return self._missing_bytes
-
-    def _build_token_bytes(self) -> None:
-        spec = json.loads(self.backend.to_str())
-        decoder, pre = spec.get("decoder"), spec.get("pre_tokenizer")
-        self._byte_level = _has_type(decoder, "ByteLevel") or _has_type(pre, "ByteLevel")
-        metaspace = (_has_type(decoder, "Metaspace") or _has_type(pre, "Metaspace")
-                     or "▁" in json.dumps([spec.get("normalizer"), decoder], ensure_ascii=False))
-        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
-        vocab = self.backend.get_vocab(with_added_tokens=True)
-        table: list[bytes | None] = [None] * (max(vocab.values(), default=-1) + 1)
-        added = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
-        for piece, i in vocab.items():
-            if byte_fallback and (m := _BYTE_FALLBACK.match(piece)):
-                table[i] = bytes([int(m.group(1), 16)])
-            elif i in added:
-                table[i] = added[i].encode("utf-8")
-            elif self._byte_level:
-                try:
-                    table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-                except KeyError:
-                    table[i] = None
-            elif metaspace:
-                table[i] = piece.replace("▁", " ").encode("utf-8")
-        self._token_bytes = table
-
-
-_INFOS: "weakref.WeakKeyDictionary[Any, TokenizerInfo]" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_info(tokenizer) -> TokenizerInfo:
-    """The :class:`TokenizerInfo` of a Hugging Face tokenizer, cached per tokenizer object (its
-    byte table is built once, on first use)."""
-    try:
-        info = _INFOS.get(tokenizer)
-    except TypeError:  # not weak-referenceable: no caching
-        return TokenizerInfo(tokenizer)
-    if info is None:
-        info = _INFOS[tokenizer] = TokenizerInfo(tokenizer)
-    return info
 
 
 # ----------------------------------------------------------------------------------------------

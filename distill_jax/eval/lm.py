@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.losses.chunked import chunked_scan
 from distill_jax.metrics import progress as progress_lines
 from distill_jax.models import Model, hidden_states, logits_from_hidden
 
@@ -246,13 +247,8 @@ def chunked_token_sums(fn: Callable[..., Array], xs: Sequence[Array], chunk_size
     """Sum over chunks of ``chunk_size`` tokens of ``fn(*chunk)`` (each returning a vector of
     sums); ``xs`` are (N, ...) arrays, zero-padded to whole chunks (padding must carry a zero
     mask). Inside jit: only one chunk's logits exist at a time."""
-    n = xs[0].shape[0]
-    c = min(chunk_size, n)
-    n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    chunked = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n_chunks, c) + x.shape[1:])
-               for x in xs]
-    return jnp.sum(jax.lax.map(lambda args: fn(*args), chunked), axis=0)
+    _, per_chunk = chunked_scan(lambda carry, c: (carry, fn(*c)), (), list(xs), chunk_size)
+    return jnp.sum(per_chunk, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))

@@ -109,7 +109,7 @@ def token_stats(h_ND: Array, head_DV: Array, targets_N: Array, word_start_V: Arr
       targets_N: ``(...)`` integer next-token ids; ids outside ``[0, V)`` are clipped (give such
         positions chunk id -1: their values are meaningless).
       word_start_V: ``(V,)`` bool, True for tokens that start a new word or are special
-        (``distill_jax.cache.word_start_mask``).
+        (``distill_jax.tokens.word_start_mask``).
       softcap: final-logit softcap (``ModelConfig.final_logit_softcap``), or None.
       chunk_size: tokens per scan step; the token count need not be divisible by it.
 
@@ -134,11 +134,8 @@ def token_stats(h_ND: Array, head_DV: Array, targets_N: Array, word_start_V: Arr
                          "flag per vocabulary entry of the head (pad it for a padded vocabulary)")
     word_start_V = word_start_V.astype(bool)
     n = math.prod(lead)
-    chunk_size = min(chunk_size, max(n, 1))
-    n_chunks = max(1, -(-n // chunk_size))
     targets = jnp.clip(jnp.asarray(targets_N).astype(jnp.int32), 0, vocab - 1)
-    xs = {"h": chunked._chunks(h_ND.reshape(n, -1), n_chunks, chunk_size),
-          "t": chunked._chunks(targets.reshape(n), n_chunks, chunk_size)}
+    xs = {"h": h_ND.reshape(n, -1), "t": targets.reshape(n)}
 
     def body(carry, c):
         z_CV = chunked.logits_from_hidden(c["h"], head_DV, softcap)
@@ -147,8 +144,9 @@ def token_stats(h_ND: Array, head_DV: Array, targets_N: Array, word_start_V: Arr
         z_bound_C = sparse._safe_logsumexp(jnp.where(word_start_V, z_CV, -jnp.inf))
         return carry, (z_target_C - lse_C, z_bound_C - lse_C)
 
-    _, (logp, boundary) = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), (), xs)
-    return logp.reshape(-1)[:n].reshape(lead), boundary.reshape(-1)[:n].reshape(lead)
+    _, ys = chunked.chunked_scan(body, (), xs, chunk_size)
+    logp, boundary = chunked.unchunk(ys, n)
+    return logp.reshape(lead), boundary.reshape(lead)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,23 +24,16 @@ The sums are the same quantities ``combined_loss`` reduces, so the result is the
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from distill_jax.losses import kd
+# fp32 logits h @ head (fp32 accumulation) then the optional softcap: the model's own head.
+from distill_jax.models.transformer import head_logits as logits_from_hidden
 
 Array = jax.Array
-
-
-def logits_from_hidden(h_ND: Array, head_DV: Array, softcap: float | None = None) -> Array:
-    """fp32 logits h @ head (head cast to h's dtype, fp32 accumulation), then softcap
-    tanh(z / c) * c: the same math as ``distill_jax.models.transformer.logits_from_hidden``."""
-    z = jnp.einsum("...d,dv->...v", h_ND, head_DV.astype(h_ND.dtype),
-                   preferred_element_type=jnp.float32)
-    if softcap:
-        z = jnp.tanh(z / softcap) * softcap
-    return z
 
 
 def _chunks(x_N: Array, n_chunks: int, chunk_size: int) -> Array:
@@ -49,6 +42,36 @@ def _chunks(x_N: Array, n_chunks: int, chunk_size: int) -> Array:
     if pad:
         x_N = jnp.pad(x_N, [(0, pad)] + [(0, 0)] * (x_N.ndim - 1))
     return x_N.reshape((n_chunks, chunk_size) + x_N.shape[1:])
+
+
+def chunked_scan(step: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs_N: Any,
+                 chunk_size: int) -> tuple[Any, Any]:
+    """``jax.lax.scan(step, init, chunks)`` over chunks of ``chunk_size`` tokens, each step under
+    ``jax.checkpoint`` (so a backward pass recomputes one chunk at a time).
+
+    ``xs_N`` is a pytree of (N, ...) arrays; the chunk size is ``min(chunk_size, N)`` (at least
+    1) and the last chunk is zero-padded, so padding must carry zero weight in ``step``. Returns
+    ``(carry, ys)`` with ``ys`` stacked per chunk, (n_chunks, ...) (see :func:`unchunk`)."""
+    n = jax.tree.leaves(xs_N)[0].shape[0]
+    size = max(1, min(chunk_size, n))
+    n_chunks = max(1, -(-n // size))
+    chunks = jax.tree.map(lambda x: _chunks(x, n_chunks, size), xs_N)
+    return jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, chunks)
+
+
+def chunked_sums(fn: Callable[[Any], Any], init: Any, xs_N: Any, chunk_size: int) -> Any:
+    """The sum over token chunks of ``fn(chunk)`` (a pytree shaped like ``init``, fp32 scalars
+    for the losses), accumulated in the scan's carry: :func:`chunked_scan` without outputs."""
+
+    def step(carry, c):
+        return jax.tree.map(lambda a, b: a + b, carry, fn(c)), None
+
+    return chunked_scan(step, init, xs_N, chunk_size)[0]
+
+
+def unchunk(ys: Any, n: int) -> Any:
+    """Per-token outputs of :func:`chunked_scan`, (n_chunks, chunk, ...) -> (n, ...)."""
+    return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], ys)
 
 
 def check_student_inputs(student_h: Array, student_head: Array, labels: Array | None,
@@ -104,25 +127,20 @@ def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
                              "same-vocabulary losses need equal sizes (slice a padded head to "
                              "the common tokenizer size first)")
 
-    chunk_size = min(chunk_size, max(n, 1))
-    n_chunks = max(1, -(-n // chunk_size))
-    xs = {
-        "h": _chunks(student_h.reshape(n, -1), n_chunks, chunk_size),
-        "w": _chunks(w_x.reshape(n), n_chunks, chunk_size),
-    }
+    xs = {"h": student_h.reshape(n, -1), "w": w_x.reshape(n)}
     if use_teacher:
         teacher_head = jax.lax.stop_gradient(teacher_head)
-        xs["ht"] = _chunks(jax.lax.stop_gradient(teacher_h).reshape(n, -1), n_chunks, chunk_size)
+        xs["ht"] = jax.lax.stop_gradient(teacher_h).reshape(n, -1)
     if spec.needs_labels:
-        xs["labels"] = _chunks(labels.reshape(n), n_chunks, chunk_size)
+        xs["labels"] = labels.reshape(n)
 
-    def body(carry, c):
+    def chunk_sums(c):
         zs_CV = logits_from_hidden(c["h"], student_head, student_softcap)
         zt_CV = logits_from_hidden(c["ht"], teacher_head, teacher_softcap) if use_teacher \
             else None
         sums = kd.term_sums(zs_CV, zt_CV, c.get("labels"), c["w"], spec)
-        return {k: carry[k] + sums[k] for k in carry}, None
+        return {name: sums[name] for name, _ in spec.terms}
 
     init = {name: jnp.zeros((), jnp.float32) for name, _ in spec.terms}
-    sums, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, xs)
+    sums = chunked_sums(chunk_sums, init, xs, chunk_size)
     return kd.finalize(sums, kd.token_count(w_x), spec)

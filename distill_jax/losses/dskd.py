@@ -47,7 +47,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses.chunked import _chunks, logits_from_hidden
+from distill_jax.losses.chunked import chunked_sums, logits_from_hidden
 from distill_jax.losses.kd import _kl
 
 Array = jax.Array
@@ -178,17 +178,9 @@ def _chunked_scan(body, names: tuple[str, ...], xs: Mapping[str, Array], n: int,
                   chunk_size: int) -> dict[str, Array]:
     """Sum over position chunks of ``body(chunk)`` (a dict of scalars keyed by ``names``), each
     chunk under ``jax.checkpoint`` so only one chunk's logits are alive at a time."""
-    size = max(1, min(chunk_size, n))
-    k = max(1, -(-n // size))
-    xs = {name: _chunks(x.reshape((n,) + x.shape[2:]), k, size) for name, x in xs.items()}
-
-    def step(carry, c):
-        out = body(c)
-        return {name: carry[name] + out[name] for name in carry}, None
-
+    flat = {name: x.reshape((n,) + x.shape[2:]) for name, x in xs.items()}
     init = {name: jnp.zeros((), jnp.float32) for name in names}
-    total, _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, xs)
-    return total
+    return chunked_sums(body, init, flat, chunk_size)
 
 
 def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets: Array,

@@ -359,29 +359,22 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
         _check_cache(jax.ShapeDtypeStruct(lead + (vocab,), jnp.float32), topk_ids,
                      topk_logprobs, tail_logmass, tail)
 
-    chunk_size = min(chunk_size, max(n, 1))
-    n_chunks = max(1, -(-n // chunk_size))
-    xs = {
-        "h": chunked._chunks(student_h.reshape(n, -1), n_chunks, chunk_size),
-        "w": chunked._chunks(w_x.reshape(n), n_chunks, chunk_size),
-    }
+    xs = {"h": student_h.reshape(n, -1), "w": w_x.reshape(n)}
     if use_teacher:
         k = topk_ids.shape[-1]
-        xs["ids"] = chunked._chunks(topk_ids.reshape(n, k), n_chunks, chunk_size)
-        xs["logt"] = chunked._chunks(
-            jax.lax.stop_gradient(topk_logprobs).reshape(n, k), n_chunks, chunk_size)
+        xs["ids"] = topk_ids.reshape(n, k)
+        xs["logt"] = jax.lax.stop_gradient(topk_logprobs).reshape(n, k)
         if tail == BUCKET:
-            xs["tail"] = chunked._chunks(jax.lax.stop_gradient(tail_logmass).reshape(n),
-                                         n_chunks, chunk_size)
+            xs["tail"] = jax.lax.stop_gradient(tail_logmass).reshape(n)
     if spec.needs_labels:
-        xs["labels"] = chunked._chunks(labels.reshape(n), n_chunks, chunk_size)
+        xs["labels"] = labels.reshape(n)
 
-    def body(carry, c):
+    def chunk_sums(c):
         zs_CV = chunked.logits_from_hidden(c["h"], student_head, student_softcap)
         sums = sparse_term_sums(zs_CV, c.get("ids"), c.get("logt"), c.get("tail"),
                                 c.get("labels"), c["w"], spec, tail=tail)
-        return {key: carry[key] + sums[key] for key in carry}, None
+        return {name: sums[name] for name, _ in spec.terms}
 
     init = {name: jnp.zeros((), jnp.float32) for name, _ in spec.terms}
-    sums, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), init, xs)
+    sums = chunked.chunked_sums(chunk_sums, init, xs, chunk_size)
     return kd.finalize(sums, kd.token_count(w_x), spec)

@@ -235,15 +235,13 @@ def pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: A
                mined_map: Array | None) -> Array:
     """A baseline's sum over aligned pairs, computing both sides' logits in pair chunks."""
     from distill_jax.losses import xtok_baselines
-    from distill_jax.losses.chunked import _chunks, logits_from_hidden
+    from distill_jax.losses.chunked import chunked_sums, logits_from_hidden
 
     n = hs_BCD.shape[0] * hs_BCD.shape[1]
-    size = max(1, min(chunk_size, n))
-    k = -(-n // size)
-    xs = {"hs": _chunks(hs_BCD.reshape(n, -1), k, size), "ht": _chunks(ht_BCD.reshape(n, -1), k, size),
-          "w": _chunks(w_BC.reshape(n).astype(jnp.float32), k, size)}
+    xs = {"hs": hs_BCD.reshape(n, -1), "ht": ht_BCD.reshape(n, -1),
+          "w": w_BC.reshape(n).astype(jnp.float32)}
 
-    def body(total, c):
+    def pair_sum(c):
         zs = logits_from_hidden(c["hs"], head_s, student_softcap)
         zt = jax.lax.stop_gradient(logits_from_hidden(c["ht"], head_t, teacher_softcap))
         if name == ULD:
@@ -251,10 +249,9 @@ def pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: A
                                           top_k=spec.uld_top_k)
         else:
             out = xtok_baselines.mined_sums(zs, zt, mined_map, c["w"], temperature=spec.temperature)
-        return total + out["sum"], None
+        return out["sum"]
 
-    total, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), jnp.zeros((), jnp.float32), xs)
-    return total
+    return chunked_sums(pair_sum, jnp.zeros((), jnp.float32), xs, chunk_size)
 
 
 def weight_key(term: str) -> str:

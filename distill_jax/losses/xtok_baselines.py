@@ -284,7 +284,7 @@ def token_byte_strings(tokenizer) -> tuple[list[bytes | None], frozenset[int]]:
     a space. Special tokens are the tokenizer's ``all_special_ids`` and added tokens marked
     special; their entry is their content's UTF-8 bytes.
     """
-    from distill_jax.data.tokenize import tokenizer_info
+    from distill_jax.tokens import tokenizer_info
 
     table = list(tokenizer_info(tokenizer).token_bytes or [])
     pieces = tokenizer.get_vocab()

@@ -263,13 +263,20 @@ class Transformer(nnx.Module):
         return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
 
+def head_logits(h_XD: Array, kernel_DV: Array, softcap: float | None = None) -> Array:
+    """fp32 logits ``h @ kernel`` (kernel cast to h's dtype, fp32 accumulation) over any leading
+    dims, then the final-logit softcap ``tanh(z / c) * c`` when ``softcap`` is set. The one
+    implementation of the output head: the model's forward and the chunked losses call it."""
+    logits = jnp.einsum("...d,dv->...v", h_XD, kernel_DV.astype(h_XD.dtype),
+                        preferred_element_type=jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
+
+
 def logits_from_hidden(cfg: ModelConfig, h_BTD: Array, kernel_DV: Array) -> Array:
     """fp32 logits from final hidden states, with final-logit softcapping where configured."""
-    logits = jnp.einsum("btd,dv->btv", h_BTD, kernel_DV.astype(h_BTD.dtype),
-                        preferred_element_type=jnp.float32)
-    if cfg.final_logit_softcap:
-        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-    return logits
+    return head_logits(h_BTD, kernel_DV, cfg.final_logit_softcap)
 
 
 def rope_tables(positions_BT: Array, theta: float, head_dim: int, scaling) -> tuple[Array, Array]:

@@ -1,8 +1,8 @@
-"""Teacher and student construction from their config sections, placed on a mesh."""
+"""Teacher and student construction from their config sections, placed on a mesh (the mesh,
+architecture and weights of one section are :mod:`distill_jax.models.source`'s)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,48 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from distill_jax import models as M, sharding
-from distill_jax.models import presets
+from distill_jax import models as M
+from distill_jax.models.source import load_model, make_mesh, model_config  # noqa: F401  (re-exported)
 from distill_jax.xtok import transfer
-
-
-def make_mesh(mesh_cfg: Any) -> tuple[Mesh, dict[str, Any]]:
-    """The (data, fsdp, tensor) mesh and the logical-axis rules a ``MeshConfig`` describes."""
-    devices = jax.devices()
-    if mesh_cfg.num_devices is not None:
-        if jax.process_count() > 1:
-            raise ValueError("mesh.num_devices is for single-process runs; leave it unset")
-        devices = devices[:mesh_cfg.num_devices]
-    mesh = sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices)
-    return mesh, {**sharding.DEFAULT_RULES, **mesh_cfg.rules}
-
-
-def model_config(src: Any) -> M.ModelConfig:
-    """The ModelConfig a source describes (checkpoint config.json, preset, overrides), with the
-    source's dtype, param_dtype and remat. A checkpoint that disagrees with its preset raises."""
-    numerics = dict(dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat)
-    if src.hf_path:
-        cfg_file = Path(src.hf_path) / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} not found (hf_path must be a Hugging Face "
-                                    "checkpoint directory)")
-        cfg = M.from_hf_config(json.loads(cfg_file.read_text()), **numerics, **src.overrides)
-        if src.preset:
-            presets.check_matches(cfg, presets.preset(src.preset, **src.overrides),
-                                  f"checkpoint {src.hf_path}")
-        return cfg
-    if not src.preset:
-        raise ValueError("a model needs hf_path (a checkpoint) or preset (an architecture)")
-    return presets.preset(src.preset, **{**numerics, **src.overrides})
-
-
-def load_model(src: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> M.Model:
-    """Load ``src.hf_path`` sharded on ``mesh``, or random-init from its preset."""
-    cfg = model_config(src)
-    if src.hf_path:
-        return M.load_hf(src.hf_path, mesh=mesh, rules=rules, param_dtype=src.param_dtype,
-                         dtype=src.dtype, remat=src.remat, **src.overrides)
-    return M.init(cfg, src.seed, mesh=mesh, rules=rules)
 
 
 def keep_layers(teacher: M.Model, layers: tuple[int, ...], mesh: Mesh,

@@ -3,52 +3,18 @@ the guard against non-finite steps."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from distill_jax.config import OptimizerConfig
 from distill_jax.losses import LOSS
 from distill_jax.train.step import GRAD_NORM, PARAM_NORM
 
 NONFINITE = "train/nonfinite"  # 1 for a step whose loss, gradient or new params are not finite
 _WATCHED = (LOSS, GRAD_NORM, PARAM_NORM)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW settings. ``lr`` is the peak learning rate reached after ``warmup_steps``; it then
-    decays to ``lr * min_lr_ratio`` at step ``schedule_steps`` (null: the run's ``steps``) and
-    stays there (``schedule``: cosine, linear or constant). ``grad_accum`` splits each batch into
-    that many micro-batches inside the step. A step whose loss, gradient norm or new params are
-    not finite stops the run, or with ``skip_nonfinite`` leaves params and optimiser state as
-    they were (``train/nonfinite`` = 1 in its metrics)."""
-
-    lr: float = 3e-4
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float | None = 1.0
-    grad_accum: int = 1
-    schedule_steps: int | None = None
-    skip_nonfinite: bool = False
-
-    def __post_init__(self):
-        if self.schedule_steps is not None and self.schedule_steps < 1:
-            raise ValueError(f"optimizer.schedule_steps must be >= 1 (or null for the run's "
-                             f"steps), got {self.schedule_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
-        if self.grad_accum < 1:
-            raise ValueError(f"optimizer.grad_accum must be >= 1, got {self.grad_accum}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optimizer.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

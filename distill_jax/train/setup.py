@@ -72,7 +72,7 @@ class RunSetup:
         self.keys = batch_keys(cached, xtok=self.xtok)
         self.xtok_args: dict[str, Any] = {}
         if self.xtok:
-            from distill_jax.cache.build import word_start_mask
+            from distill_jax.tokens import word_start_mask
             args = {"student_word_start": word_start_mask(tokenizer, student_cfg.vocab_size)}
             if teacher_cfg is not None:
                 args["teacher_word_start"] = word_start_mask(teacher_tokenizer,

@@ -42,18 +42,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:  # the data package imports this module
-    from distill_jax.data.tokenize import Tokens
+from distill_jax.tokens import WHITESPACE_BYTES, Tokens, special_token_ids, token_bytes
 
 __all__ = ["Alignment", "MODES", "Mode", "WHITESPACE_BYTES", "align_tokens", "special_token_ids", "token_bytes"]
 
 Mode = Literal["unconstrained", "space"]
 MODES = ("unconstrained", "space")
-WHITESPACE_BYTES = b" \t\n\r\x0b\x0c"
 _IS_WHITESPACE = np.zeros(257, bool)
 _IS_WHITESPACE[list(WHITESPACE_BYTES)] = True
 _IS_WHITESPACE[256] = True  # the end of the text
@@ -294,32 +292,3 @@ class Alignment:
         return int((self.bounds[:, 0] >= 0).sum())
 
 
-def special_token_ids(tokenizer) -> np.ndarray:
-    """Sorted int64 ids of a Hugging Face tokenizer's special tokens (special added tokens included)."""
-    from distill_jax.data.tokenize import tokenizer_info
-
-    return tokenizer_info(tokenizer).special_ids
-
-
-def token_bytes(tokenizer, ids: Sequence[int] | np.ndarray) -> list[bytes]:
-    """The bytes each token id stands for, from the vocabulary.
-
-    Byte-level BPE symbols map back to their bytes, SentencePiece's ``▁`` is a space (so the
-    dummy prefix shows as a leading space on the first word), ``<0xNN>`` byte-fallback pieces are
-    that byte, and added tokens are their text. Raises ``ValueError`` for an id whose bytes the
-    vocabulary does not spell (a tokenizer that is neither byte-level nor SentencePiece-like).
-    """
-    from distill_jax.data.tokenize import tokenizer_info
-
-    table = tokenizer_info(tokenizer).token_bytes
-    if table is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no Rust backend: its tokens' bytes are unknown; "
-                         "use a fast (tokenizer.json) tokenizer")
-    out = []
-    for i in np.asarray(ids, np.int64).tolist():
-        piece = table[i] if 0 <= i < len(table) else None
-        if piece is None:
-            raise ValueError(f"token id {i} has no byte spelling in this vocabulary (not byte-level, "
-                             "SentencePiece or an added token)")
-        out.append(piece)
-    return out

@@ -34,9 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from distill_jax import models as M
-from distill_jax.data.tokenize import tokenizer_info
-from distill_jax.xtok.align import special_token_ids
-from distill_jax.tokenizer import bytes_to_unicode
+from distill_jax.tokens import bytes_to_unicode, special_token_ids, tokenizer_info
 
 __all__ = ["FVTPlan", "FVTReport", "derived_config", "fvt_embeddings", "fvt_plan",
            "transfer_model"]
