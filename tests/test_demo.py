@@ -132,3 +132,14 @@ def test_report_prints_gaps_check_and_verdicts(tmp_path, capsys):
     assert "alm vs sft: the distilled student does NOT beat" in out["verdicts"][1]
     printed = capsys.readouterr().out
     assert "heldout_plays 50%" in printed and "not yet measured" in printed
+
+
+def test_the_two_recipes_share_data_budget_and_student_layers():
+    same, xtok = load_run_config(demo.SAME_CONFIG), load_run_config(demo.XTOK_CONFIG)
+    assert xtok.loss.cross_tokenizer and not same.loss.cross_tokenizer
+    assert set(xtok.loss.terms) == {"alm", "sft"}
+    for get in (lambda c: c.steps, lambda c: c.data.seq_len, lambda c: c.data.batch_size,
+                lambda c: c.data.max_records, lambda c: c.student.layers, lambda c: c.optimizer,
+                lambda c: c.eval, lambda c: c.cache.k, lambda c: c.teacher.cache):
+        assert get(same) == get(xtok)
+    assert xtok.data.teacher_len == same.data.seq_len  # one cache (its windows) serves both
