@@ -352,7 +352,8 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
         t_run = time.perf_counter()
         done = latest_step(Path(cfg.run_dir) / "checkpoints") == cfg.steps
         print(f"\n-- {name}: {RUNS[name][2]}" + (" (finished: reused)" if done else ""), flush=True)
-        run(cfg)
+        if not done:
+            run(cfg)
         speeds = [r["perf/tokens_per_sec"] for r in _curves(Path(cfg.run_dir))
                   if "perf/tokens_per_sec" in r][1:]  # the first logged step includes compiling
         train_info[name] = {"train_s": None if done else time.perf_counter() - t_run,
