@@ -324,7 +324,7 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
 
     t = _stage(2, "data: paragraphs of Shakespeare's plays; two plays and Milton's prose held out")
     data = write_split(root, run_dir / "data")
-    counts = {k: sum(1 for _ in open(p, encoding="utf-8")) for k, p in data.items()}
+    counts = {k: len(p.read_text(encoding="utf-8").splitlines()) for k, p in data.items()}
     print(", ".join(f"{k}: {n} paragraphs" for k, n in counts.items()), flush=True)
     timings["data_s"] = time.perf_counter() - t
 
@@ -402,7 +402,7 @@ def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
              **{k: v[2] for k, v in RUNS.items()}}
     head = (f"| {'model':<62} | params | " + " | ".join(f"{s} bits/byte" for s in HELDOUT)
             + " | train s | train tok/s |")
-    lines = [head, "|" + "|".join("-" * (len(c) + 2) for c in head.split("|")[1:-1]) + "|"]
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for n in names:
         info = train_info.get(n, {})
         train_s = ("-" if n == "teacher" else "reused" if info.get("reused")
