@@ -152,8 +152,8 @@ def _cmd_data_check(args) -> int:
 
 def _cmd_demo(args) -> int:
     from distill_jax import demo
-    demo.main(args.run_dir, steps=args.steps, eval_documents=args.eval_documents,
-              math_problems=args.math_problems)
+    demo.main(args.run_dir, steps=args.steps, seed=args.seed,
+              eval_documents=args.eval_documents)
     return 0
 
 
@@ -229,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the end-to-end demo on real assets")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the students' data order and init (runs under RUN_DIR/seed<N>)")
     d.add_argument("--eval-documents", type=int, default=None,
-                   help="held-out problems for bits per byte (default: the config's)")
-    d.add_argument("--math-problems", type=int, default=None,
-                   help="problems for math exact match (default: the config's)")
+                   help="held-out paragraphs for bits per byte (default: the config's)")
     d.set_defaults(fn=_cmd_demo)
     return p
 

@@ -299,12 +299,10 @@ def _plot(curves: dict[str, list[dict[str, Any]]], bpb: dict[str, dict[str, floa
 
 
 def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: int = 0,
-         eval_documents: int | None = None, math_problems: int | None = None) -> dict:
+         eval_documents: int | None = None) -> dict:
     """Run the demo into ``run_dir`` (students of seed ``seed`` under ``run_dir/seed<N>``);
     ``steps`` and ``eval_documents`` override the recipes' (for a quicker look; other steps
-    train into ``seed<N>_steps<S>``). ``math_problems`` is accepted for older command lines and
-    unused (the demo's text has no math problems). Returns the results dict."""
-    del math_problems
+    train into ``seed<N>_steps<S>``). Returns the results dict."""
     from distill_jax.cache import CacheReader, build_cache
     from distill_jax.checkpoint import latest_step
     from distill_jax.export import export_run
