@@ -295,12 +295,7 @@ def plot(summary: dict[str, Any], teacher: dict[str, float], path: Path) -> Path
         ax.legend()
     ax.set(ylabel="held-out bits per byte", title=f"{demo.HELDOUT[split]}: mean ± std over seeds")
     ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return demo.save_figure(fig, path)
 
 
 def spread_record(summary: dict[str, Any], demo_cfg) -> dict[str, Any]:

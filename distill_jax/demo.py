@@ -235,6 +235,17 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (a temporary file, then a rename)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def _curves(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -290,12 +301,7 @@ def _plot(curves: dict[str, list[dict[str, Any]]], bpb: dict[str, dict[str, floa
     axes[2].set_xticks(np.arange(len(names)) + width * (len(bpb) - 1) / 2, names)
     axes[2].set(title="held-out bits per byte (lower is better)")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: int = 0,
