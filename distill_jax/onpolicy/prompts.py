@@ -141,13 +141,14 @@ def prompt_length_bucket(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) 
 
 
 def prompt_batch(prompts: Sequence[Prompt], *, max_new_tokens: int,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int = 0) -> dict[str, Any]:
+                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> dict[str, Any]:
     """Fixed-shape numpy arrays of a batch of prompts (``PROMPT_KEYS``).
 
-    ``prompt_tokens`` (B, P) int32: each prompt right-aligned (left padding with ``pad_id``),
+    ``prompt_tokens`` (B, P) int32: each prompt right-aligned (left padding with token 0: a
+    valid id, so padding never embeds as NaN; the layout masks it out),
     ``P`` the smallest bucket holding the longest prompt; ``prompt_lengths`` (B,) int32.
     ``reference_tokens`` (B, N) int32 with ``N = max_new_tokens``: the reference completion
-    left-aligned, cut after N tokens, then ``pad_id``; ``reference_mask`` (B, N) float32: its
+    left-aligned, cut after N tokens, then 0; ``reference_mask`` (B, N) float32: its
     training flags (0 past its end); ``reference_lengths`` (B,) int32 (0: no reference).
     """
     if not prompts:
@@ -160,9 +161,9 @@ def prompt_batch(prompts: Sequence[Prompt], *, max_new_tokens: int,
                          "prompt needs at least one token (e.g. BOS or a chat template)")
     width = prompt_length_bucket(int(lengths.max()), buckets)
     b, n = len(prompts), int(max_new_tokens)
-    out = {"prompt_tokens": np.full((b, width), pad_id, np.int32),
+    out = {"prompt_tokens": np.zeros((b, width), np.int32),
            "prompt_lengths": lengths,
-           "reference_tokens": np.full((b, n), pad_id, np.int32),
+           "reference_tokens": np.zeros((b, n), np.int32),
            "reference_mask": np.zeros((b, n), np.float32),
            "reference_lengths": np.zeros((b,), np.int32)}
     for i, p in enumerate(prompts):
