@@ -290,3 +290,41 @@ def test_student_learns_a_planted_teacher_from_its_own_samples(objective):
     assert float(metrics[R.EOS_SHARE]) > 0.9
     if first is not None:  # the teacher's log-prob of the student's samples went up
         assert float(metrics[R.TEACHER_LOGPROB]) > first + 1.0
+
+
+def test_registered_as_a_term_the_engine_step_applies_its_gradient(monkeypatch):
+    """The hook-in: registered as a shared-vocabulary term whose ``chunk_sums`` is
+    ``sampled_token_chunk_sums``, the engine's step (live teacher, fused chunked lm_head) on a
+    rollout batch makes the SGD update of the direct objective
+    ``sampled_token_loss(log S(targets), log T(targets), loss_mask)``."""
+    from distill_jax.losses import terms
+
+    monkeypatch.setitem(terms.REGISTRY, op.SAMPLED_REVERSE_KL, terms.Term(
+        op.SAMPLED_REVERSE_KL, {terms.TOKEN_DIST}, terms.SHARED, "sampled-token reverse KL",
+        chunk_sums=op.sampled_token_chunk_sums))
+    cfg = _cfg()
+    teacher = _planted_teacher()
+    rng = np.random.default_rng(5)
+    student = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.ones(s.shape, s.dtype) if path[-1].key == "scale"
+        else jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), M.param_shapes(cfg))
+    pb = _prompt_batch(rng, 8)
+    batch = jax.jit(lambda p, k: op.onpolicy_batch(
+        cfg, p, pb, k, lmbda=1.0, max_new_tokens=NEW, eos_ids=(EOS,)))(student, jax.random.key(0))
+    spec = losses.LossSpec({op.SAMPLED_REVERSE_KL: 1.0},
+                           chunk_terms=terms.chunk_terms([op.SAMPLED_REVERSE_KL]))
+    sgd = optax.sgd(1.0)
+    state, metrics = jax.jit(make_train_step(cfg, cfg, spec, sgd, chunk_size=24))(
+        init_state(student, sgd), teacher.params, batch)
+
+    def direct(params):
+        logs = op.token_logprobs(cfg, params, batch, chunk_size=24)
+        logt = op.token_logprobs(cfg, teacher.params, batch, chunk_size=24)
+        return op.sampled_token_loss(logs, logt, batch["loss_mask"])[0]
+
+    loss, grads = jax.value_and_grad(direct)(student)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2  # not trivial
+    assert abs(float(metrics["distill/loss"]) - float(loss)) < 1e-5
+    for p, g, new in zip(jax.tree.leaves(student), jax.tree.leaves(grads),
+                         jax.tree.leaves(state.params[MODEL])):
+        np.testing.assert_allclose(np.asarray(new), np.asarray(p - g), atol=1e-6)
