@@ -24,10 +24,12 @@ pipeline lays out documents (``distill_jax.data.packing``)::
 
 Mixing (``lmbda``, GKD's name and meaning): the fraction of rows filled with the student's
 samples instead of the dataset's reference completion. ``mix="batch"`` (default) draws one
-uniform ``u`` per call and samples the whole batch when ``u < lmbda``, as TRL's
-``GKDTrainer`` (``if self.lmbda >= random.random()``) and GKD's Algorithm 1 do, so a dataset
-batch skips generation entirely (``lax.cond``); ``mix="row"`` draws one Bernoulli(lmbda) per
-row. ``lmbda = 0`` gives exactly the dataset rows, ``lmbda = 1`` only samples. Rows without a
+uniform ``u`` in [0, 1) per call and samples the whole batch when ``u < lmbda``, as GKD's
+Algorithm 1 and TRL's ``GKDTrainer`` (``if random.random() <= self.lmbda`` in its
+``training_step``) do, so a dataset batch skips generation entirely (``lax.cond``). TRL draws
+once per micro-batch (``training_step`` call) from Python's RNG; here the draw comes from the
+step's key and covers the whole global batch, so every host and micro-batch agree and a run is
+reproducible from its seed. ``mix="row"`` draws one Bernoulli(lmbda) per row. ``lmbda = 0`` gives exactly the dataset rows, ``lmbda = 1`` only samples. Rows without a
 reference (prompt-only records) always take the student's sample.
 """
 
