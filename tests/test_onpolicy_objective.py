@@ -278,18 +278,16 @@ def test_student_learns_a_planted_teacher_from_its_own_samples(objective):
                     op.rollout_metrics(batch))
 
     step = jax.jit(step)
-    first = None
+    curve = []
     for i in range(40):
         state, loss, metrics = step(state, teacher.params, _prompt_batch(rng, 64),
                                     jax.random.key(100 + i))
-        first = first if first is not None else float(metrics[R.TEACHER_LOGPROB]) \
-            if R.TEACHER_LOGPROB in metrics else None
+        curve.append(float(loss))
     params = state.params[MODEL]
     assert _share_of_chain(params, 1.0, 2) > 0.9
     assert _share_of_chain(params, 0.0, 3) == 1.0
     assert float(metrics[R.EOS_SHARE]) > 0.9
-    if first is not None:  # the teacher's log-prob of the student's samples went up
-        assert float(metrics[R.TEACHER_LOGPROB]) > first + 1.0
+    assert np.mean(curve[-5:]) < 0.1 * np.mean(curve[:5])  # the estimated reverse KL fell
 
 
 def test_registered_as_a_term_the_engine_step_applies_its_gradient(monkeypatch):
