@@ -37,8 +37,8 @@ depends on the sampled lengths it is a ratio estimate).
 Sampling at another temperature or with top-p: pass the sampling-time log-probs
 ``sample_logprobs`` (``log q(y_t|h_t)``) and each term is weighted by the importance ratio
 ``rho_t = S(y_t|h_t) / q(y_t|h_t)`` (under stop_gradient; per-token objective only), which
-makes the per-token gradient unbiased again for prefixes drawn from ``q`` (where ``q`` covers the support of ``S``; top-p
-truncation does not, and the estimate then misses the truncated tokens).
+makes the per-token gradient unbiased again for prefixes drawn from ``q``, where ``q`` covers
+the support of ``S`` (top-p truncation does not: the estimate then misses the cut tokens).
 
 Value. Each token contributes ``rho_t (log S - log T)`` to the value (the "k1" Monte-Carlo
 estimate of that token's reverse KL, >= 0 on average) and ``-rho_t G_t (log S - sg(log S))``

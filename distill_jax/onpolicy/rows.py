@@ -29,8 +29,9 @@ Algorithm 1 and TRL's ``GKDTrainer`` (``if random.random() <= self.lmbda`` in it
 ``training_step``) do, so a dataset batch skips generation entirely (``lax.cond``). TRL draws
 once per micro-batch (``training_step`` call) from Python's RNG; here the draw comes from the
 step's key and covers the whole global batch, so every host and micro-batch agree and a run is
-reproducible from its seed. ``mix="row"`` draws one Bernoulli(lmbda) per row. ``lmbda = 0`` gives exactly the dataset rows, ``lmbda = 1`` only samples. Rows without a
-reference (prompt-only records) always take the student's sample.
+reproducible from its seed. ``mix="row"`` draws one Bernoulli(lmbda) per row. ``lmbda = 0``
+gives exactly the dataset rows, ``lmbda = 1`` only samples. Rows without a reference
+(prompt-only records) always take the student's sample.
 """
 
 from __future__ import annotations
