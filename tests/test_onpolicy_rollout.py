@@ -238,3 +238,29 @@ def test_bad_settings_fail_with_the_fix(student):
     with pytest.raises(ValueError, match=r"prompt_batch\(\.\.\., max_new_tokens=7\)"):
         op.onpolicy_batch(student.config, student.params, pb, jax.random.key(0), lmbda=1.0,
                           max_new_tokens=7)
+
+
+def test_sharded_equals_unsharded(student, devices8):
+    """onpolicy_batch in a jit over 8 devices (rows over data x fsdp, params sharded by their
+    logical axes) gives the unsharded batch: the same samples, rows and log-probs."""
+    from distill_jax import sharding as shd
+
+    cfg = student.config
+    rng = np.random.default_rng(7)
+    pb = _prompts(rng, 16, cfg.vocab_size)
+    pb["reference_tokens"] = rng.integers(6, cfg.vocab_size, (16, N)).astype(np.int32)
+    pb["reference_lengths"] = rng.integers(1, N + 1, 16).astype(np.int32)
+    pb["reference_mask"] = (np.arange(N) < pb["reference_lengths"][:, None]).astype(np.float32)
+
+    def fn(params, pb, key):
+        return op.onpolicy_batch(cfg, params, pb, key, lmbda=0.5, mix="row", max_new_tokens=N,
+                                 eos_ids=EOS)
+
+    ref = jax.tree.map(np.asarray, jax.jit(fn)(student.params, pb, jax.random.key(1)))
+    mesh = shd.make_mesh(data=4, fsdp=2, devices=devices8)
+    params = jax.device_put(student.params, M.param_shardings(cfg, mesh))
+    rows = {k: jax.device_put(v, shd.batch_sharding(mesh, np.ndim(v))) for k, v in pb.items()}
+    out = jax.tree.map(np.asarray, jax.jit(fn)(params, rows, jax.random.key(1)))
+    assert 0 < ref[R.SAMPLED].sum() < 16
+    for k in ref:
+        np.testing.assert_allclose(out[k], ref[k], atol=1e-5, err_msg=k)
