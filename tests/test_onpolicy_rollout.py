@@ -182,6 +182,33 @@ def test_prompts_from_records(tok):
     assert list(batch["reference_lengths"]) == [4, 0]
 
 
+@pytest.mark.parametrize("kind,bos", [("byte_level", False), ("metaspace", True)])
+@pytest.mark.parametrize("record_kind", ["chat", "prompt_response"])
+def test_prompt_and_reference_split_the_pipeline_document(kind, bos, record_kind):
+    """prompt + reference == the pipeline's tokens up to the last trained one (BOS, byte
+    fallback and non-ASCII included); no trained token in the prompt or after the reference;
+    and the prompt-only form of the record gives the same prompt ids (so the student is
+    sampled on exactly the prompt the dataset rows train on)."""
+    tok = tiny_tokenizer(kind, bos=bos)
+    cfg = DataConfig(record=record_kind)
+    if record_kind == "chat":
+        record = {"messages": [{"role": "user", "content": "the café at night"},
+                               {"role": "assistant", "content": "a garden of questions"}]}
+        bare = {"prompt": "the café at night"}
+    else:
+        record = {"prompt": "the river ", "response": "flows, naïve."}
+        bare = {"prompt": "the river "}
+    p = op.prompt_from_record(record, tok, cfg)
+    doc = tokenize_record(record, tok, cfg)
+    m = len(p.ids) + len(p.reference)
+    np.testing.assert_array_equal(np.concatenate([p.ids, p.reference]), doc.ids[:m])
+    np.testing.assert_array_equal(p.reference_trained, doc.trained[len(p.ids):m])
+    assert p.reference_trained[-1] and not doc.trained[:len(p.ids)].any()
+    assert not doc.trained[m:].any()
+    assert (p.ids[0] == tok.bos_token_id) == bos
+    np.testing.assert_array_equal(op.prompt_from_record(bare, tok, cfg).ids, p.ids)
+
+
 def test_lmbda_zero_gives_the_pipeline_rows_and_one_gives_samples(tok):
     """lmbda = 0: each row is the data pipeline's tokenization of its record (tokens, targets,
     loss mask of the final turn) cut after its last trained token, so off-policy training on
