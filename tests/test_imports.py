@@ -17,6 +17,7 @@ LAYERS = (
     ("losses",),
     ("xtok",),
     ("data",),
+    ("onpolicy",),  # prompts, rollout rows and the sampled-token objective
     ("cache",),
     ("config",),
     ("train",),

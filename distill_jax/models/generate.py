@@ -113,11 +113,23 @@ def _sample(logits_BV: Array, key: Array, temperature: Array, top_k: Array, top_
     renormalised distribution. ``top_k`` and ``top_p`` are traced scalars (no recompile per
     value), so "filtered" sorts the whole vocabulary once per step.
     """
+    return _sample_with_logprob(logits_BV, key, temperature, top_k, top_p, mode=mode)[0]
+
+
+def _sample_with_logprob(logits_BV: Array, key: Array, temperature: Array, top_k: Array,
+                         top_p: Array, *, mode: str) -> tuple[Array, Array]:
+    """:func:`_sample`'s tokens (B,) and each token's fp32 log-probability under the
+    distribution it was drawn from (after temperature and filters). Greedy decoding is a point
+    mass, so there it is the unfiltered temperature-1 log-probability of the argmax instead."""
     if mode == "greedy":
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+        return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
     x_BV = logits_BV.astype(jnp.float32) / temperature
     if mode == "sample":
-        return jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
+        tok_B = jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(x_BV, axis=-1)
+        return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
     # Sorted descending; equal values keep the lower index first (as argmax does).
     x_BV, idx_BV = jax.lax.top_k(x_BV, x_BV.shape[-1])
     keep_BV = jnp.arange(x_BV.shape[-1])[None, :] < top_k
@@ -125,11 +137,15 @@ def _sample(logits_BV: Array, key: Array, temperature: Array, top_k: Array, top_
     p_BV = jax.nn.softmax(x_BV, axis=-1)
     # Keep the smallest most-likely prefix whose mass reaches top_p (the first always).
     keep_BV &= (jnp.cumsum(p_BV, axis=-1) - p_BV) < top_p
-    choice_B = jax.random.categorical(key, jnp.where(keep_BV, x_BV, -jnp.inf), axis=-1)
-    return jnp.take_along_axis(idx_BV, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    kept_BV = jnp.where(keep_BV, x_BV, -jnp.inf)
+    choice_B = jax.random.categorical(key, kept_BV, axis=-1)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(kept_BV, axis=-1), choice_B[:, None],
+                                 axis=-1)[:, 0]
+    tok_B = jnp.take_along_axis(idx_BV, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return tok_B, logp_B
 
 
-def _sampling_args(temperature: float, top_k: int | None, top_p: float | None, vocab: int):
+def sampling_args(temperature: float, top_k: int | None, top_p: float | None, vocab: int):
     """Validated (mode, temperature, top_k, top_p): static mode, the rest as traced arrays."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
@@ -153,7 +169,7 @@ def sample_tokens(logits_BV: Array, key: Array, *, temperature: float = 0.0,
     most likely tokens whose probability reaches ``top_p`` (``None`` or 1: no limit), and a
     token is drawn with ``key``. Pure and jittable (the settings are Python numbers).
     """
-    mode, t, k, p = _sampling_args(temperature, top_k, top_p, logits_BV.shape[-1])
+    mode, t, k, p = sampling_args(temperature, top_k, top_p, logits_BV.shape[-1])
     return _sample(logits_BV, key, t, k, p, mode=mode)
 
 
@@ -176,11 +192,20 @@ class GenerateOutput:
     num_steps: int
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "mode", "cache_dtype"))
-def _generate_jit(model: Model, tokens_BP: Array, lengths_B: Array, key: Array,
-                  temperature: Array, top_k: Array, top_p: Array, eos_V: Array, pad_id: Array,
-                  *, max_new_tokens: int, mode: str, cache_dtype: str | None):
-    """Prefill and decode loop; the EOS set (a (V,) bool mask) and pad id are traced."""
+def decode(model: Model, tokens_BP: Array, lengths_B: Array, key: Array, temperature: Array,
+           top_k: Array, top_p: Array, eos_V: Array, pad_id: Array, *, max_new_tokens: int,
+           mode: str, cache_dtype: str | None = None):
+    """Prefill and the decode loop, pure and with fixed shapes (call it inside ``jax.jit``).
+
+    ``tokens_BP``/``lengths_B``: left-padded prompts (module docstring); ``temperature``,
+    ``top_k``, ``top_p`` and ``mode`` as :func:`sampling_args` returns them; ``eos_V`` a
+    (V,) bool mask of EOS ids; ``pad_id`` what follows a row's EOS. Step ``j`` draws with
+    ``fold_in(key, j)``. Returns ``(tokens_BN, logprobs_BN, counts_B, finished_B, steps)``:
+    the generated ids (``pad_id`` after EOS), each one's log-probability under the
+    distribution it was sampled from (0 after EOS), the number of generated tokens per row,
+    whether the row emitted an EOS id, and how many decode steps ran (the loop stops early
+    once every row has finished).
+    """
     b, p = tokens_BP.shape
     n = max_new_tokens
     vocab = eos_V.shape[0]
@@ -188,33 +213,48 @@ def _generate_jit(model: Model, tokens_BP: Array, lengths_B: Array, key: Array,
     cache = init_cache(model, b, p + n - 1, cache_dtype)
 
     def pick(logits_BV, step):
-        return _sample(logits_BV, jax.random.fold_in(key, step), temperature, top_k, top_p,
-                       mode=mode)
+        return _sample_with_logprob(logits_BV, jax.random.fold_in(key, step), temperature,
+                                    top_k, top_p, mode=mode)
 
     def is_eos(tok_B):
         return eos_V[jnp.clip(tok_B, 0, vocab - 1)]
 
     logits_BV, cache = prefill(model, tokens_BP, lengths_B, cache)
-    tok_B = pick(logits_BV, 0)
+    tok_B, logp_B = pick(logits_BV, 0)
     out_BN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
-    state = (jnp.int32(1), cache, tok_B, is_eos(tok_B), out_BN, jnp.ones((b,), jnp.int32))
+    lp_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
+    state = (jnp.int32(1), cache, tok_B, is_eos(tok_B), out_BN, lp_BN, jnp.ones((b,), jnp.int32))
 
     def cond(state):
-        step, _, _, done_B, _, _ = state
+        step, _, _, done_B, _, _, _ = state
         return (step < n) & ~jnp.all(done_B)
 
     def body(state):
-        step, cache, tok_B, done_B, out_BN, count_B = state
+        step, cache, tok_B, done_B, out_BN, lp_BN, count_B = state
         # Finished rows feed a valid dummy id (pad_id may lie outside the vocabulary).
         logits_BV, cache = decode_step(model, jnp.where(done_B, 0, tok_B),
                                        lengths_B + step - 1, cache)
-        new_B = jnp.where(done_B, pad_id, pick(logits_BV, step))
+        new_B, logp_B = pick(logits_BV, step)
+        new_B = jnp.where(done_B, pad_id, new_B)
         out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], step, 1)
+        lp_BN = jax.lax.dynamic_update_slice_in_dim(
+            lp_BN, jnp.where(done_B, 0.0, logp_B)[:, None], step, 1)
         count_B = count_B + (~done_B).astype(jnp.int32)
         done_B = done_B | is_eos(new_B)
-        return step + 1, cache, new_B, done_B, out_BN, count_B
+        return step + 1, cache, new_B, done_B, out_BN, lp_BN, count_B
 
-    step, _, _, done_B, out_BN, count_B = jax.lax.while_loop(cond, body, state)
+    step, _, _, done_B, out_BN, lp_BN, count_B = jax.lax.while_loop(cond, body, state)
+    return out_BN, lp_BN, count_B, done_B, step
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "mode", "cache_dtype"))
+def _generate_jit(model: Model, tokens_BP: Array, lengths_B: Array, key: Array,
+                  temperature: Array, top_k: Array, top_p: Array, eos_V: Array, pad_id: Array,
+                  *, max_new_tokens: int, mode: str, cache_dtype: str | None):
+    """:func:`decode` jitted, without the log-probs; the EOS mask and pad id are traced."""
+    out_BN, _, count_B, done_B, step = decode(
+        model, tokens_BP, lengths_B, key, temperature, top_k, top_p, eos_V, pad_id,
+        max_new_tokens=max_new_tokens, mode=mode, cache_dtype=cache_dtype)
     return out_BN, count_B, done_B, step
 
 
@@ -284,7 +324,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]] | np.ndarray, *,
     if bad:
         raise ValueError(f"prompts {bad} hold token ids outside [0, {vocab}), the model's "
                          "vocabulary; check that the tokenizer matches the model")
-    mode, temperature, top_k, top_p = _sampling_args(temperature, top_k, top_p, vocab)
+    mode, temperature, top_k, top_p = sampling_args(temperature, top_k, top_p, vocab)
     if eos_ids is None:
         eos_ids = model.config.eos_ids
     elif isinstance(eos_ids, (int, np.integer)):

@@ -1,0 +1,28 @@
+"""On-policy distillation (GKD; the per-token reverse KL of the Qwen3 report), same tokenizer.
+
+* :mod:`~distill_jax.onpolicy.prompts`: records -> prompts and reference completions, bucketed
+  to a few fixed prompt lengths (host side, numpy).
+* :mod:`~distill_jax.onpolicy.rows`: the jittable rollout, packing of samples into training
+  rows, ``lmbda`` mixing with the dataset's completions (:func:`onpolicy_batch`, the prepare
+  step of an on-policy teacher signal) and rollout metrics.
+* :mod:`~distill_jax.onpolicy.objective`: the sampled-token reverse-KL objective (one teacher
+  log-prob per token) and per-token log-probs of packed rows.
+"""
+
+from distill_jax.onpolicy.objective import (
+    SAMPLED_REVERSE_KL, sampled_token_chunk_sums, sampled_token_loss, sampled_token_per_token,
+    sampled_token_sums, token_logprobs,
+)
+from distill_jax.onpolicy.prompts import (
+    DEFAULT_BUCKETS, PROMPT_KEYS, Prompt, prompt_batch, prompt_from_record, prompt_length_bucket,
+)
+from distill_jax.onpolicy.rows import (
+    ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_metrics,
+)
+
+__all__ = [
+    "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "PROMPT_KEYS", "Prompt", "ROW_KEYS", "Rollout",
+    "SAMPLED_REVERSE_KL", "onpolicy_batch", "pack_rows", "prompt_batch", "prompt_from_record",
+    "prompt_length_bucket", "rollout", "rollout_metrics", "sampled_token_chunk_sums",
+    "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "token_logprobs",
+]
