@@ -286,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return mathgen.main(argv[1:]) or 0
         if argv[:2] == ["traces", "select"]:  # its own argparse handles the flags
             command = "traces select"
-            from distill_jax.traces import select
-            return select.main(argv[2:]) or 0
+            from distill_jax.traces import selection
+            return selection.main(argv[2:]) or 0
         args = build_parser().parse_args(argv)
         if args.command == "data" or (args.command == "cache" and args.config == "verify"):
             command = " ".join(argv[:2])

@@ -363,7 +363,7 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
                  if k not in ("generated_tokens", "wall_s", "tokens_per_s", "out")}
         out.finalize(num_groups, stats)
         if cfg.select.policy is not None:
-            from distill_jax.traces.select import select_to_file
+            from distill_jax.traces.selection import select_to_file
             select_to_file(out.path, cfg.select.policy, cfg.select.out,
                            max_per_prompt=cfg.select.max_per_prompt)
     return summary

@@ -20,7 +20,9 @@ A verifier is named by a spec string (the ``verifier`` key of a traces config):
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import importlib
+import numbers
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -31,13 +33,14 @@ BUILTIN = (MATH, EXACT)
 
 
 def reference_value(reference: Any) -> Fraction | None:
-    """The exact numeric value of a reference answer: a number as is, a text by
+    """The exact numeric value of a reference answer: an integer or fraction as is, a float
+    or decimal as the nearest fraction of denominator at most 10**12, a text by
     :func:`~distill_jax.data.mathgen.answer_value`; None when there is none."""
     if isinstance(reference, bool):
         return None
-    if isinstance(reference, int):
+    if isinstance(reference, numbers.Rational):
         return Fraction(reference)
-    if isinstance(reference, float):
+    if isinstance(reference, (float, decimal.Decimal)):
         return Fraction(reference).limit_denominator(10 ** 12)
     if isinstance(reference, str):
         return answer_value(reference)
