@@ -139,6 +139,9 @@ def _cmd_mathgen(args) -> int:
 
 
 def _cmd_traces(args) -> int:
+    if args.config == "select":  # its own argparse handles the flags
+        from distill_jax.traces import selection
+        return selection.main(args.overrides) or 0
     from distill_jax.traces.config import load_traces_config
     from distill_jax.traces.run import run_traces
     cfg = load_traces_config(args.config, args.overrides)
@@ -230,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("traces", help="sample a teacher on prompts, verify every sample, write "
                         "a traces data set (or: traces select TRACES --policy P)")
-    tr.add_argument("config", help="YAML traces config (see configs/traces_tiny.yaml)")
-    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. samples=8")
+    tr.add_argument("config", help="YAML traces config (see configs/traces_tiny.yaml), or "
+                    "'select'")
+    tr.add_argument("overrides", nargs=argparse.REMAINDER,
+                    help="dotted overrides, e.g. samples=8 (after 'select': TRACES --policy P "
+                    "[--max-per-prompt K] [--out FILE])")
     tr.set_defaults(fn=_cmd_traces)
 
     da = sub.add_parser("data", help="check a config's data: data check CONFIG [key=value ...]")
@@ -284,12 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["mathgen"]:  # its own argparse handles the flags
             from distill_jax.data import mathgen
             return mathgen.main(argv[1:]) or 0
-        if argv[:2] == ["traces", "select"]:  # its own argparse handles the flags
-            command = "traces select"
-            from distill_jax.traces import selection
-            return selection.main(argv[2:]) or 0
         args = build_parser().parse_args(argv)
-        if args.command == "data" or (args.command == "cache" and args.config == "verify"):
+        if args.command == "data" or (args.command, args.config) in (("cache", "verify"),
+                                                                       ("traces", "select")):
             command = " ".join(argv[:2])
         _setup_jax()
         return args.fn(args)

@@ -197,3 +197,30 @@ def test_config_errors_are_one_line(tmp_path):
         _cfg(tmp_path, "process_index=2", "process_count=2")
     cfg = _cfg(tmp_path)
     assert Path(cfg.prompts.path).is_file()  # relative to the config file
+
+
+@pytest.mark.parametrize("name", ["traces_tiny.yaml", "traces_demo.yaml"])
+def test_config_header_commands(name, tmp_path, monkeypatch):
+    """Every command in the traces configs' headers parses and its config loads; the tiny
+    config's first command and its selections run (on 2 prompts, writing under tmp_path)."""
+    from distill_jax import cli
+    from tests.test_cli import header_commands
+    monkeypatch.chdir(REPO)
+    commands = header_commands(REPO / "configs" / name)
+    assert commands and all(argv[0] == "traces" for argv in commands)
+    outs = []
+    for i, argv in enumerate(commands):
+        args = cli.build_parser().parse_args(argv)
+        if args.config == "select":
+            if name == "traces_tiny.yaml":
+                rc = cli.main(["traces", "select", str(outs[0]), *argv[3:]])
+                policy = argv[argv.index("--policy") + 1]
+                assert rc == 0 and (outs[0] / f"selected-{policy}.jsonl").exists()
+            continue
+        cfg = load_traces_config(args.config, args.overrides)
+        assert cfg.samples >= 1 and Path(cfg.prompts.path).is_file()
+        if name == "traces_tiny.yaml" and not outs:
+            outs.append(tmp_path / f"out{i}")
+            rc = cli.main([*argv, f"out={outs[-1]}", "prompts.max_prompts=2",
+                           "max_new_tokens=4", "progress=false"])
+            assert rc == 0 and (outs[-1] / "traces.jsonl").exists()

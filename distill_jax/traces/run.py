@@ -167,7 +167,8 @@ class ModelTeacher:
     def mean_logprobs(self, prompts, completions):
         b = len(prompts)
         total = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        length = -(-total // 64) * 64  # few distinct shapes: few compilations
+        # one shape for the run (prompts fit the bucket, completions max_new_tokens): one compile
+        length = max(self.prompt_bucket + self.max_new_tokens, total)
         tokens = np.zeros((b, length), np.int32)
         targets = np.zeros((b, length), np.int32)
         mask = np.zeros((b, length), bool)
