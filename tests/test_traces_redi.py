@@ -136,3 +136,63 @@ def test_tokenize_pair_from_a_selected_record():
     assert tok.decode(list(pair.prompt)).endswith("<|assistant|>\n")
     with pytest.raises(ValueError, match="pair record needs"):
         tokenize_pair(tok, {"messages": rec["messages"]})
+
+
+def test_redi_steps_on_a_tiny_model_prefer_the_chosen_traces(tmp_path):
+    """Adam on the REDI objective (through the term protocol, from a pairs file): the loss
+    falls, and the chosen completions' mean log-prob rises above the rejected ones'."""
+    import json
+
+    import optax
+
+    from distill_jax.losses.alm import token_stats
+    from distill_jax.models import Model, hidden_states, init, lm_head, presets
+    from distill_jax.traces.pack import pack_pair_file
+    tok = byte_tokenizer()
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{a} + {b}?"},
+                          {"role": "assistant", "content": f"#### {a + b}"}],
+             "rejected": f"#### {a + b + 1}"} for a, b in [(2, 3), (4, 4), (7, 1), (5, 6)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (batch,), skipped = pack_pair_file(str(path), tok, rows=4, seq_len=80, alpha=0.8)
+    assert skipped == 0
+    cfg = presets.preset("tiny-llama", vocab_size=259, num_layers=1, hidden_size=32,
+                         intermediate_size=64, num_heads=2, num_kv_heads=1)
+    params = init(cfg, 0).params
+    spec = XtokSpec(terms={redi.REDI: 1.0})
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    norms = terms.counts(spec, jbatch)
+
+    def logp(params):
+        m = Model(cfg, params)
+        h = hidden_states(m, jbatch["tokens"], positions=jbatch["positions"],
+                          segment_ids=jbatch["segment_ids"])
+        return terms.HeadInputs(spec, jbatch, student_h=h, student_head=lm_head(m))
+
+    def loss_fn(params):
+        return terms.objective(spec, terms.term_sums(logp(params)), norms)
+
+    def margin(params):
+        """Mean over pairs of mean log p(chosen) - mean log p(rejected)."""
+        inputs = logp(params)
+        tok_lp, _ = token_stats(inputs.student_h, inputs.student_head, jbatch["targets"],
+                                jnp.zeros((cfg.vocab_size,), bool))
+        w = jbatch[redi.SEQUENCE_WEIGHT]
+        pos = jnp.sum(jnp.where(w > 0, w * tok_lp, 0.0))
+        neg = jnp.sum(jnp.where(w < 0, -w / 0.8 * tok_lp, 0.0))
+        return float((pos - neg) / 4)
+
+    opt = optax.adam(3e-2)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    first_loss, first_margin = float(loss_fn(params)), margin(params)
+    for _ in range(15):
+        params, state = step(params, state)
+    assert float(loss_fn(params)) < first_loss
+    assert margin(params) > first_margin + 0.5

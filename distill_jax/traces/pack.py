@@ -119,4 +119,19 @@ def pack_pairs(pairs: Iterable[TokenizedPair], *, rows: int, seq_len: int,
     return batches, skipped
 
 
-__all__ = ["FIELDS", "TokenizedPair", "pack_pairs", "tokenize_pair"]
+def pack_pair_file(path: str, tokenizer: Any, *, rows: int, seq_len: int,
+                   alpha: float = DEFAULT_ALPHA, chat_template: bool | None = None
+                   ) -> tuple[list[dict[str, np.ndarray]], int]:
+    """:func:`pack_pairs` over the pair records of a JSONL file (``traces select --policy
+    pairs`` output); a bad record raises naming its line."""
+    from distill_jax.traces.store import read_jsonl
+    pairs = []
+    for n, record in enumerate(read_jsonl(path), 1):
+        try:
+            pairs.append(tokenize_pair(tokenizer, record, chat_template=chat_template))
+        except ValueError as e:
+            raise ValueError(f"{path}: record {n}: {e}") from None
+    return pack_pairs(pairs, rows=rows, seq_len=seq_len, alpha=alpha)
+
+
+__all__ = ["FIELDS", "TokenizedPair", "pack_pair_file", "pack_pairs", "tokenize_pair"]
