@@ -221,6 +221,6 @@ def test_config_header_commands(name, tmp_path, monkeypatch):
         assert cfg.samples >= 1 and Path(cfg.prompts.path).is_file()
         if name == "traces_tiny.yaml" and not outs:
             outs.append(tmp_path / f"out{i}")
-            rc = cli.main([*argv, f"out={outs[-1]}", "prompts.max_prompts=2",
-                           "max_new_tokens=4", "progress=false"])
+            rc = cli.main([*argv, f"out={outs[-1]}", "prompts.max_prompts=2", "samples=2",
+                           "batch_size=4", "max_new_tokens=8", "progress=false"])
             assert rc == 0 and (outs[-1] / "traces.jsonl").exists()

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import sys
 import time
 from typing import Any, Protocol, Sequence
@@ -273,13 +274,17 @@ def summarize(records: Sequence[dict], *, out: str = "", complete: bool = True,
 # The run
 
 
-def manifest(cfg: TracesConfig, prompts: Sequence[Prompt]) -> dict[str, Any]:
-    """What the samples depend on (a run on an existing directory must match it)."""
+def manifest(cfg: TracesConfig, prompts: Sequence[Prompt], tokenizer: Any) -> dict[str, Any]:
+    """What the samples depend on (a run on an existing directory must match it): the
+    teacher (its checkpoint's real path), the tokenizer's and the prompts' fingerprints (not
+    their paths, so the same files named another way match), and every sampling setting."""
+    from distill_jax.tokens import tokenizer_fingerprint
     t = cfg.teacher
     return {
-        "teacher": {"hf_path": t.hf_path, "preset": t.preset, "overrides": dict(t.overrides),
-                    "dtype": t.dtype, "param_dtype": t.param_dtype, "seed": t.seed},
-        "tokenizer": cfg.tokenizer_path(), "prompts_path": cfg.prompts.path,
+        "teacher": {"hf_path": os.path.realpath(t.hf_path) if t.hf_path else None,
+                    "preset": t.preset, "overrides": dict(t.overrides), "dtype": t.dtype,
+                    "param_dtype": t.param_dtype, "seed": t.seed},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompts_sha256": prompts_fingerprint(prompts), "num_prompts": len(prompts),
         "samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "verifier": cfg.verifier,
@@ -324,7 +329,7 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer_path())
     prompts = load_prompts(cfg, tokenizer)
     out = TracesDir(cfg.out)
-    out.open(manifest(cfg, prompts))
+    out.open(manifest(cfg, prompts, tokenizer))
     per = cfg.prompts_per_group
     num_groups = -(-len(prompts) // per)
     index = jax.process_index() if cfg.process_index is None else cfg.process_index
