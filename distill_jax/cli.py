@@ -291,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from distill_jax.data import mathgen
             return mathgen.main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
-        if args.command == "data" or (args.command, args.config) in (("cache", "verify"),
-                                                                       ("traces", "select")):
+        if args.command == "data" or (args.command, getattr(args, "config", None)) in (
+                ("cache", "verify"), ("traces", "select")):
             command = " ".join(argv[:2])
         _setup_jax()
         return args.fn(args)

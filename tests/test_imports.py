@@ -22,6 +22,7 @@ LAYERS = (
     ("train",),
     ("export",),
     ("eval",),
+    ("traces",),
     ("demo",),
     ("cli",),
 )
