@@ -9,6 +9,9 @@
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
   distill-jax mathgen --n N --out FILE         synthetic GSM8K-style problems as JSONL
+  distill-jax traces CONFIG [key=value ...]    sample a teacher on prompts, verify, write traces
+  distill-jax traces select TRACES --policy P  traces -> chat records (correct, shortest,
+                                               majority, pairs) for training
   distill-jax data check CONFIG [key=value ...]  read and tokenize all the data; report bad records
   distill-jax demo                             the end-to-end demo on real assets
 
@@ -135,6 +138,17 @@ def _cmd_mathgen(args) -> int:
     return mathgen.main(args.rest) or 0
 
 
+def _cmd_traces(args) -> int:
+    if args.config == "select":  # its own argparse handles the flags
+        from distill_jax.traces import selection
+        return selection.main(args.overrides) or 0
+    from distill_jax.traces.config import load_traces_config
+    from distill_jax.traces.run import run_traces
+    cfg = load_traces_config(args.config, args.overrides)
+    print(run_traces(cfg).line())
+    return 0
+
+
 def _cmd_data_check(args) -> int:
     from distill_jax.config import load_run_config
     from distill_jax.data.check import main_check
@@ -217,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("rest", nargs=argparse.REMAINDER)
     m.set_defaults(fn=_cmd_mathgen)
 
+    tr = sub.add_parser("traces", help="sample a teacher on prompts, verify every sample, write "
+                        "a traces data set (or: traces select TRACES --policy P)")
+    tr.add_argument("config", help="YAML traces config (see configs/traces_tiny.yaml), or "
+                    "'select'")
+    tr.add_argument("overrides", nargs=argparse.REMAINDER,
+                    help="dotted overrides, e.g. samples=8 (after 'select': TRACES --policy P "
+                    "[--max-per-prompt K] [--out FILE])")
+    tr.set_defaults(fn=_cmd_traces)
+
     da = sub.add_parser("data", help="check a config's data: data check CONFIG [key=value ...]")
     dsub = da.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="read and tokenize every record; report bad records (file "
@@ -268,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from distill_jax.data import mathgen
             return mathgen.main(argv[1:]) or 0
         args = build_parser().parse_args(argv)
-        if args.command == "data" or (args.command == "cache" and args.config == "verify"):
+        if args.command == "data" or (args.command, getattr(args, "config", None)) in (
+                ("cache", "verify"), ("traces", "select")):
             command = " ".join(argv[:2])
         _setup_jax()
         return args.fn(args)

@@ -142,7 +142,9 @@ TINY_RUN = ["steps=2", "checkpoint.every=2", "logging.every=1", "logging.progres
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny" in p.name], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "tiny" in p.name  # traces configs:
+                                  and not p.name.startswith("traces")],  # test_traces_run.py
+                         ids=lambda p: p.name)
 def test_tiny_header_commands_run(path, tmp_path, monkeypatch):
     """The tiny configs' header commands run as written (two steps each, outputs in tmp_path):
     train, and cache followed by training from that cache."""

@@ -23,6 +23,7 @@ LAYERS = (
     ("train",),
     ("export",),
     ("eval",),
+    ("traces",),
     ("demo",),
     ("cli",),
 )

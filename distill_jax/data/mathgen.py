@@ -48,8 +48,10 @@ __all__ = [
     "TEMPLATE_NAMES",
     "generate",
     "generate_problem",
+    "answer_value",
     "main",
     "parse_answer",
+    "parse_number",
     "split_of",
     "write_jsonl",
 ]
@@ -1369,29 +1371,78 @@ def write_jsonl(path: str | os.PathLike, problems: Iterable[MathProblem], *,
 # optional thousands commas ("1,234"), optional decimals.
 _NUMBER = r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\d.])-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
-_HASH_ANSWER_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+# A final answer: a LaTeX fraction, a fraction written "a/b" (no spaces, so "48 / 2" in a
+# worked step is not one), or a number.
+_FRACTION = (r"-?\\[dt]?frac\{\s*(?:" + _NUMBER + r")\s*\}\{\s*(?:" + _NUMBER + r")\s*\}"
+             r"|(?<!/)(?:" + _NUMBER + r")/(?:" + _NUMBER + r")(?![\d/])")
+_VALUE_RE = re.compile(_FRACTION + "|" + _NUMBER)
+_HASH_ANSWER_RE = re.compile(r"####\s*\$?\s*\+?(" + _FRACTION + "|" + _NUMBER + ")")
+_BOXED = "\\boxed{"
+# What may surround a boxed number: spaces, dollar signs (plain or LaTeX), LaTeX spacing, a
+# trailing percent sign or full stop.
+_BOXED_NOISE_RE = re.compile(r"\\[$,!;: ]|\\%|[$%\s]|\.$")
 
 
-def _to_number(s: str) -> int | float:
-    s = s.replace(",", "")
-    if "." not in s:
-        return int(s)
-    value = float(s)
-    return int(value) if value.is_integer() else value
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of one number written the ways final answers are: ``"1,234"``,
+    ``"-3"``, ``"+3"``, ``"2.50"``, ``"3/4"``, ``"\\frac{3}{4}"``, ``"-\\dfrac{1}{2}"``, with
+    surrounding spaces, ``$`` and a trailing ``%`` or ``.`` ignored; ``None`` when ``text`` is
+    not one number (or divides by zero)."""
+    s = _BOXED_NOISE_RE.sub("", text or "")
+    s = s[1:] if s.startswith("+") else s
+    if not s or _VALUE_RE.fullmatch(s) is None:
+        return None
+    nums = [Fraction(n.replace(",", "")) for n in _NUMBER_RE.findall(s)]
+    if len(nums) == 1:
+        return nums[0]
+    num, den = nums
+    if den == 0:
+        return None
+    value = num / den
+    # "-\frac{1}{2}": the sign is outside both numbers
+    return -value if s.startswith("-\\") else value
 
 
-def parse_answer(text: str) -> int | float | None:
-    """The final answer in ``text``: the number after the first ``####`` if there is one, else the
-    last number in the text; ``None`` if there is none. Commas ("1,234"), a leading ``$``,
-    negatives and decimals are understood; integral decimals ("12.00") come back as ``int``.
-    """
+def _boxed(text: str) -> str | None:
+    """The contents of the last ``\\boxed{...}`` (balanced braces), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def answer_value(text: str) -> Fraction | None:
+    """The exact final answer in ``text`` (see :func:`parse_answer` for the rules), as a
+    :class:`~fractions.Fraction`; ``None`` when there is none."""
     if not text:
         return None
     m = _HASH_ANSWER_RE.search(text)
     if m is not None:
-        return _to_number(m.group(1))
-    numbers = _NUMBER_RE.findall(text)
-    return _to_number(numbers[-1]) if numbers else None
+        return parse_number(m.group(1))
+    boxed = _boxed(text)
+    if boxed is not None:
+        return parse_number(boxed)
+    values = _VALUE_RE.findall(text)
+    return parse_number(values[-1]) if values else None
+
+
+def parse_answer(text: str) -> int | float | None:
+    """The final answer in ``text``: the number after the first ``####`` if there is one, else
+    the number in the last ``\\boxed{...}`` (None if that holds no single number), else the
+    last number in the text; ``None`` if there is none. Commas ("1,234"), a leading ``$`` or
+    ``+``, negatives, decimals and fractions ("3/4", ``\\frac{3}{4}``) are understood; integral
+    values ("12.00", "8/4") come back as ``int``, others as ``float``
+    (:func:`answer_value` gives the exact value).
+    """
+    value = answer_value(text)
+    if value is None:
+        return None
+    return int(value) if value.denominator == 1 else float(value)
 
 
 # ---------------------------------------------------------------------------------------------

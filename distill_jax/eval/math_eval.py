@@ -4,9 +4,10 @@ Each problem's prompt is rendered with the tokenizer's chat template as one user
 the tokenizer has one; otherwise the raw prompt is encoded with the tokenizer's special tokens),
 the model generates up to ``max_new_tokens`` tokens (stopping at its EOS ids and the
 tokenizer's EOS), and the answer is parsed from the decoded text by
-:func:`distill_jax.data.mathgen.parse_answer`: the number after ``####``, else the last number
-("1,234", "$5", "-3", "2.50" understood). It is right when it equals the reference answer
-numerically (the ``answer`` field of the problem, or the answer parsed from its ``response``).
+:func:`distill_jax.data.mathgen.parse_answer`: the number after ``####``, else the one in the
+last ``\\boxed{}``, else the last number ("1,234", "$5", "-3", "2.50", "3/4" understood). It is
+right when it equals the reference answer numerically (the ``answer`` field of the problem, or
+the answer parsed from its ``response``).
 
 With ``num_samples > 1`` each problem is sampled that many times at ``temperature`` and the
 most frequent parsed answer wins (:func:`majority_vote`); with one sample decoding is greedy.

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import alm, dskd, kd, pld, xtok, xtok_baselines
+from distill_jax.losses import alm, dskd, kd, pld, redi, xtok, xtok_baselines
 
 Array = jax.Array
 
@@ -176,6 +176,7 @@ class Term:
     params_salt: int | None = None
     per_token: Callable | None = None
     chunk_sums: Callable | None = None
+    batch_keys: tuple[str, ...] = ()  # batch arrays the term reads beyond its signal's
 
     def __post_init__(self):
         if self.vocabulary not in (SHARED, ALIGNED):
@@ -340,6 +341,27 @@ _ALIGNED_TERMS = (
     Term(xtok.DSKD, {TEACHER_LOGITS, TEACHER_HIDDEN, ALIGNMENT}, ALIGNED,
          "dual-space KD with cross-model attention", sums=_dskd_sums, counts=_dskd_counts,
          normalise=_dskd_normalise, init_params=_dskd_init, params_salt=1),
+)
+
+
+def _redi_sums(x: HeadInputs) -> dict[str, Array]:
+    if x.student_word_start is not None:
+        logp, _ = x.student_token_stats
+    else:
+        none_V = jnp.zeros((x.student_head.shape[-1],), bool)
+        logp, _ = alm.token_stats(x.student_h, x.student_head, x.batch["targets"], none_V,
+                                  softcap=x.student_softcap, chunk_size=x.chunk_size)
+    return {kd.sum_key(redi.REDI): redi.redi_sums(logp, x.batch[redi.SEQUENCE_WEIGHT])}
+
+
+def _redi_counts(spec, batch) -> dict[str, Array]:
+    return {**_tokens(spec, batch), redi.PAIRS: redi.pair_count(batch[redi.SEQUENCE_WEIGHT])}
+
+
+_ALIGNED_TERMS += (
+    Term(redi.REDI, frozenset(), ALIGNED, "REDI: length-normalised likelihood of verified "
+         "teacher traces up, of rejected ones down (alpha), per pair", sums=_redi_sums,
+         counts=_redi_counts, normalise=_over(redi.PAIRS), batch_keys=(redi.SEQUENCE_WEIGHT,)),
 )
 
 REGISTRY: dict[str, Term] = {t.name: t for t in _SHARED_TERMS + _ALIGNED_TERMS}

@@ -1,0 +1,117 @@
+"""Traces building blocks: the teacher's log-prob scoring against float64 numpy, selection
+invariants on random traces, and the output directory's refusals."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from distill_jax.models import forward, init, presets
+from distill_jax.traces.run import ModelTeacher
+from distill_jax.traces.selection import select
+from distill_jax.traces.store import TracesDir, TracesDirError
+
+
+def test_mean_logprobs_match_float64_reference():
+    cfg = presets.preset("tiny-llama", vocab_size=61, num_layers=2, hidden_size=32,
+                         intermediate_size=64, num_heads=2, num_kv_heads=1)
+    model = init(cfg, 3)
+    teacher = ModelTeacher(model, max_new_tokens=8, temperature=1.0, top_k=None, top_p=None,
+                           eos_ids=(), pad_id=0, prompt_bucket=8)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 61, n).tolist() for n in (3, 7, 1)]
+    completions = [rng.integers(1, 61, n).tolist() for n in (5, 1, 8)]
+    got = teacher.mean_logprobs(prompts, completions)
+    for p, c, g in zip(prompts, completions, got):
+        seq = np.asarray([p + c], np.int32)
+        logits = np.asarray(forward(model, seq), np.float64)[0]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        want = np.mean([logp[len(p) - 1 + j, t] for j, t in enumerate(c)])
+        assert g == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_sampled_tokens_are_what_generate_gives():
+    from distill_jax.models.generate import generate
+    cfg = presets.preset("tiny-llama", vocab_size=61, num_layers=1, hidden_size=16,
+                         intermediate_size=32, num_heads=2, num_kv_heads=1)
+    model = init(cfg, 1)
+    teacher = ModelTeacher(model, max_new_tokens=6, temperature=0.9, top_k=None, top_p=0.9,
+                           eos_ids=(5,), pad_id=0, prompt_bucket=16)
+    key = jax.random.key(7)
+    prompts = [[1, 2, 3], [4, 5]]
+    seqs, finished = teacher.sample(prompts, key)
+    ref = generate(model, prompts, max_new_tokens=6, temperature=0.9, top_p=0.9, eos_ids=(5,),
+                   seed=key, prompt_bucket=16)
+    assert seqs == ref.sequences and finished == ref.finished.tolist()
+
+
+def _random_traces(seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for pid in range(rng.randint(1, 6)):
+        for s in range(rng.randint(1, 5)):
+            answer = rng.choice(["1", "2", "3", None])
+            out.append({"prompt_id": pid, "sample": s, "messages": [{"role": "user",
+                                                                     "content": f"q{pid}"}],
+                        "completion": f"c{pid}.{s}", "answer": answer,
+                        "verdict": answer == "1", "length": rng.randint(1, 9)})
+    rng.shuffle(out)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), cap=st.sampled_from([None, 1, 2]))
+def test_selection_invariants(seed, cap):
+    rows = _random_traces(seed)
+    by_id = {(r["prompt_id"], r["sample"]): r for r in rows}
+
+    def picked(policy):
+        return [by_id[(r["prompt_id"], r["sample"])] for r in select(rows, policy,
+                                                                     max_per_prompt=cap)]
+
+    correct = picked("correct")
+    assert all(r["verdict"] for r in correct)
+    if cap is None:
+        assert len(correct) == sum(r["verdict"] for r in rows)
+    per_prompt = {}
+    for r in correct:
+        per_prompt[r["prompt_id"]] = per_prompt.get(r["prompt_id"], 0) + 1
+    assert all(n <= (cap or 99) for n in per_prompt.values())
+    shortest = picked("shortest")
+    assert len({r["prompt_id"] for r in shortest}) == len(shortest)
+    for r in shortest:
+        assert r["verdict"] and r["length"] == min(
+            x["length"] for x in rows if x["prompt_id"] == r["prompt_id"] and x["verdict"])
+    for r in select(rows, "pairs"):
+        assert by_id[(r["prompt_id"], r["sample"])]["verdict"]
+        rejected = by_id[(r["prompt_id"], r["rejected_sample"])]
+        assert not rejected["verdict"] and r["rejected"] == rejected["completion"]
+        assert r["messages"][-1] == {"role": "assistant",
+                                     "content": by_id[(r["prompt_id"], r["sample"])]["completion"]}
+    for pid in {r["prompt_id"] for r in picked("majority")}:
+        answers = {r["answer"] for r in picked("majority") if r["prompt_id"] == pid}
+        assert len(answers) == 1 and None not in answers
+
+
+def test_output_dir_refusals(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(TracesDirError, match="non-empty directory without a traces manifest"):
+        TracesDir(tmp_path / "busy").open({"samples": 4})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TracesDirError, match="is a file"):
+        TracesDir(tmp_path / "file").open({"samples": 4})
+    d = TracesDir(tmp_path / "ok")
+    d.open({"samples": 4})
+    d.open({"samples": 4})  # the same config resumes
+    with pytest.raises(TracesDirError, match="samples: 4 -> 8"):
+        d.open({"samples": 8})
+    d.write_part(0, [{"a": 1}])
+    d.write_part(0, [{"a": 2}])  # a committed group is never rewritten
+    assert d.read_part(0) == [{"a": 1}] and d.done_groups() == {0}
+    assert not d.finalize(2) and d.finalize(1) and d.traces() == [{"a": 1}]
