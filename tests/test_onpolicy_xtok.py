@@ -123,3 +123,68 @@ def test_sample_in_its_own_spelling(tmp_path, toks):
     t_bytes = (got["teacher_byte_starts"][0, 1:][t[:-1]].min(),
                got["teacher_byte_ends"][0, 1:][t[:-1]].max())
     assert t_bytes == (3, 9)
+
+
+def _tiny(vocab, seed, hidden=32):
+    import distill_jax.models as M
+    cfg = M.ModelConfig.tiny("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
+                             num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+    rng = np.random.default_rng(seed)
+
+    def value(path, shape):
+        if path[-1].key == "scale":
+            return np.ones(shape.shape, shape.dtype)
+        return rng.normal(0.0, 0.3, shape.shape).astype(shape.dtype)
+
+    return cfg, jax.tree.map(jax.numpy.asarray,
+                             jax.tree_util.tree_map_with_path(value, M.param_shapes(cfg)))
+
+
+def test_two_phase_batch_trains_and_metrics(toks):
+    """Rollout (jitted) -> host conversion -> the cross-tokenizer step with the live teacher;
+    the metrics equal a numpy recount from the decoded samples and the teacher's log-probs."""
+    import functools
+
+    import optax
+
+    from distill_jax.losses.xtok import XtokSpec
+    from distill_jax.tokens import word_start_mask
+    from distill_jax.train.step import init_state, make_xtok_train_step, teacher_token_stats
+    from distill_jax.data.testing import tiny_tokenizer
+    stok, ttok = tiny_tokenizer("byte_level", vocab_size=300), toks["bytes"]
+    cfg = DataConfig(record="prompt_response", seq_len=24, teacher_seq_len=32)
+    scfg, sp = _tiny(len(stok), 1)
+    tcfg, tp = _tiny(len(ttok), 2)
+    prompt = op.prompt_from_record({"prompt": "Q: sum?", "response": "ok"}, stok, cfg)
+    pb = op.prompt_batch([prompt] * 8, max_new_tokens=8, buckets=(16,))
+    roll = jax.jit(functools.partial(op.onpolicy_batch, scfg, lmbda=1.0, max_new_tokens=8,
+                                     eos_ids=(stok.eos_token_id,)))
+    key = jax.random.key(0)
+    batch, times = X.xtok_onpolicy_batch(roll, sp, pb, key, student_tokenizer=stok,
+                                         teacher_tokenizer=ttok, config=cfg)
+    assert set(times) == {X.TIME_ROLLOUT, X.TIME_RETOKENIZE}
+    assert batch["tokens"].shape == (8, 24) and batch["teacher_tokens"].shape == (8, 32)
+    samples = X.decode_rows(jax.device_get(roll(sp, pb, key)), stok)
+    assert batch[X.COMPLETION_BYTES].tolist() == [len(s.completion) for s in samples]
+    # The teacher rows are the byte tokenizer's spelling of prompt + completion.
+    for r, s in enumerate(samples):
+        n = int((batch["teacher_segment_ids"][r] > 0).sum())
+        want = [b + 3 for b in (s.prompt.encode() + s.completion)] + [2] * s.eos
+        assert batch["teacher_tokens"][r, :n].tolist() == want
+    spec = XtokSpec(terms={"alm": 1.0})
+    opt = optax.sgd(0.1)
+    t_word = word_start_mask(ttok, tcfg.vocab_size)
+    step = jax.jit(make_xtok_train_step(scfg, tcfg, spec, opt, chunk_size=64,
+                                        student_word_start=word_start_mask(stok, scfg.vocab_size),
+                                        teacher_word_start=t_word))
+    keys = [k for k in batch if not k.startswith("onpolicy/")]
+    state, metrics = step(init_state(sp, opt), tp, {k: batch[k] for k in keys})
+    assert np.isfinite(float(metrics["distill/loss"])) and float(metrics["distill/loss"]) > 0
+    stats = teacher_token_stats(tcfg, tp, batch, jax.numpy.asarray(t_word), chunk_size=64)
+    lp = np.asarray(stats["teacher_actual_logprob"], np.float64)
+    m = X.xtok_rollout_metrics(batch, lp)
+    nbytes = sum(len(s.completion) for s in samples)
+    want_lp = lp[batch["teacher_loss_mask"] > 0].sum() / max(nbytes, 1)
+    np.testing.assert_allclose(float(m[X.TEACHER_LOGPROB_PER_BYTE]), want_lp, rtol=1e-5)
+    assert float(m[X.EOS_SHARE]) == np.mean([s.stopped for s in samples])
+    assert float(m[X.MEAN_BYTES]) == nbytes / 8

@@ -68,9 +68,21 @@ from distill_jax.data.tokenize import TokenizedDoc, tokenize_records
 from distill_jax.tokens import Tokens, tokenizer_info
 from distill_jax.xtok.align import Alignment, align_tokens
 
-__all__ = ["SampleText", "decode_rows", "teacher_prompt", "teacher_turn_end", "xtok_rows"]
+__all__ = ["COMPLETION_BYTES", "CUT_TOKENS", "FINISHED", "SampleText", "decode_rows",
+           "teacher_prompt", "teacher_turn_end", "xtok_onpolicy_batch", "xtok_rows",
+           "xtok_rollout_metrics"]
 
-CUT_TOKENS = "onpolicy/cut_tokens"
+# Extra per-row arrays of an xtok_rows batch (the step ignores them).
+CUT_TOKENS = "onpolicy/cut_tokens"            # (B,) int32 completion tokens dropped
+COMPLETION_BYTES = "onpolicy/completion_bytes"  # (B,) int32 bytes of the (trimmed) completion
+FINISHED = "onpolicy/finished"                # (B,) bool the completion ends with a stop token
+
+# Metric names.
+TEACHER_LOGPROB_PER_BYTE = "onpolicy/teacher_logprob_per_byte"
+EOS_SHARE = "onpolicy/eos_share"
+MEAN_BYTES = "onpolicy/mean_completion_bytes"
+TIME_ROLLOUT = "time/rollout"
+TIME_RETOKENIZE = "time/retokenize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,4 +366,58 @@ def xtok_rows(batch: Mapping[str, np.ndarray], student_tokenizer, teacher_tokeni
         cut[r] = s.cut + max(0, n - max(end[0], len(s.prompt_ids)))
     out = packer.emit()
     out[CUT_TOKENS] = cut
+    out[COMPLETION_BYTES] = np.asarray([len(s.completion) for s in samples], np.int32)
+    out[FINISHED] = np.asarray([s.stopped for s in samples], bool)
     return out
+
+
+def xtok_onpolicy_batch(rollout_fn: Callable, student_params: Any, prompts: Mapping[str, Any],
+                        key: Any, *, student_tokenizer, teacher_tokenizer, config: DataConfig,
+                        stop_ids: Sequence[int] = (),
+                        teacher_prompts: Sequence[str] | None = None,
+                        doc_ids: Sequence[int] | None = None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The on-policy cross-tokenizer batch: the jitted rollout, then the host conversion.
+
+    A two-phase step. Phase 1 (device, jitted): ``rollout_fn(student_params, prompts, key)``,
+    e.g. ``jax.jit(functools.partial(onpolicy.onpolicy_batch, student_cfg, lmbda=1.0,
+    max_new_tokens=N, eos_ids=...))`` (``lmbda < 1`` works too: a dataset row becomes the batch
+    of its reference's text), returns the packed student rows; they are fetched to the host
+    (the device waits for nothing else). Phase 2 (host, numpy): :func:`xtok_rows` decodes,
+    re-tokenizes with the teacher's tokenizer, aligns and packs, giving the batch of the
+    engine's cross-tokenizer step (``train.step.make_xtok_train_step``), whose live teacher
+    scores the teacher rows (one forward, no KV cache) inside the step. The device is idle
+    during phase 2 and the host during the step; the step itself is unchanged.
+
+    Returns ``(batch, timings)``: ``timings`` has the wall seconds of both phases
+    (``TIME_ROLLOUT``, ``TIME_RETOKENIZE``).
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    rows = jax.device_get(rollout_fn(student_params, prompts, key))
+    t1 = time.perf_counter()
+    batch = xtok_rows(rows, student_tokenizer, teacher_tokenizer, config, stop_ids=stop_ids,
+                      teacher_prompts=teacher_prompts, doc_ids=doc_ids)
+    t2 = time.perf_counter()
+    return batch, {TIME_ROLLOUT: t1 - t0, TIME_RETOKENIZE: t2 - t1}
+
+
+def xtok_rollout_metrics(batch: Mapping[str, Any], teacher_logprob: Any) -> dict[str, Any]:
+    """Metrics of an :func:`xtok_rows` batch's samples (jittable).
+
+    ``teacher_logprob`` (B, teacher_seq_len): the teacher's log-prob of each teacher target
+    (``teacher_actual_logprob`` of ``train.step.teacher_token_stats``). Returns
+    ``TEACHER_LOGPROB_PER_BYTE`` (the teacher's log-prob of the completions' teacher tokens,
+    its EOS included where the student ended with one, per completion byte), ``EOS_SHARE``
+    (samples that end with a stop token) and ``MEAN_BYTES`` (mean completion length in bytes).
+    """
+    import jax.numpy as jnp
+
+    w = jnp.asarray(batch["teacher_loss_mask"]) > 0
+    lp = jnp.sum(jnp.where(w, jnp.asarray(teacher_logprob, jnp.float32), 0.0))
+    nbytes = jnp.sum(jnp.asarray(batch[COMPLETION_BYTES])).astype(jnp.float32)
+    rows = jnp.asarray(batch[FINISHED]).shape[0]
+    return {TEACHER_LOGPROB_PER_BYTE: lp / jnp.maximum(nbytes, 1.0),
+            EOS_SHARE: jnp.mean(jnp.asarray(batch[FINISHED], jnp.float32)),
+            MEAN_BYTES: nbytes / rows}
