@@ -125,7 +125,7 @@ def test_sample_in_its_own_spelling(tmp_path, toks):
     assert t_bytes == (3, 9)
 
 
-def _tiny(vocab, seed, hidden=32):
+def _tiny(vocab, seed, hidden=32, std=0.3):
     import distill_jax.models as M
     cfg = M.ModelConfig.tiny("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
                              num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -134,7 +134,7 @@ def _tiny(vocab, seed, hidden=32):
     def value(path, shape):
         if path[-1].key == "scale":
             return np.ones(shape.shape, shape.dtype)
-        return rng.normal(0.0, 0.3, shape.shape).astype(shape.dtype)
+        return rng.normal(0.0, std, shape.shape).astype(shape.dtype)
 
     return cfg, jax.tree.map(jax.numpy.asarray,
                              jax.tree_util.tree_map_with_path(value, M.param_shapes(cfg)))
@@ -188,3 +188,85 @@ def test_two_phase_batch_trains_and_metrics(toks):
     np.testing.assert_allclose(float(m[X.TEACHER_LOGPROB_PER_BYTE]), want_lp, rtol=1e-5)
     assert float(m[X.EOS_SHARE]) == np.mean([s.stopped for s in samples])
     assert float(m[X.MEAN_BYTES]) == nbytes / 8
+
+
+PLANTED = "ok!"
+
+
+def _planted_teacher(ttok):
+    """A bigram teacher over the byte tokenizer (its block adds nothing: the logits read the
+    current token's embedding) that continues ':' with PLANTED, then EOS, with prob ~1."""
+    tcfg, tp = _tiny(len(ttok), 3, hidden=64)
+    tp = jax.tree.map(np.array, tp)
+    tp["layers"]["attn"]["o"][:] = 0.0
+    tp["layers"]["mlp"]["down"][:] = 0.0
+    emb = np.random.default_rng(4).normal(size=tp["embed"].shape).astype(np.float32)
+    tp["embed"] = emb
+    chain = [ord(":") + 3] + [b + 3 for b in PLANTED.encode()] + [ttok.eos_token_id]
+    head = np.zeros_like(tp["lm_head"])
+    for a, b in zip(chain[:-1], chain[1:]):
+        head[:, b] += 40.0 * emb[a] / np.linalg.norm(emb[a]) / np.sqrt(emb.shape[1])
+    tp["lm_head"] = head
+    return tcfg, jax.tree.map(jax.numpy.asarray, tp)
+
+
+def test_planted_teacher_across_tokenizers(toks):
+    """A student with a BPE tokenizer, trained only with ALM on its own samples against a
+    byte-tokenizer teacher that puts its mass on ':' -> PLANTED + EOS, learns to sample
+    PLANTED then EOS (>= 80% of 32 fresh samples) within STEPS two-phase steps; the teacher's
+    log-prob per completion byte rises to ~0 and every sample ends with EOS."""
+    import functools
+
+    import optax
+
+    from distill_jax.data.testing import tiny_tokenizer
+    from distill_jax.losses.xtok import XtokSpec
+    from distill_jax.tokens import tokenizer_info, word_start_mask
+    from distill_jax.train.step import init_state, make_xtok_train_step, teacher_token_stats
+    steps, b, n = 100, 32, 6
+    stok, ttok = tiny_tokenizer("byte_level", vocab_size=300), toks["bytes"]
+    cfg = DataConfig(record="prompt_response", seq_len=16, teacher_seq_len=16)
+    tcfg, tp = _planted_teacher(ttok)
+    scfg, sp = _tiny(len(stok), 2, std=0.02)
+    sp = jax.tree.map(np.array, sp)
+    # The student starts on printable text: a constant embedding direction read by lm_head as a
+    # logit bias against special tokens and non-ASCII pieces (which may be cut UTF-8).
+    table = tokenizer_info(stok).token_bytes
+    other = [i for i in range(len(stok)) if i != stok.eos_token_id
+             and (i in tokenizer_info(stok).special_ids or not table[i].isascii())]
+    sp["embed"][:, 0] = 3.0
+    sp["lm_head"][0, other] = -3.0
+    sp = jax.tree.map(jax.numpy.asarray, sp)
+    prompt = op.prompt_from_record({"prompt": "Q:", "response": PLANTED}, stok, cfg)
+    pb = op.prompt_batch([prompt] * b, max_new_tokens=n, buckets=(8,))
+    roll = jax.jit(functools.partial(op.onpolicy_batch, scfg, lmbda=1.0, max_new_tokens=n,
+                                     eos_ids=(stok.eos_token_id,)))
+    spec = XtokSpec(terms={"alm": 1.0}, tau=1.0, merge_threshold=None, append_space=False)
+    opt = optax.adam(0.01, eps=1e-3)
+    t_word = word_start_mask(ttok, tcfg.vocab_size)
+    step = jax.jit(make_xtok_train_step(scfg, tcfg, spec, opt, chunk_size=64,
+                                        student_word_start=word_start_mask(stok, scfg.vocab_size),
+                                        teacher_word_start=t_word))
+    stats = jax.jit(lambda p, bt: teacher_token_stats(tcfg, p, bt, jax.numpy.asarray(t_word),
+                                                      chunk_size=64)["teacher_actual_logprob"])
+    state = init_state(sp, opt)
+    key = jax.random.key(0)  # seeds 1, 2, 3 pass too
+    first = last = None
+    for i in range(steps):
+        key, k = jax.random.split(key)
+        batch, _ = X.xtok_onpolicy_batch(roll, state.params["model"], pb, k,
+                                         student_tokenizer=stok, teacher_tokenizer=ttok,
+                                         config=cfg)
+        batch = {k2: v for k2, v in batch.items()}
+        arrays = {k2: v for k2, v in batch.items() if not k2.startswith("onpolicy/")}
+        if i in (0, steps - 1):
+            m = jax.device_get(X.xtok_rollout_metrics(batch, stats(tp, arrays)))
+            first, last = (m, last) if i == 0 else (first, m)
+        state, _ = step(state, tp, arrays)
+    samples = X.decode_rows(jax.device_get(roll(state.params["model"], pb, jax.random.key(9))),
+                            stok)
+    share = np.mean([s.completion == PLANTED.encode() and s.eos for s in samples])
+    assert share >= 0.8, [s.completion for s in samples]
+    assert first[X.TEACHER_LOGPROB_PER_BYTE] < -5.0 < -0.5 < last[X.TEACHER_LOGPROB_PER_BYTE]
+    assert first[X.EOS_SHARE] < 0.5 and last[X.EOS_SHARE] >= 0.8
+    assert abs(last[X.MEAN_BYTES] - len(PLANTED)) < 0.5

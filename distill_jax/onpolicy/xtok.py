@@ -287,18 +287,22 @@ def _docs_teacher_prompts(samples: Sequence[SampleText], student_tokenizer, teac
     end = teacher_turn_end(teacher_tokenizer)
     cfg = dataclasses.replace(config, record="prompt_response", loss_on_prompt=False,
                               add_eos=False)
-    recs = [{cfg.prompt_field: tp, cfg.response_field: s.completion.decode("utf-8")
-             + (end if s.stopped else "")} for s, tp in zip(samples, teacher_prompts)]
+    # A stop token other than EOS (a turn end) is text in the completion: not for the teacher.
+    stop_width = [len(s_info.token_bytes[int(s.completion_ids[-1])]) if s.stopped and not s.eos
+                  else 0 for s in samples]
+    texts = [s.completion[:len(s.completion) - w] for s, w in zip(samples, stop_width)]
+    recs = [{cfg.prompt_field: tp, cfg.response_field: text.decode("utf-8")
+             + (end if s.stopped else "")} for s, tp, text in zip(samples, teacher_prompts, texts)]
     t_docs = tokenize_records(recs, teacher_tokenizer, cfg)
     docs = []
-    for i, (s, tp, td) in enumerate(zip(samples, teacher_prompts, t_docs)):
+    for i, (s, tp, td, text) in enumerate(zip(samples, teacher_prompts, t_docs, texts)):
         if not isinstance(td, TokenizedDoc):
             raise ValueError(f"row {i}: {td}")
         student = _sample_tokens(s_info, s_info.token_bytes, s)
         teacher = td.student
         ps = len(s.prompt.encode("utf-8"))
         pt = len(tp.encode("utf-8"))
-        c = len(s.completion)
+        c = len(text)
         k = max(ps, pt)
         student, teacher = _shift(student, k - ps), _shift(teacher, k - pt)
         t_trained = np.asarray(teacher.trained).copy()
@@ -311,7 +315,7 @@ def _docs_teacher_prompts(samples: Sequence[SampleText], student_tokenizer, teac
             t_trained[tail] = True
         student = dataclasses.replace(student, byte_starts=s_s, byte_ends=s_e)
         teacher = dataclasses.replace(teacher, byte_starts=t_s, byte_ends=t_e, trained=t_trained)
-        data = b"\x00" * k + s.completion
+        data = b"\x00" * k + text
         chunks = align_tokens(student, teacher, data, s_info.special_ids, t_info.special_ids,
                               config.alignment)
         docs.append(TokenizedDoc(data.decode("utf-8"), student, teacher,
