@@ -22,9 +22,9 @@ def toks():
     return {name: load_tokenizer(name) for name in ("bytes", "smollm2", "mistral")}
 
 
-def _config(tmp_path, record, **kw):
+def _config(tmp_path, rec, **kw):
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(record) + "\n")
+    path.write_text(json.dumps(rec) + "\n")
     base = dict(sources=(SourceConfig(str(path)),), record="prompt_response", seq_len=160,
                 teacher_seq_len=96, batch_size=1, num_epochs=1, shuffle=False)
     return DataConfig(**{**base, **kw})
@@ -270,3 +270,38 @@ def test_planted_teacher_across_tokenizers(toks):
     assert first[X.TEACHER_LOGPROB_PER_BYTE] < -5.0 < -0.5 < last[X.TEACHER_LOGPROB_PER_BYTE]
     assert first[X.EOS_SHARE] < 0.5 and last[X.EOS_SHARE] >= 0.8
     assert abs(last[X.MEAN_BYTES] - len(PLANTED)) < 0.5
+
+
+@pytest.mark.parametrize("teacher", ["smollm2", "mistral"])
+def test_teacher_reads_its_own_chat_template(tmp_path, toks, teacher):
+    """With teacher_prompts the teacher row is the teacher's own rendering of the conversation,
+    then the completion's bytes, then its own end of turn (SmolLM2 ``<|im_end|>``, Mistral
+    ``</s>``) for the student's EOS: the completion aligns chunk for chunk over the same bytes,
+    the two turn ends are one chunk, and no chunk covers a prompt target."""
+    stok, ttok = toks["bytes"], toks[teacher]
+    messages = [{"role": "user", "content": "What is 2+3?"},
+                {"role": "assistant", "content": "It is 5, déjà vu."}]
+    cfg = _config(tmp_path, {"messages": messages}, record="chat")
+    reply = messages[1]["content"].encode()
+    ids = [b + 3 for b in reply] + [stok.eos_token_id]
+    rows = _rows(stok, cfg, {"messages": messages}, ids)
+    tp = X.teacher_prompt(messages[:1], ttok)
+    end = X.teacher_turn_end(ttok)
+    assert end == {"smollm2": "<|im_end|>", "mistral": "</s>"}[teacher]
+    got = X.xtok_rows(rows, stok, ttok, cfg, teacher_prompts=[tp])
+    nt = int((got["teacher_segment_ids"][0] > 0).sum())
+    t_prompt = ttok(tp, add_special_tokens=False)["input_ids"]
+    t_ids = got["teacher_tokens"][0, :nt].tolist()
+    head = 1 if t_ids[:1] == [ttok.bos_token_id] and t_prompt[:1] != t_ids[:1] else 0
+    assert t_ids[head:head + len(t_prompt)] == t_prompt
+    assert t_ids[-1] == ttok.convert_tokens_to_ids(end)
+    tb = X.tokenizer_info(ttok).token_bytes
+    t_reply = t_ids[head + len(t_prompt):-1]
+    assert b"".join(tb[i] for i in t_reply) in (reply, b" " + reply)  # Mistral: dummy prefix
+    # Chunks: only on completion targets, and the last one pairs EOS with the turn end.
+    n = int((got["segment_ids"][0] > 0).sum())
+    s_ch, t_ch = got["chunk_ids"][0], got["teacher_chunk_ids"][0]
+    assert (s_ch[:n - len(ids) - 1] == -1).all() and (t_ch[:nt - len(t_reply) - 2] == -1).all()
+    assert s_ch[n - 2] == t_ch[nt - 2] >= 0
+    assert (s_ch[n - len(ids) - 1:n - 1] >= 0).all()
+    assert got["teacher_loss_mask"][0, nt - 2] == 1 and got["loss_mask"][0, n - 2] == 1

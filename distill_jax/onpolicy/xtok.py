@@ -43,9 +43,9 @@ EOS or another stop token), the teacher's own end of an assistant turn (the spec
 puts after an assistant reply: ``<|im_end|>``, ``</s>``, ...), so special tokens map by role. The
 prompts then differ in bytes; the two sides are aligned in a common frame where the completion
 starts at the same byte, the stop tokens on both sides are zero-width at the completion's end (one
-chunk: the end of the turn), and everything before the completion (untrained on both sides)
-aligns only where it happens to coincide and is dropped by the step's ``trained_chunks``. The
-off-policy pipeline has no such mode (it gives the teacher the student's rendering).
+chunk: the end of the turn), and every chunk with a prompt target (untrained on both sides, and
+in different bytes) is dropped. The off-policy pipeline has no such mode (it gives the teacher
+the student's rendering).
 
 Rows. The batch has the data pipeline's shapes: ``(B, seq_len)`` student and
 ``(B, teacher_seq_len)`` teacher arrays, row ``i`` holding sample ``i``. A document longer than a
@@ -316,8 +316,13 @@ def _docs_teacher_prompts(samples: Sequence[SampleText], student_tokenizer, teac
         student = dataclasses.replace(student, byte_starts=s_s, byte_ends=s_e)
         teacher = dataclasses.replace(teacher, byte_starts=t_s, byte_ends=t_e, trained=t_trained)
         data = b"\x00" * k + text
-        chunks = align_tokens(student, teacher, data, s_info.special_ids, t_info.special_ids,
-                              config.alignment)
+        s_ch, t_ch = align_tokens(student, teacher, data, s_info.special_ids,
+                                  t_info.special_ids, config.alignment)
+        # Prompt bytes differ between the sides: drop every chunk with an untrained target.
+        bad = np.union1d(s_ch[~np.asarray(student.trained, bool)],
+                         t_ch[~np.asarray(teacher.trained, bool)])
+        chunks = [np.where(np.isin(ch, bad[bad >= 0]), -1, ch).astype(np.int32)
+                  for ch in (s_ch, t_ch)]
         docs.append(TokenizedDoc(data.decode("utf-8"), student, teacher,
                                  alignment=Alignment.from_chunks(*chunks)))
     return docs
