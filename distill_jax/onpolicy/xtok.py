@@ -21,7 +21,10 @@ Cut characters. A sampled sequence need not be valid UTF-8 (a byte-level student
 middle of a multi-byte character, or sample stray continuation bytes). The completion is cut at
 the end of the longest valid UTF-8 prefix that ends on one of its token boundaries: tokens from
 there on (and a final EOS after them) are dropped from the row, so both sides train on exactly
-the same, complete characters. ``cut_tokens`` counts the dropped tokens.
+the same, complete characters. ``cut_tokens`` counts the dropped tokens. The dropped part is not
+trained (no teacher tokenization of it exists), so nothing pushes a student away from invalid
+UTF-8: in a test, Adam with its default ``eps`` (which amplifies tiny gradients) drove a random
+student there; watch ``cut_tokens``.
 
 The document. With ``teacher_prompts=None`` a row is the record ``{prompt, response}`` of data
 kind ``prompt_response``: the prompt's text (the student's chat rendering, for chats) and the
@@ -350,8 +353,8 @@ def xtok_rows(batch: Mapping[str, np.ndarray], student_tokenizer, teacher_tokeni
       ``TEACHER_FIELDS``, ``ALIGNMENT_FIELDS``), plus ``CUT_TOKENS`` (B,) int32: completion
       tokens dropped (cut characters, or past the end of a row).
     """
-    samples = decode_rows(batch, student_tokenizer, stop_ids=stop_ids,
-                          record="prompt_response" if config.record == "prompt_response" else "chat")
+    kind = "prompt_response" if config.record == "prompt_response" else "chat"
+    samples = decode_rows(batch, student_tokenizer, stop_ids=stop_ids, record=kind)
     if teacher_prompts is None:
         docs = _docs_same_text(samples, student_tokenizer, teacher_tokenizer, config)
     else:
