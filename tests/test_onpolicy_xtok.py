@@ -272,23 +272,32 @@ def test_planted_teacher_across_tokenizers(toks):
     assert abs(last[X.MEAN_BYTES] - len(PLANTED)) < 0.5
 
 
-@pytest.mark.parametrize("teacher", ["smollm2", "mistral"])
-def test_teacher_reads_its_own_chat_template(tmp_path, toks, teacher):
+@pytest.mark.parametrize("student,teacher", [("bytes", "smollm2"), ("bytes", "mistral"),
+                                             ("chatml", "mistral")])
+def test_teacher_reads_its_own_chat_template(tmp_path, toks, student, teacher):
     """With teacher_prompts the teacher row is the teacher's own rendering of the conversation,
     then the completion's bytes, then its own end of turn (SmolLM2 ``<|im_end|>``, Mistral
-    ``</s>``) for the student's EOS: the completion aligns chunk for chunk over the same bytes,
-    the two turn ends are one chunk, and no chunk covers a prompt target."""
-    stok, ttok = toks["bytes"], toks[teacher]
+    ``</s>``) for the student's stop token (the byte tokenizer's EOS, or a ChatML student's
+    ``<|im_end|>`` given as a stop id): the completion aligns chunk for chunk over the same
+    bytes, the two turn ends are one chunk, and no chunk covers a prompt target."""
+    from distill_jax.data.testing import tiny_tokenizer
+    stok = toks["bytes"] if student == "bytes" else tiny_tokenizer("byte_level")
+    ttok = toks[teacher]
     messages = [{"role": "user", "content": "What is 2+3?"},
                 {"role": "assistant", "content": "It is 5, déjà vu."}]
     cfg = _config(tmp_path, {"messages": messages}, record="chat")
     reply = messages[1]["content"].encode()
-    ids = [b + 3 for b in reply] + [stok.eos_token_id]
+    if student == "bytes":
+        stop, ids = (), [b + 3 for b in reply] + [stok.eos_token_id]
+    else:
+        stop = (stok.convert_tokens_to_ids("<|im_end|>"),)
+        ids = stok(messages[1]["content"], add_special_tokens=False)["input_ids"] + list(stop)
     rows = _rows(stok, cfg, {"messages": messages}, ids)
     tp = X.teacher_prompt(messages[:1], ttok)
     end = X.teacher_turn_end(ttok)
     assert end == {"smollm2": "<|im_end|>", "mistral": "</s>"}[teacher]
-    got = X.xtok_rows(rows, stok, ttok, cfg, teacher_prompts=[tp])
+    got = X.xtok_rows(rows, stok, ttok, cfg, teacher_prompts=[tp], stop_ids=stop)
+    assert got[X.FINISHED].tolist() == [True] and got[X.COMPLETION_BYTES][0] == len(reply)
     nt = int((got["teacher_segment_ids"][0] > 0).sum())
     t_prompt = ttok(tp, add_special_tokens=False)["input_ids"]
     t_ids = got["teacher_tokens"][0, :nt].tolist()

@@ -77,7 +77,7 @@ __all__ = ["COMPLETION_BYTES", "CUT_TOKENS", "FINISHED", "SampleText", "decode_r
 
 # Extra per-row arrays of an xtok_rows batch (the step ignores them).
 CUT_TOKENS = "onpolicy/cut_tokens"            # (B,) int32 completion tokens dropped
-COMPLETION_BYTES = "onpolicy/completion_bytes"  # (B,) int32 bytes of the (trimmed) completion
+COMPLETION_BYTES = "onpolicy/completion_bytes"  # (B,) int32 completion bytes (no stop token)
 FINISHED = "onpolicy/finished"                # (B,) bool the completion ends with a stop token
 
 # Metric names.
@@ -378,7 +378,10 @@ def xtok_rows(batch: Mapping[str, np.ndarray], student_tokenizer, teacher_tokeni
         cut[r] = s.cut + max(0, n - max(end[0], len(s.prompt_ids)))
     out = packer.emit()
     out[CUT_TOKENS] = cut
-    out[COMPLETION_BYTES] = np.asarray([len(s.completion) for s in samples], np.int32)
+    table = tokenizer_info(student_tokenizer).token_bytes
+    out[COMPLETION_BYTES] = np.asarray(
+        [len(s.completion) - (len(table[int(s.completion_ids[-1])]) if s.stopped and not s.eos
+                              else 0) for s in samples], np.int32)
     out[FINISHED] = np.asarray([s.stopped for s in samples], bool)
     return out
 
