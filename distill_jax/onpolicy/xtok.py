@@ -33,12 +33,12 @@ decoded completion, tokenized by both tokenizers exactly as :func:`distill_jax.d
 only where the student sampled it) and aligned by :func:`distill_jax.xtok.align_tokens`, then
 packed by :class:`distill_jax.data.packing.BatchPacker`, one sample per row. So for a sample that
 is the student tokenizer's own tokenization of its text the batch equals, key for key, the
-off-policy pipeline's batch of that record. (In a chat whose turn end is the student's EOS, as SmolLM2's
-``<|im_end|>``, the sampled EOS is the zero-width EOS and pairs with the teacher's EOS by role,
-where the off-policy pipeline would give the teacher the text ``<|im_end|>``.) A sample the student spelled otherwise (a word in
-several tokens the tokenizer would have merged) keeps its own ids on the student side (that is
-what the student is trained on), with the byte spans of its tokens, realigned to the teacher's
-tokens of the same bytes.
+off-policy pipeline's batch of that record. (In a chat whose turn end is the student's EOS, as
+SmolLM2's ``<|im_end|>``, the sampled EOS is the zero-width EOS and pairs with the teacher's EOS
+by role, where the off-policy pipeline would give the teacher the text ``<|im_end|>``.) A sample
+the student spelled otherwise (a word in several tokens the tokenizer would have merged) keeps
+its own ids on the student side (that is what the student is trained on), with the byte spans of
+its tokens, realigned to the teacher's tokens of the same bytes.
 
 The teacher's chat template. With ``teacher_prompts`` (one string per row, e.g.
 :func:`teacher_prompt`: the teacher's own rendering of the conversation so far with its
