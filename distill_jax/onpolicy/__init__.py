@@ -1,4 +1,4 @@
-"""On-policy distillation (GKD; the per-token reverse KL of the Qwen3 report), same tokenizer.
+"""On-policy distillation (GKD; the per-token reverse KL of the Qwen3 report; ALM across tokenizers).
 
 * :mod:`~distill_jax.onpolicy.prompts`: records -> prompts and reference completions, bucketed
   to a few fixed prompt lengths (host side, numpy).
@@ -7,6 +7,8 @@
   step of an on-policy teacher signal) and rollout metrics.
 * :mod:`~distill_jax.onpolicy.objective`: the sampled-token reverse-KL objective (one teacher
   log-prob per token) and per-token log-probs of packed rows.
+* :mod:`~distill_jax.onpolicy.xtok`: across tokenizers, the student's samples as the data
+  pipeline's cross-tokenizer batch of the same text (host side), for the ALM step.
 """
 
 from distill_jax.onpolicy.objective import (
@@ -19,10 +21,15 @@ from distill_jax.onpolicy.prompts import (
 from distill_jax.onpolicy.rows import (
     ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_metrics,
 )
+from distill_jax.onpolicy.xtok import (
+    teacher_prompt, teacher_turn_end, xtok_onpolicy_batch, xtok_rollout_metrics, xtok_rows,
+)
 
 __all__ = [
     "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "PROMPT_KEYS", "Prompt", "ROW_KEYS", "Rollout",
     "SAMPLED_REVERSE_KL", "onpolicy_batch", "pack_rows", "prompt_batch", "prompt_from_record",
     "prompt_length_bucket", "rollout", "rollout_metrics", "sampled_token_chunk_sums",
-    "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "token_logprobs",
+    "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "teacher_prompt",
+    "teacher_turn_end", "token_logprobs", "xtok_onpolicy_batch", "xtok_rollout_metrics",
+    "xtok_rows",
 ]
