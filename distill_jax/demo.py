@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distill_jax import assets
+from distill_jax import assets, fsutil
 from distill_jax.config import RunConfig, load_run_config
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -240,9 +240,7 @@ def _stage(i: int, what: str) -> float:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fsutil.write_atomic(path, text)
 
 
 def save_figure(fig: Any, path: Path) -> Path:

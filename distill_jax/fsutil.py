@@ -17,6 +17,10 @@ filesystem), then renamed into place; a previous export is first renamed aside a
 once the new one is in place, so a crash at any point leaves the old or the new export complete
 (a crash may leave a hidden ``.NAME.tmp-*`` or ``.NAME.old-*`` directory beside it).
 Directories get ``mkdir``'s mode and files ``open``'s (both honour the umask).
+
+:func:`write_atomic` is the one writer of single files that must never be seen half-written
+(cache manifests, trace parts, figures' JSON): a fsynced temporary file in the same directory,
+renamed into place, then the directory fsynced.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,43 @@ MARKER_FORMAT = "distill-jax export"
 
 class OutputDirError(ValueError):
     """The output directory cannot be written safely; the message says why and what to do."""
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk, where the platform allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (text is UTF-8 with ``\\n`` newlines) to ``path`` through a fsynced
+    temporary file in the same directory and a rename, then fsync the directory: a reader sees
+    the old file or the whole new one, never a part. Parents are created; the file gets
+    ``open``'s mode (the umask). Concurrent writers of the same bytes are safe."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path.parent))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
 
 
 def _real(path: str | os.PathLike) -> Path:

@@ -103,7 +103,6 @@ import json
 import math
 import os
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -112,6 +111,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from distill_jax import fsutil
 from distill_jax.locking import FileLock
 
 FORMAT_VERSION = 3
@@ -297,29 +297,6 @@ class Manifest:
             process_count=d["process_count"], tail_convention=d["tail_convention"],
             format_version=d["format_version"], extra=d.get("extra", {}),
             ownership=d.get("ownership", "modulo"), window=d.get("window"))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_manifest(path: str) -> Manifest:
@@ -649,7 +626,7 @@ class CacheWriter:
         os.makedirs(path, exist_ok=True)
         mpath = os.path.join(path, MANIFEST_NAME)
         if not os.path.exists(mpath):
-            _atomic_write(mpath, self.manifest.to_json().encode())  # racing writers write identical bytes
+            fsutil.write_atomic(mpath, self.manifest.to_json().encode())  # racing writers write identical bytes
         existing = read_manifest(path)
         if existing.to_json() != self.manifest.to_json():
             raise CacheMismatchError(
@@ -788,7 +765,7 @@ class CacheWriter:
                         resize_metadata_only=store.domain.exclusive_max[0] > self._end).result()
         except Exception as e:  # noqa: BLE001 -- tensorstore's errors carry kilobytes of spec JSON
             raise CacheError(f"{self.part_dir}: trimming the arrays to {self._end} rows failed ({_short(e)})") from e
-        _atomic_write(os.path.join(self.part_dir, DONE_NAME), json.dumps(
+        fsutil.write_atomic(os.path.join(self.part_dir, DONE_NAME), json.dumps(
             {"documents": len(self._done), "tokens": self._end, "missing": len(missing)}).encode())
 
     def close(self) -> None:

@@ -26,11 +26,11 @@ with the differing keys (a new output directory is the fix).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from distill_jax import fsutil
 
 FORMAT = "distill-jax traces"
 VERSION = 1
@@ -45,37 +45,9 @@ class TracesDirError(ValueError):
     """An output directory that holds another run's traces, or damaged parts."""
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a fsynced temporary file in the same directory and a
-    rename (then fsync the directory): a reader sees nothing, or the whole file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`distill_jax.fsutil.write_atomic`)."""
+    return fsutil.write_atomic(path, text)
 
 
 def jsonl(records: Iterable[Mapping[str, Any]]) -> str:
