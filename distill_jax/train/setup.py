@@ -19,8 +19,7 @@ from distill_jax import data
 from distill_jax.config import RunConfig
 from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
-from distill_jax.train.step import (batch_keys, make_eval_step, make_train_step,
-                                    make_xtok_train_step, summarize)
+from distill_jax.train.step import make_step
 
 
 def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
@@ -69,7 +68,9 @@ class RunSetup:
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.student_cfg, self.teacher_cfg = student_cfg, teacher_cfg
         self.xtok = cfg.loss.cross_tokenizer
-        self.keys = batch_keys(cached, xtok=self.xtok)
+        self.vocabulary = terms.ALIGNED if self.xtok else terms.SHARED
+        self.signal = terms.signal_for(self.vocabulary, cached)
+        self.keys = self.signal.batch_keys
         self.xtok_args: dict[str, Any] = {}
         if self.xtok:
             from distill_jax.tokens import word_start_mask
@@ -91,32 +92,22 @@ class RunSetup:
         return with_cache(iterator, reader, cross_tokenizer=self.xtok)
 
     def train_step(self, optimizer, schedule):
-        cfg = self.cfg
-        if self.xtok:
-            return make_xtok_train_step(
-                self.student_cfg, self.teacher_cfg, self.spec, optimizer, schedule,
-                grad_accum=cfg.optimizer.grad_accum, chunk_size=cfg.loss.chunk_size,
-                cached=self.cached, **self.xtok_args)
-        return make_train_step(self.student_cfg, self.teacher_cfg, self.spec, optimizer, schedule,
-                               grad_accum=cfg.optimizer.grad_accum, chunk_size=cfg.loss.chunk_size,
-                               cache_tail=cfg.loss.tail if self.cached else None)
+        """The run's step ``(state, teacher_params, batch) -> (state, metrics)``."""
+        return make_step(self.student_cfg, self.teacher_cfg, self.spec, self.signal, optimizer,
+                         schedule, grad_accum=self.cfg.optimizer.grad_accum,
+                         chunk_size=self.cfg.loss.chunk_size, tail=self.cfg.loss.tail,
+                         **self.xtok_args)
 
     def eval_step(self):
-        """``(params, teacher_params, batch) -> (sums, counts)``; :meth:`means` finishes."""
-        if self.xtok:
-            return make_xtok_train_step(
-                self.student_cfg, self.teacher_cfg, self.spec, None, None,
-                chunk_size=self.cfg.loss.chunk_size, cached=False, eval_only=True,
-                **self.xtok_args)
-        step = make_eval_step(self.student_cfg, self.teacher_cfg, self.spec,
-                              chunk_size=self.cfg.loss.chunk_size)
-        return lambda params, teacher_params, batch: (step(params, teacher_params, batch), {})
+        """``(params, teacher_params, batch) -> (sums, counts)`` with the live teacher (held-out
+        data is never cached); :meth:`means` finishes."""
+        return make_step(self.student_cfg, self.teacher_cfg, self.spec,
+                         terms.signal_for(self.vocabulary, False),
+                         chunk_size=self.cfg.loss.chunk_size, **self.xtok_args)
 
     def means(self, sums, counts):
         """Metrics (means, sums, counts) from sums and counts added over batches."""
-        if self.xtok:
-            return terms.summarize(self.spec, sums, counts)
-        return summarize(sums, self.spec)
+        return terms.summarize(self.spec, sums, counts)
 
 
 def make_evaluator(setup: RunSetup, batch_sharding):
@@ -132,7 +123,7 @@ def make_evaluator(setup: RunSetup, batch_sharding):
     eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
                                     num_epochs=None, workers=0)
     step = jax.jit(setup.eval_step())
-    keys = batch_keys(False, xtok=setup.xtok)
+    keys = terms.signal_for(setup.vocabulary, False).batch_keys
 
     def evaluate(params, teacher_params) -> dict[str, float]:
         iterator = setup.data_iterator(eval_data)
