@@ -64,9 +64,9 @@ def _run_curve(name: str, tmp_path: Path) -> list[dict[str, float]]:
     config, overrides, cache = CURVES[name]
     over = [f"run_dir={tmp_path / 'run'}", *COMMON, *overrides]
     if cache is not None:
-        from distill_jax.cache import build_cache
+        from distill_jax.train.assemble import build_run_cache
         cache_dir = tmp_path / "cache"
-        build_cache(load_run_config(REPO / "configs" / config,
+        build_run_cache(load_run_config(REPO / "configs" / config,
                                     [f"run_dir={tmp_path / 'build'}", *COMMON, *overrides,
                                      *cache, f"teacher.cache={cache_dir}"]))
         over += [*cache, f"teacher.cache={cache_dir}"]

@@ -115,13 +115,13 @@ def test_cache_refusals_come_from_the_declared_needs(tmp_path):
 def test_pld_trains_from_a_teacher_cache(tmp_path):
     """Plackett-Luce distillation (a registered shared-vocabulary term) trains from a top-k
     cache, no teacher running."""
-    from distill_jax.cache import build_cache
+    from distill_jax.train.assemble import build_run_cache
     tiny = REPO / "configs" / "tiny.yaml"
     common = [f"run_dir={tmp_path / 'run'}", "logging.every=1", "steps=6",
               "checkpoint.every=100", "logging.progress=false", "data.max_records=32",
               "mesh.num_devices=1", "cache.k=16", f"teacher.cache={tmp_path / 'cache'}",
               "loss.terms={pld: 1.0}"]
-    build_cache(load_run_config(tiny, common))
+    build_run_cache(load_run_config(tiny, common))
     run(load_run_config(tiny, common))
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -137,7 +137,7 @@ def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
     import optax
     from distill_jax import losses, models as M
     from distill_jax.losses.chunked import logits_from_hidden
-    from distill_jax.train.step import init_state, make_train_step
+    from distill_jax.train.step import init_state, make_step
     tc = M.ModelConfig.tiny("llama", num_layers=2)
     sc = M.ModelConfig.tiny("llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1)
     teacher, student = M.init(tc, 1), M.init(sc, 2)
@@ -151,7 +151,7 @@ def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
     weights = {"forward_kl": 1.0, "cross_entropy": 0.5}
     spec = losses.LossSpec(terms=weights, temperature=2.0, balance="gradmag")
     sgd = optax.sgd(1.0)
-    step = jax.jit(make_train_step(sc, tc, spec, sgd, chunk_size=24))
+    step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, sgd, chunk_size=24))
     state, metrics = step(init_state(student.params, sgd), teacher.params, batch)
 
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
