@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from distill_jax import assets, export, sharding
+from distill_jax import assets, sharding
 from distill_jax import models as M
 from distill_jax.config import StudentConfig, load_run_config
 from distill_jax.tokenizer import bytes_to_unicode, load_tokenizer

@@ -22,10 +22,14 @@ A **teacher signal** (:class:`Signal`) declares the capabilities it provides and
 it brings: a live teacher with the student's tokenizer, a live teacher over aligned text (any
 tokenizer), a cached top-k distribution, or cached cross-tokenizer per-token scalars. A run can
 use a cache exactly when its terms' needs are a subset of what the cache provides
-(:func:`check_signal`); every refusal and "did you mean" comes from these declarations.
+(:func:`check_signal`); every refusal and "did you mean" comes from these declarations. A
+signal also declares its preparation, ``prepare(ctx, student_params, teacher_params, batch,
+rng) -> batch``, run by the step over the whole global batch before anything else (the live
+teacher's forward; for a future signal, say, sampling the student's own rows with ``rng``).
 
-Add a term with :func:`register_term` (from any module, a test included); the step reads
-everything it needs from the declaration.
+Add a term with :func:`register_term` (from any module, a test included), a signal by
+declaring a :class:`Signal` and passing it to ``distill_jax.train.step.make_step``; the step
+reads everything it needs from the declarations.
 """
 
 from __future__ import annotations

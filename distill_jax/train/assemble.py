@@ -107,8 +107,10 @@ def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
         teacher = build.load_model(cfg.teacher, mesh, rules)
     extra = {}
     if cfg.student.init == "transfer":
-        extra = dict(student_tokenizer=tokenizer or cfg.tokenizer_path(),
-                     teacher_tokenizer=teacher_tokenizer or cfg.teacher_tokenizer_path())
+        extra = dict(
+            student_tokenizer=cfg.tokenizer_path() if tokenizer is None else tokenizer,
+            teacher_tokenizer=(cfg.teacher_tokenizer_path() if teacher_tokenizer is None
+                               else teacher_tokenizer))
     return build_student(cfg.student, teacher, mesh, rules, **extra)
 
 
@@ -142,6 +144,8 @@ def open_cache(cfg: RunConfig, tokenizer, vocab_size: int | None):
 
 
 def with_cache(iterator, reader, *, cross_tokenizer: bool = False):
+    """``iterator``'s batches joined with the cache ``reader``'s rows (``iterator`` itself when
+    there is no reader)."""
     if reader is None:
         return iterator
     from distill_jax.cache.join import CachedBatches
@@ -175,6 +179,7 @@ class RunSetup:
             self.xtok_args = args
 
     def data_iterator(self, data_cfg, reader=None):
+        """This process's batches of ``data_cfg`` (joined with ``reader``'s rows if given)."""
         iterator = data.make_process_iterator(
             data_cfg, self.tokenizer, process_index=jax.process_index(),
             process_count=jax.process_count(),
