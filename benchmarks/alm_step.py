@@ -27,8 +27,8 @@ from train_throughput import BATCH, LENGTH, STUDENT, TEACHER  # noqa: E402
 from distill_jax import losses, models as M
 from distill_jax.losses.xtok import XtokSpec
 from distill_jax.train import optim
-from distill_jax.train.step import (init_loss_params, init_state, make_train_step,
-                                    make_xtok_train_step)
+from distill_jax.losses.terms import LIVE_ALIGNED, LIVE_SAME
+from distill_jax.train.step import init_loss_params, init_state, make_step
 
 
 def _batch() -> dict[str, np.ndarray]:
@@ -69,9 +69,8 @@ def main(argv=None) -> int:
     word[::7] = True  # a fixed set of "word-start" tokens
     kd_keys = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
     rows = []
-    kd = make_train_step(sc, tc, losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 1.0}),
-                         opt, chunk_size=512)
     kd_spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 1.0})
+    kd = make_step(sc, tc, kd_spec, LIVE_SAME, opt, chunk_size=512)
     cases = [("kd: forward_kl + cross_entropy", kd, {k: batch[k] for k in kd_keys}, kd_spec)]
     variants = [("alm + sft, balance=none", {"alm": 1.0, "sft": 1.0}, "none"),
                 ("alm + sft, balance=gradmag", {"alm": 1.0, "sft": 1.0}, "gradmag"),
@@ -79,8 +78,8 @@ def main(argv=None) -> int:
                 ("sft + dskd", {"sft": 1.0, "dskd": 1.0}, "none")]
     for name, terms, balance in variants:
         spec = XtokSpec(terms=terms, balance=balance)
-        step = make_xtok_train_step(sc, tc, spec, opt, student_word_start=word,
-                                    teacher_word_start=word, chunk_size=512)
+        step = make_step(sc, tc, spec, LIVE_ALIGNED, opt, student_word_start=word,
+                         teacher_word_start=word, chunk_size=512)
         cases.append((name, step, batch, spec))
     for name, step, b, spec in cases:
         params = jax.tree.map(jnp.copy, student.params)  # the step donates its state

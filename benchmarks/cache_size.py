@@ -105,7 +105,7 @@ def measure(docs: list[dict], vocab: int, k: int, enc: str, label: str) -> dict:
 def real_teacher(kb: int, ks: list[int], seq_len: int, batch: int) -> list[dict]:
     from distill_jax import assets
     from distill_jax.cache import CacheReader
-    from distill_jax.cache.build import build_cache
+    from distill_jax.train.assemble import build_run_cache
     from distill_jax.config import load_run_config
 
     hf = str(assets.smollm2_hf_dir())
@@ -117,7 +117,7 @@ def real_teacher(kb: int, ks: list[int], seq_len: int, batch: int) -> list[dict]
         f"data.sources=[{{path: {tmp / 'text.jsonl'}}}]", "data.record=text",
         f"data.seq_len={seq_len}", f"data.batch_size={batch}", f"cache.k={kmax}",
         "cache.logprob_encoding=f32", "mesh.num_devices=1"])
-    build_cache(cfg, progress_every_s=1e9)
+    build_run_cache(cfg, progress_every_s=1e9)
     r = CacheReader(str(tmp / "exact"))
     exact = [r.read_document(d) for d in range(r.num_docs)]
     print(f"SmolLM2-135M on {ndocs} documents ({int(r.doc_length.sum())} tokens, {kb} KB)", file=sys.stderr)

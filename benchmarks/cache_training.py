@@ -22,7 +22,8 @@ from distill_jax import losses, models as M
 from distill_jax.cache import CacheReader, CacheSpec, CacheWriter, Manifest
 from distill_jax.losses.sparse import topk_from_logits
 from distill_jax.train import optim
-from distill_jax.train.step import init_state, make_train_step
+from distill_jax.losses import terms
+from distill_jax.train.step import init_state, make_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import emit  # noqa: E402
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                  positions=np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1)),
                  segment_ids=np.ones((BATCH, LENGTH), np.int32),
                  loss_mask=np.ones((BATCH, LENGTH), np.float32))
-    live = jax.jit(make_train_step(sc, tc, spec, opt), donate_argnums=(0,))
+    live = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt), donate_argnums=(0,))
     live_s, _ = _time(live, init_state(student.params, opt), teacher.params, batch, steps=args.steps)
 
     ids, logprobs, tail = jax.jit(lambda t: topk_from_logits(M.forward(teacher, t), args.k))(tokens)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     cached_batch = dict(batch, teacher_topk_ids=rows["topk_ids"].astype(np.int32),
                         teacher_topk_logprobs=rows["topk_logprobs"].astype(np.float32),
                         teacher_tail_logmass=rows["tail_logmass"].astype(np.float32))
-    cached = jax.jit(make_train_step(sc, None, spec, opt, cache_tail="bucket"), donate_argnums=(0,))
+    cached = jax.jit(make_step(sc, None, spec, terms.CACHED_TOPK, opt, tail="bucket"), donate_argnums=(0,))
     cached_s, _ = _time(cached, init_state(M.init(sc, 1).params, opt), None, cached_batch,
                         steps=args.steps)
     n = BATCH * LENGTH

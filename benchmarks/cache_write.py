@@ -86,7 +86,7 @@ def packed_batches(cfg) -> list:
     from distill_jax.cache.build import cache_data_config, pack_windows
     from distill_jax.tokenizer import load_tokenizer
 
-    data_cfg = cache_data_config(cfg)
+    data_cfg = cache_data_config(cfg.data, cfg.cache)
     ds = D.make_dataset(data_cfg, load_tokenizer(cfg.tokenizer_path()))
     docs = [(doc.doc_id, np.asarray(doc.ids, np.int32)) for g in range(len(ds.docs)) for doc in ds.docs[g]]
     return list(pack_windows(iter(docs), data_cfg.batch_size, data_cfg.seq_len))
@@ -126,11 +126,11 @@ def bare_seconds(cfg, batches: list, reps: int) -> tuple[float, float]:
 def build_seconds(cfg) -> tuple[float, float, int]:
     """Seconds (wall clock, process CPU time) ``build_cache`` takes, and the tokens it wrote."""
     from distill_jax.cache import verify
-    from distill_jax.cache.build import build_cache
+    from distill_jax.train.assemble import build_run_cache
 
     shutil.rmtree(cfg.teacher.cache, ignore_errors=True)
     t, c = time.perf_counter(), time.process_time()
-    build_cache(cfg, progress_every_s=1e9)
+    build_run_cache(cfg, progress_every_s=1e9)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     rep = verify(cfg.teacher.cache, check_values=False)
     assert rep.ok, rep.errors

@@ -205,10 +205,11 @@ class Bench:
                                seed=seed, steps=self.steps, eval_split=eval_split, extra=extra)
 
     def ensure_cache(self, cfg) -> None:
-        from distill_jax.cache import CacheReader, build_cache
+        from distill_jax.cache import CacheReader
+        from distill_jax.train.assemble import build_run_cache
         path = Path(cfg.teacher.cache)
         if not ((path / "manifest.json").exists() and CacheReader(str(path)).complete):
-            build_cache(cfg)
+            build_run_cache(cfg)
 
     def teacher(self, results: dict[str, Any]) -> dict[str, float]:
         """The teacher's held-out bits per byte (once per setting and held-out set)."""

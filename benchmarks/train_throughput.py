@@ -24,7 +24,8 @@ from _common import emit  # noqa: E402
 
 from distill_jax import losses, models as M
 from distill_jax.train import optim
-from distill_jax.train.step import init_state, make_train_step
+from distill_jax.losses import terms
+from distill_jax.train.step import init_state, make_step
 
 TEACHER = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64)
@@ -52,7 +53,7 @@ def bench(dtype: str, steps: int) -> dict:
     spec = losses.LossSpec(terms={"forward_kl": 1.0}, temperature=1.0)
     ocfg = optim.OptimizerConfig(lr=1e-4, warmup_steps=0)
     opt = optim.make_optimizer(ocfg, 1000)
-    step = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=512), donate_argnums=(0,))
+    step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=512), donate_argnums=(0,))
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, 32000, (BATCH, LENGTH)).astype(np.int32)
     batch = dict(tokens=tokens, targets=np.roll(tokens, -1, 1),

@@ -89,10 +89,10 @@ def _cmd_cache(args) -> int:
         for e in r.errors:
             print(f"  error: {e}")
         return 0 if r.ok else 1
-    from distill_jax.cache.build import build_cache
+    from distill_jax.train.assemble import build_run_cache
     from distill_jax.config import load_run_config
     cfg = load_run_config(args.config, args.overrides)
-    print(build_cache(cfg).summary())
+    print(build_run_cache(cfg).summary())
     return 0
 
 

@@ -317,7 +317,8 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     """Run the demo into ``run_dir`` (students of seed ``seed`` under ``run_dir/seed<N>``);
     ``steps`` and ``eval_documents`` override the recipes' (for a quicker look; other steps
     train into ``seed<N>_steps<S>``). Returns the results dict."""
-    from distill_jax.cache import CacheReader, build_cache
+    from distill_jax.cache import CacheReader
+    from distill_jax.train.assemble import build_run_cache
     from distill_jax.checkpoint import latest_step
     from distill_jax.export import export_run
     from distill_jax.tokenizer import load_tokenizer
@@ -355,7 +356,7 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     if (cache_dir / "manifest.json").exists() and CacheReader(str(cache_dir)).complete:
         print(f"reusing the complete teacher cache at {cache_dir}", flush=True)
     else:
-        build_cache(cfgs["kd"])
+        build_run_cache(cfgs["kd"])
     timings["cache_s"] = time.perf_counter() - t
 
     t = _stage(4, f"train four students, {cfgs['kd'].steps} steps each, seed {seed} -> {seed_dir}")

@@ -1,8 +1,8 @@
 """Export a trained student from a run directory as a Hugging Face directory.
 
 ``export_run(run_dir, out_dir, step=None)`` reads the run's resolved ``config.yaml``, rebuilds
-the student's architecture (without loading any teacher weights), takes the params of the
-chosen (default: latest) checkpoint and writes config.json + safetensors + tokenizer files
+the student's architecture (``assemble.student_config``: no teacher weights are read), takes
+the params of the chosen (default: latest) checkpoint and writes config.json + safetensors + tokenizer files
 atomically with :func:`distill_jax.models.save_hf`. ``out_dir`` must be missing or empty, or,
 with ``overwrite=True``, hold a previous export and nothing else; the run itself, the current
 directory and their parents are never replaced (see :mod:`distill_jax.fsutil`).
@@ -18,23 +18,10 @@ import jax.numpy as jnp
 from distill_jax import checkpoint, fsutil, models as M
 from distill_jax.config import RunConfig, load_run_config
 from distill_jax.tokenizer import load_tokenizer
-from distill_jax.train import build
+from distill_jax.train.assemble import student_config
 from distill_jax.train.step import MODEL
-from distill_jax.xtok import transfer
 
 CONFIG_FILE = "config.yaml"
-
-
-def student_config(cfg: RunConfig) -> M.ModelConfig:
-    """The student's ModelConfig as the run built it (no weights are read; a ``transfer``
-    student reads the run's tokenizer for its vocabulary size and special ids)."""
-    src = cfg.student
-    if src.init not in ("teacher_layers", "transfer"):
-        return build.model_config(src)
-    new_tokenizer = load_tokenizer(cfg.tokenizer_path()) if src.init == "transfer" else None
-    return transfer.derived_config(build.model_config(cfg.teacher), layers=src.layers,
-                                   new_tokenizer=new_tokenizer, dtype=src.dtype,
-                                   param_dtype=src.param_dtype, remat=src.remat, **src.overrides)
 
 
 def load_student(run_dir: str | Path, step: int | None = None) -> tuple[M.Model, RunConfig]:

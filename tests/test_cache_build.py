@@ -18,7 +18,8 @@ import pytest
 
 from distill_jax import data as D
 from distill_jax.cache import CacheMismatchError, CacheReader, verify
-from distill_jax.cache.build import (build_cache, cache_data_config, dataset_fingerprint, pack_windows,
+from distill_jax.train.assemble import build_run_cache
+from distill_jax.cache.build import (cache_data_config, dataset_fingerprint, pack_windows,
                                      teacher_token_stats, word_start_mask)
 from distill_jax.config import load_run_config
 from distill_jax.tokenizer import byte_tokenizer, tokenizer_fingerprint
@@ -74,7 +75,7 @@ def test_teacher_token_stats_match_float64_reference():
 
 def _doc_tokens(cfg):
     """Every document's token ids, as the data pipeline tokenizes them (doc_id order)."""
-    ds = D.make_dataset(cache_data_config(cfg), byte_tokenizer())
+    ds = D.make_dataset(cache_data_config(cfg.data, cfg.cache), byte_tokenizer())
     return [np.asarray(doc.ids) for g in range(len(ds.docs)) for doc in ds.docs[g]]
 
 
@@ -87,7 +88,7 @@ def test_build_k_full_vocab_matches_live_teacher(tmp_path):
     W = 96
     cfg = _cfg(tmp_path / "c", "data.max_records=24", "cache.k=259", "cache.batch_size=4",
                f"data.seq_len={W}", "cache.logprob_encoding=f32", "mesh.num_devices=1")
-    build_cache(cfg, spec_overrides={"chunk_rows": 256, "shard_rows": 1024})
+    build_run_cache(cfg, spec_overrides={"chunk_rows": 256, "shard_rows": 1024})
     assert verify(str(tmp_path / "c")).ok
     r = CacheReader(str(tmp_path / "c"))
     r.check(expected_tokenizer_hash=tokenizer_fingerprint(byte_tokenizer()),
@@ -167,8 +168,8 @@ def test_cache_independent_of_batch_size(tmp_path):
     """Documents longer than the window are cut at fixed windows, so caches built with 2 and 3
     rows per batch (different packings) hold the same values."""
     over = ["data.max_records=20", "cache.k=8", "data.seq_len=64", "cache.logprob_encoding=f32"]
-    build_cache(_cfg(tmp_path / "b2", *over, "cache.batch_size=2"))
-    build_cache(_cfg(tmp_path / "b3", *over, "cache.batch_size=3"))
+    build_run_cache(_cfg(tmp_path / "b2", *over, "cache.batch_size=2"))
+    build_run_cache(_cfg(tmp_path / "b3", *over, "cache.batch_size=3"))
     for c in ("b2", "b3"):
         assert verify(str(tmp_path / c)).ok
     r = CacheReader(str(tmp_path / "b2"))
@@ -186,15 +187,15 @@ def test_cross_tokenizer_cache_holds_the_teachers_tokens(tmp_path):
                "teacher.overrides={vocab_size: 49152, num_layers: 1, hidden_size: 32, intermediate_size: 64, "
                "num_heads: 2, num_kv_heads: 1}", "loss.terms={alm: 1.0, sft: 0.1}", "data.teacher_seq_len=48",
                "mesh.num_devices=1")
-    build_cache(cfg)
+    build_run_cache(cfg)
     r = CacheReader(str(tmp_path / "c"))
     r.check(expected_tokenizer_hash=tokenizer_fingerprint(teacher_tok), require_complete=True)
     assert r.manifest.window == 48
-    ds = D.make_dataset(cache_data_config(cfg), byte_tokenizer(), teacher_tokenizer=teacher_tok)
+    ds = D.make_dataset(cache_data_config(cfg.data, cfg.cache), byte_tokenizer(), teacher_tokenizer=teacher_tok)
     docs = [doc for g in range(len(ds.docs)) for doc in ds.docs[g]]
     assert r.doc_length.tolist() == [len(doc.teacher) for doc in docs] != [len(doc.student) for doc in docs]
     assert r.doc_length.max() > 48
-    data_cfg = dataclasses.replace(cache_data_config(cfg), batch_size=2)
+    data_cfg = dataclasses.replace(cache_data_config(cfg.data, cfg.cache), batch_size=2)
     seen = 0
     for batch in D.make_iterator(data_cfg, byte_tokenizer(), teacher_tokenizer=teacher_tok):
         rows = r.read_tokens(batch["teacher_doc_ids"], batch["teacher_doc_offsets"])
@@ -253,7 +254,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_cli_verify_and_corruption(tmp_path):
     c = tmp_path / "c"
-    build_cache(_cfg(c, "data.max_records=10", "cache.k=4"))
+    build_run_cache(_cfg(c, "data.max_records=10", "cache.k=4"))
     p = _cli("cache", "verify", str(c))
     out, err = p.communicate()
     assert p.returncode == 0, err
@@ -270,7 +271,7 @@ def test_cli_verify_and_corruption(tmp_path):
 def test_fingerprint_mismatch_refused(tmp_path):
     c = tmp_path / "c"
     cfg = _cfg(c, "data.max_records=6", "cache.k=4")
-    build_cache(cfg)
+    build_run_cache(cfg)
     r = CacheReader(str(c))
     r.check(expected_tokenizer_hash=tokenizer_fingerprint(byte_tokenizer()),
             expected_dataset_fingerprint=dataset_fingerprint(cfg.data))
@@ -292,11 +293,11 @@ def test_multi_source_explicit_ownership_and_resume_skips_teacher(tmp_path, monk
     c = tmp_path / "c"
     cfg = load_run_config(TINY, [f"teacher.cache={c}", "data.max_records=5", "cache.k=4",
                                  f"data.sources=[{{path: {TRAIN}, weight: 1.0}}, {{path: {TEST}, weight: 9.0}}]"])
-    build_cache(cfg, max_batches=1)
+    build_run_cache(cfg, max_batches=1)
     part = verify(str(c))
     assert not part.ok and part.documents > 0
     assert json.loads((c / "manifest.json").read_text())["ownership"] == "explicit"
-    build_cache(cfg)
+    build_run_cache(cfg)
     rep = verify(str(c))
     assert rep.ok, rep.errors
     assert rep.documents == 10
@@ -305,7 +306,7 @@ def test_multi_source_explicit_ownership_and_resume_skips_teacher(tmp_path, monk
     calls = []
     real = B.make_teacher_fn
     monkeypatch.setattr(B, "make_teacher_fn", lambda *a, **k: (lambda *x: calls.append(1) or real(*a, **k)(*x)))
-    build_cache(cfg)
+    build_run_cache(cfg)
     assert calls == []
 
 

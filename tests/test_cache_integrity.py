@@ -17,7 +17,8 @@ import pytest
 import tensorstore as ts
 
 from distill_jax.cache import (CacheDamagedError, CacheMismatchError, CacheReader, CacheSpec, CacheWriter,
-                               Manifest, build_cache, verify)
+                               Manifest, verify)
+from distill_jax.train.assemble import build_run_cache
 from distill_jax.cache.build import teacher_identity
 from distill_jax.config import load_run_config
 from distill_jax.locking import LockedError, exclusive_lock
@@ -217,7 +218,7 @@ def test_training_refuses_a_cache_of_another_teacher(tmp_path):
 
     common = [f"data.sources=[{{path: {TRAIN}}}]", "data.max_records=8", "cache.k=8", "steps=1",
               "logging.progress=false", f"teacher.cache={tmp_path / 'c'}"]
-    build_cache(load_run_config(TINY, common))
+    build_run_cache(load_run_config(TINY, common))
     with pytest.raises(CacheMismatchError, match=r"built by teacher 'tiny-llama' .*weights_hash "
                                                  r"'random-init-seed-1' vs 'random-init-seed-7'"):
         run(load_run_config(TINY, [*common, f"run_dir={tmp_path / 'run'}", "teacher.seed=7"]))
@@ -253,13 +254,13 @@ def test_resumed_build_is_bitwise_the_uninterrupted_one(tmp_path):
     """Builds stopped after 3, 6 and 9 batches (windows of 512 packed 2 rows a batch, so the
     documents after a stop would pack differently) and resumed equal the uninterrupted build
     bit for bit, every array."""
-    clean = build_cache(_cfg(tmp_path / "clean"), progress_every_s=1e9)
+    clean = build_run_cache(_cfg(tmp_path / "clean"), progress_every_s=1e9)
     assert clean.complete and clean.resumed_documents == 0 and clean.documents == 40
     for stop in (3, 6, 9):
         path = tmp_path / f"stop{stop}"
-        part = build_cache(_cfg(path), max_batches=stop, flush_tokens=1, commit_every_s=0, progress_every_s=1e9)
+        part = build_run_cache(_cfg(path), max_batches=stop, flush_tokens=1, commit_every_s=0, progress_every_s=1e9)
         assert not part.complete and 0 < part.documents < 40
-        rest = build_cache(_cfg(path), progress_every_s=1e9)
+        rest = build_run_cache(_cfg(path), progress_every_s=1e9)
         assert rest.complete and rest.resumed_documents == part.documents
         assert rest.written_documents == 40 - part.documents and rest.tokens == clean.tokens
         _bitwise_equal(tmp_path / "clean", path)
@@ -269,7 +270,7 @@ def test_cli_cache_prints_a_summary(tmp_path):
     cache = tmp_path / "c"
     over = [f"teacher.cache={cache}", f"data.sources=[{{path: {TRAIN}}}]", "data.max_records=12", "cache.k=4",
             "cache.batch_size=2", "mesh.num_devices=1"]
-    part = build_cache(load_run_config(TINY, over), max_batches=4, flush_tokens=1, commit_every_s=0,
+    part = build_run_cache(load_run_config(TINY, over), max_batches=4, flush_tokens=1, commit_every_s=0,
                        progress_every_s=1e9)
     assert 0 < part.documents < 12
     p = subprocess.run([sys.executable, "-m", "distill_jax.cli", "cache", TINY, *over], cwd=ROOT,

@@ -115,13 +115,13 @@ def test_cache_refusals_come_from_the_declared_needs(tmp_path):
 def test_pld_trains_from_a_teacher_cache(tmp_path):
     """Plackett-Luce distillation (a registered shared-vocabulary term) trains from a top-k
     cache, no teacher running."""
-    from distill_jax.cache import build_cache
+    from distill_jax.train.assemble import build_run_cache
     tiny = REPO / "configs" / "tiny.yaml"
     common = [f"run_dir={tmp_path / 'run'}", "logging.every=1", "steps=6",
               "checkpoint.every=100", "logging.progress=false", "data.max_records=32",
               "mesh.num_devices=1", "cache.k=16", f"teacher.cache={tmp_path / 'cache'}",
               "loss.terms={pld: 1.0}"]
-    build_cache(load_run_config(tiny, common))
+    build_run_cache(load_run_config(tiny, common))
     run(load_run_config(tiny, common))
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -137,7 +137,7 @@ def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
     import optax
     from distill_jax import losses, models as M
     from distill_jax.losses.chunked import logits_from_hidden
-    from distill_jax.train.step import init_state, make_train_step
+    from distill_jax.train.step import init_state, make_step
     tc = M.ModelConfig.tiny("llama", num_layers=2)
     sc = M.ModelConfig.tiny("llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1)
     teacher, student = M.init(tc, 1), M.init(sc, 2)
@@ -151,7 +151,7 @@ def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
     weights = {"forward_kl": 1.0, "cross_entropy": 0.5}
     spec = losses.LossSpec(terms=weights, temperature=2.0, balance="gradmag")
     sgd = optax.sgd(1.0)
-    step = jax.jit(make_train_step(sc, tc, spec, sgd, chunk_size=24))
+    step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, sgd, chunk_size=24))
     state, metrics = step(init_state(student.params, sgd), teacher.params, batch)
 
     kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
@@ -185,3 +185,89 @@ def test_gradmag_on_same_vocabulary_terms_follows_its_definition():
     for p0, p1, g in zip(jax.tree.leaves(student.params), jax.tree.leaves(state.params[MODEL]),
                          jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(p0) - np.asarray(p1), np.asarray(g), atol=1e-6)
+
+
+def _tiny_pair_and_batch(b=4, t=16):
+    from distill_jax import models as M
+    tc = M.ModelConfig.tiny("llama", num_layers=2)
+    sc = M.ModelConfig.tiny("llama", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1)
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(1, sc.vocab_size, (b, t)).astype(np.int32)
+    batch = dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
+                 positions=np.arange(t)[None].repeat(b, 0).astype(np.int32),
+                 segment_ids=np.ones((b, t), np.int32),
+                 loss_mask=(rng.rand(b, t) > 0.3).astype(np.float32))
+    return sc, tc, M.init(tc, 1), M.init(sc, 2), batch
+
+
+def _sampled_rows(vocab: int, batch: dict, rng) -> dict:
+    """A stand-in for the student's own samples: fresh rows drawn with ``rng``."""
+    tokens = jax.random.randint(rng, batch["tokens"].shape, 1, vocab, jnp.int32)
+    return dict(batch, tokens=tokens, targets=jnp.roll(tokens, -1, 1))
+
+
+def test_a_new_signal_is_a_declaration_with_a_prepare_hook():
+    """A signal defined here (its rows drawn with the step's key, scored by the live teacher in
+    row groups) trains through the unchanged step: the step's metrics are forward KL and
+    cross-entropy of the plain, unchunked losses on the rows drawn with the documented key
+    (the state's key folded with SIGNAL_SALT), the hook sees the student's current params,
+    and another state key draws other rows."""
+    import optax
+    from distill_jax import losses, models as M
+    from distill_jax.train.step import SIGNAL_SALT, init_state, make_step
+    sc, tc, teacher, student, batch = _tiny_pair_and_batch()
+    seen = {}
+
+    def prepare(ctx, student_params, teacher_params, batch, rng):
+        seen["student_embed"] = student_params["embed"].shape
+        out = _sampled_rows(ctx.student_cfg.vocab_size, batch, rng)
+        out["teacher_hidden"] = ctx.teacher_hidden(teacher_params, out)
+        return out
+
+    samples = terms.Signal("rows drawn at random, scored by a live teacher",
+                           terms.LIVE_SAME.provides, terms.BATCH_KEYS, cached=False,
+                           vocabulary=terms.SHARED, prepare=prepare)
+    spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 0.5})
+    sgd = optax.sgd(0.1)
+    step = jax.jit(make_step(sc, tc, spec, samples, sgd, grad_accum=2, chunk_size=24))
+    state0 = init_state(student.params, sgd, seed=3)
+    _, metrics = step(state0, teacher.params, batch)
+    assert seen["student_embed"] == student.params["embed"].shape
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state0.rng), SIGNAL_SALT)
+    rows = _sampled_rows(sc.vocab_size, batch, key)
+    kw = dict(positions=rows["positions"], segment_ids=rows["segment_ids"])
+    zs = M.forward(student, rows["tokens"], **kw)
+    zt = M.forward(teacher, rows["tokens"], **kw)
+    kl = float(losses.forward_kl(zs, zt, rows["loss_mask"])[0])
+    ce = float(losses.cross_entropy(zs, rows["targets"], rows["loss_mask"])[0])
+    np.testing.assert_allclose(float(metrics["distill/forward_kl"]), kl, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["distill/cross_entropy"]), ce, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["distill/loss"]), kl + 0.5 * ce, rtol=1e-5)
+
+    other = init_state(student.params, sgd, seed=4)
+    _, metrics_other = step(other, teacher.params, batch)
+    assert float(metrics_other["distill/cross_entropy"]) != float(metrics["distill/cross_entropy"])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_evaluation_is_the_training_objective_without_the_update(accum):
+    """make_step without an optimizer returns (sums, counts) whose summary is exactly the
+    metrics the training step reports for the same batch and params (before its update), with
+    or without gradient accumulation."""
+    import optax
+    from distill_jax import losses
+    from distill_jax.train.step import init_state, make_step
+    sc, tc, teacher, student, batch = _tiny_pair_and_batch()
+    spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 0.5})
+    sgd = optax.sgd(0.1)
+    state0 = init_state(student.params, sgd)
+    evaluate = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, chunk_size=24))
+    sums, counts = evaluate(state0.params, teacher.params, batch)
+    means = terms.summarize(spec, sums, counts)
+    _, metrics = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, sgd, grad_accum=accum,
+                                   chunk_size=24))(state0, teacher.params, batch)
+    assert set(means) <= set(metrics)
+    for k, v in means.items():
+        np.testing.assert_allclose(float(metrics[k]), float(v), rtol=1e-6, err_msg=k)
+    assert float(counts["distill/tokens"]) == float(np.sum(batch["loss_mask"] > 0))

@@ -13,7 +13,8 @@ import distill_jax.models as M
 from distill_jax import losses
 from distill_jax import onpolicy as op
 from distill_jax.onpolicy import rows as R
-from distill_jax.train.step import MODEL, init_state, make_train_step
+from distill_jax.losses import terms
+from distill_jax.train.step import MODEL, init_state, make_step
 
 # ----------------------------------------------------------------------------- exact gradient
 # A tabular autoregressive policy over V tokens and N steps: the logits of step 0 are z0 (V,),
@@ -253,8 +254,8 @@ def test_student_learns_a_planted_teacher_from_its_own_samples(objective):
     state = init_state(student, opt)
     settings = dict(lmbda=1.0, max_new_tokens=NEW, temperature=1.0, eos_ids=(EOS,))
     if objective == "engine_reverse_kl":
-        train = make_train_step(cfg, cfg, losses.LossSpec({"reverse_kl": 1.0}), opt,
-                                chunk_size=64)
+        train = make_step(cfg, cfg, losses.LossSpec({"reverse_kl": 1.0}), terms.LIVE_SAME, opt,
+                          chunk_size=64)
 
         def step(state, tparams, pb, key):
             batch = op.onpolicy_batch(cfg, state.params[MODEL], pb, key, **settings)
@@ -295,7 +296,6 @@ def test_registered_as_a_term_the_engine_step_applies_its_gradient(monkeypatch):
     ``sampled_token_chunk_sums``, the engine's step (live teacher, fused chunked lm_head) on a
     rollout batch makes the SGD update of the direct objective
     ``sampled_token_loss(log S(targets), log T(targets), loss_mask)``."""
-    from distill_jax.losses import terms
 
     monkeypatch.setitem(terms.REGISTRY, op.SAMPLED_REVERSE_KL, terms.Term(
         op.SAMPLED_REVERSE_KL, {terms.TOKEN_DIST}, terms.SHARED, "sampled-token reverse KL",
@@ -312,7 +312,7 @@ def test_registered_as_a_term_the_engine_step_applies_its_gradient(monkeypatch):
     spec = losses.LossSpec({op.SAMPLED_REVERSE_KL: 1.0},
                            chunk_terms=terms.chunk_terms([op.SAMPLED_REVERSE_KL]))
     sgd = optax.sgd(1.0)
-    state, metrics = jax.jit(make_train_step(cfg, cfg, spec, sgd, chunk_size=24))(
+    state, metrics = jax.jit(make_step(cfg, cfg, spec, terms.LIVE_SAME, sgd, chunk_size=24))(
         init_state(student, sgd), teacher.params, batch)
 
     def direct(params):

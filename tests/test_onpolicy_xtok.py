@@ -149,7 +149,8 @@ def test_two_phase_batch_trains_and_metrics(toks):
 
     from distill_jax.losses.xtok import XtokSpec
     from distill_jax.tokens import word_start_mask
-    from distill_jax.train.step import init_state, make_xtok_train_step, teacher_token_stats
+    from distill_jax.losses import terms
+    from distill_jax.train.step import init_state, make_step, teacher_token_stats
     from distill_jax.data.testing import tiny_tokenizer
     stok, ttok = tiny_tokenizer("byte_level", vocab_size=300), toks["bytes"]
     cfg = DataConfig(record="prompt_response", seq_len=24, teacher_seq_len=32)
@@ -174,7 +175,7 @@ def test_two_phase_batch_trains_and_metrics(toks):
     spec = XtokSpec(terms={"alm": 1.0})
     opt = optax.sgd(0.1)
     t_word = word_start_mask(ttok, tcfg.vocab_size)
-    step = jax.jit(make_xtok_train_step(scfg, tcfg, spec, opt, chunk_size=64,
+    step = jax.jit(make_step(scfg, tcfg, spec, terms.LIVE_ALIGNED, opt, chunk_size=64,
                                         student_word_start=word_start_mask(stok, scfg.vocab_size),
                                         teacher_word_start=t_word))
     keys = [k for k in batch if not k.startswith("onpolicy/")]
@@ -222,7 +223,8 @@ def test_planted_teacher_across_tokenizers(toks):
     from distill_jax.data.testing import tiny_tokenizer
     from distill_jax.losses.xtok import XtokSpec
     from distill_jax.tokens import tokenizer_info, word_start_mask
-    from distill_jax.train.step import init_state, make_xtok_train_step, teacher_token_stats
+    from distill_jax.losses import terms
+    from distill_jax.train.step import init_state, make_step, teacher_token_stats
     steps, b, n = 100, 32, 6
     stok, ttok = tiny_tokenizer("byte_level", vocab_size=300), toks["bytes"]
     cfg = DataConfig(record="prompt_response", seq_len=16, teacher_seq_len=16)
@@ -244,7 +246,7 @@ def test_planted_teacher_across_tokenizers(toks):
     spec = XtokSpec(terms={"alm": 1.0}, tau=1.0, merge_threshold=None, append_space=False)
     opt = optax.adam(0.01, eps=1e-3)
     t_word = word_start_mask(ttok, tcfg.vocab_size)
-    step = jax.jit(make_xtok_train_step(scfg, tcfg, spec, opt, chunk_size=64,
+    step = jax.jit(make_step(scfg, tcfg, spec, terms.LIVE_ALIGNED, opt, chunk_size=64,
                                         student_word_start=word_start_mask(stok, scfg.vocab_size),
                                         teacher_word_start=t_word))
     stats = jax.jit(lambda p, bt: teacher_token_stats(tcfg, p, bt, jax.numpy.asarray(t_word),

@@ -22,7 +22,8 @@ from distill_jax import models as M
 from distill_jax.config import RunConfig, load_run_config
 from distill_jax.train import build, optim
 from distill_jax.train.loop import run
-from distill_jax.train.step import init_state, make_train_step
+from distill_jax.losses import terms
+from distill_jax.train.step import init_state, make_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -145,7 +146,7 @@ def test_teacher_is_frozen_and_accumulation_exact():
     finals = []
     for accum in (1, 2, 4):
         state = init_state(student.params, sgd)
-        step = jax.jit(make_train_step(sc, tc, spec, sgd, grad_accum=accum, chunk_size=24))
+        step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, sgd, grad_accum=accum, chunk_size=24))
         state, metrics = step(state, teacher.params, batch)
         finals.append((state.params, {k: float(v) for k, v in metrics.items()}))
     for params, m in finals[1:]:
@@ -157,7 +158,7 @@ def test_teacher_is_frozen_and_accumulation_exact():
     # shapes only (no teacher moments).
     opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-3), 10)
     state = init_state(student.params, opt)
-    step = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=24))
+    step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=24))
     for _ in range(3):
         state, _ = step(state, teacher.params, batch)
     for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(teacher.params)):
@@ -183,7 +184,7 @@ def test_step_matches_unchunked_loss_gradient():
 
     grads = jax.grad(plain)(student.params)
     expected = jax.tree.map(lambda p, g: p - 0.1 * g, student.params, grads)
-    state, _ = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=10))(
+    state, _ = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=10))(
         init_state(student.params, opt), teacher.params, batch)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -326,8 +327,9 @@ def test_cached_teacher_step_equals_live_teacher_at_full_k():
     ids, logprobs, tail = topk_from_logits(logits, 97, temperature=2.0)
     cached = dict(batch, teacher_topk_ids=np.asarray(ids), teacher_topk_logprobs=np.asarray(logprobs),
                   teacher_tail_logmass=np.asarray(tail))
-    live_step = jax.jit(make_train_step(sc, tc, spec, opt, chunk_size=20))
-    cache_step = jax.jit(make_train_step(sc, None, spec, opt, chunk_size=20, cache_tail="bucket"))
+    live_step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=20))
+    cache_step = jax.jit(make_step(sc, None, spec, terms.CACHED_TOPK, opt, chunk_size=20,
+                                   tail="bucket"))
     s_live, s_cache = init_state(student.params, opt), init_state(student.params, opt)
     for _ in range(3):
         s_live, m_live = live_step(s_live, teacher.params, batch)
@@ -343,11 +345,11 @@ def test_cached_teacher_step_equals_live_teacher_at_full_k():
 def test_training_from_full_k_cache_matches_live_teacher(tmp_path):
     """k = the whole (byte) vocabulary, fp32 log-probs: training from the cache reproduces the
     live-teacher loss curve; a cache built for other data is refused."""
-    from distill_jax.cache import build_cache
+    from distill_jax.train.assemble import build_run_cache
     common = ["data.max_records=48", "data.seq_len=1024", "data.batch_size=8", "steps=6",
               "cache.k=259", "cache.logprob_encoding=f32", "loss.chunk_size=512"]
     cache_dir = tmp_path / "cache"
-    build_cache(_tiny(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
+    build_run_cache(_tiny(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
     run(_tiny(tmp_path / "live", *common))
     run(_tiny(tmp_path / "cached", *common, f"teacher.cache={cache_dir}"))
     live, cached = _losses(tmp_path / "live"), _losses(tmp_path / "cached")

@@ -21,7 +21,7 @@ from distill_jax.config import ResumeConfigError, load_run_config
 from distill_jax.locking import FileLock, LockedError
 from distill_jax.train import optim
 from distill_jax.train.loop import LOCK_FILE, run
-from distill_jax.train.setup import RunSetup
+from distill_jax.train.assemble import RunSetup
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

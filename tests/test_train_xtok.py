@@ -12,9 +12,9 @@ import pytest
 
 from distill_jax.config import load_run_config
 from distill_jax.tokenizer import load_tokenizer
-from distill_jax.train import build, optim
+from distill_jax.train import assemble, build, optim
 from distill_jax.train.loop import run
-from distill_jax.train.setup import RunSetup, teacher_tokenizer
+from distill_jax.train.assemble import RunSetup, teacher_tokenizer
 from distill_jax.train.step import LOSS, MODEL, init_loss_params, init_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _one_batch_setup(tmp_path, *overrides):
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     teacher_tok = teacher_tokenizer(cfg, tokenizer)
     teacher = build.load_model(cfg.teacher, mesh, rules)
-    student = build.build_student(cfg.student, teacher, mesh, rules)
+    student = assemble.build_student(cfg.student, teacher, mesh, rules)
     setup = RunSetup(cfg, cfg.loss.spec(), tokenizer, teacher_tok, student.config, teacher.config,
                      False)
     iterator = setup.data_iterator(cfg.data)
@@ -94,11 +94,11 @@ def test_xtok_grad_accumulation_is_exact(tmp_path, terms):
 def test_alm_from_cache_equals_live_teacher(tmp_path):
     """The cache holds, per teacher token, the actual token's log-prob and the word-boundary
     log-mass (fp32): training ALM from it reproduces the live teacher's loss curve."""
-    from distill_jax.cache import build_cache
+    from distill_jax.train.assemble import build_run_cache
     common = ["data.seq_len=512", "data.teacher_seq_len=384", "data.max_records=32", "steps=4",
               "cache.logprob_encoding=f32"]
     cache_dir = tmp_path / "cache"
-    build_cache(_cfg(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
+    build_run_cache(_cfg(tmp_path / "build", *common, f"teacher.cache={cache_dir}"))
     run(_cfg(tmp_path / "live", *common))
     run(_cfg(tmp_path / "cached", *common, f"teacher.cache={cache_dir}"))
     live, cached = _metrics(tmp_path / "live"), _metrics(tmp_path / "cached")
@@ -153,15 +153,15 @@ def test_xtok_step_gradient_equals_autodiff_of_the_objective(tmp_path, case):
     import optax
     from distill_jax.losses import terms, xtok
     from distill_jax.models import Model, hidden_states, lm_head
-    from distill_jax.train.step import make_xtok_train_step, teacher_token_stats
+    from distill_jax.train.step import make_step, teacher_token_stats
     over = (["loss.terms={alm: 1.0, sft: 0.3}"] if case == "alm_sft" else
             ["loss.terms={alm: 1.0, alm_latents: 2.0, dskd: 0.5}", NARROW, "data.batch_size=4",
              "data.seq_len=128", "data.teacher_seq_len=64"])
     cfg, setup, teacher, student, batch = _one_batch_setup(tmp_path, *over)
     loss_params = init_loss_params(setup.spec, student.config, teacher.config, student.params)
     sgd = optax.sgd(1.0)
-    step = jax.jit(make_xtok_train_step(student.config, teacher.config, setup.spec, sgd,
-                                        chunk_size=64, **setup.xtok_args))
+    step = jax.jit(make_step(student.config, teacher.config, setup.spec, terms.LIVE_ALIGNED,
+                             sgd, chunk_size=64, **setup.xtok_args))
     state0 = init_state(student.params, sgd, loss_params=loss_params)
     params0 = state0.params
     state, metrics = step(state0, teacher.params, batch)

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from distill_jax import assets, export, sharding
+from distill_jax import assets, sharding
 from distill_jax import models as M
 from distill_jax.config import StudentConfig, load_run_config
 from distill_jax.tokenizer import bytes_to_unicode, load_tokenizer
-from distill_jax.train import build
+from distill_jax.train import assemble, build
 from distill_jax.xtok.transfer import derived_config, fvt_embeddings, fvt_plan, transfer_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,23 +286,23 @@ def test_build_student_transfer_matches_export_config(smollm2_dir, devices8):
     assert cfg.student.init == "transfer" and cfg.tokenizer == "bytes"
     mesh = sharding.make_mesh(devices=devices8[:2])
     teacher = build.load_model(cfg.teacher, mesh)
-    student = build.build_student(cfg.student, teacher, mesh, student_tokenizer=cfg.tokenizer,
+    student = assemble.build_student(cfg.student, teacher, mesh, student_tokenizer=cfg.tokenizer,
                                   teacher_tokenizer=str(smollm2_dir))
-    assert student.config == export.student_config(cfg)
+    assert student.config == assemble.student_config(cfg)
     assert student.config.vocab_size == 259
     assert student.config.num_layers == teacher.config.num_layers
     shapes = jax.tree.map(lambda s: s.shape, M.param_shapes(student.config))
     assert jax.tree.map(lambda x: x.shape, student.params) == shapes
     with pytest.raises(ValueError, match="student_tokenizer= and teacher_tokenizer="):
-        build.build_student(cfg.student, teacher, mesh)
+        assemble.build_student(cfg.student, teacher, mesh)
 
 
 def test_teacher_layers_empty_means_all(devices8):
     mesh = sharding.make_mesh(devices=devices8[:1])
     teacher = _tiny_teacher(64, mesh, tied=True)
-    student = build.build_student(StudentConfig(init="teacher_layers"), teacher, mesh)
+    student = assemble.build_student(StudentConfig(init="teacher_layers"), teacher, mesh)
     assert student.config == teacher.config
     for a, b in zip(jax.tree.leaves(student.params), jax.tree.leaves(teacher.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     src = dataclasses.replace(StudentConfig(init="teacher_layers"), layers=(1,))
-    assert build.build_student(src, teacher, mesh).config.num_layers == 1
+    assert assemble.build_student(src, teacher, mesh).config.num_layers == 1

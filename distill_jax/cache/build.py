@@ -1,11 +1,15 @@
-"""Building a teacher cache from a run config: ``distill-jax cache CONFIG`` / :func:`build_cache`.
+"""Building a teacher cache: ``distill-jax cache CONFIG`` / :func:`build_cache`.
 
-    from distill_jax.cache.build import build_cache
-    result = build_cache(load_run_config("configs/tiny.yaml", ["teacher.cache=/tmp/c", "cache.k=64"]))
+    from distill_jax.train.assemble import build_run_cache   # a run config's cache
+    result = build_run_cache(load_run_config("configs/tiny.yaml",
+                                             ["teacher.cache=/tmp/c", "cache.k=64"]))
     print(result.summary())   # documents, tokens, bytes/token, k, time, tokens/s, resumed or not
 
-What runs. The mesh and the teacher are built exactly as the training loop builds them
-(``models.source.load_model(cfg.teacher, mesh, rules)``). The documents are the run's data section
+:func:`build_cache` itself takes narrow arguments: the cache path, the teacher's model section,
+the data and cache sections, the tokenizer(s) and the mesh.
+
+What runs. The teacher is placed on the mesh exactly as the training loop places it
+(``models.source.load_model(teacher, mesh, rules)``). The documents are the run's data section
 read with ``shuffle=False`` and ``num_epochs=1`` and, for a mixture of several sources, each
 source weighted by its size, so one pass yields *every* ``doc_id`` exactly once (the cache is
 keyed by ``doc_id``, so it serves any mixture weights, shuffle and epoch of the same documents);
@@ -121,7 +125,7 @@ def dataset_fingerprint(data_cfg) -> str:
     of the whole document) serves any of them. The tokenizer is fingerprinted separately
     (``Manifest.tokenizer_hash``). Paths enter by base name only, so a moved dataset still matches.
     """
-    from distill_jax.data.records import _expand
+    from distill_jax.data.records import expand_source
 
     fields = {
         "version": FINGERPRINT_VERSION,
@@ -135,7 +139,7 @@ def dataset_fingerprint(data_cfg) -> str:
     }
     for src in data_cfg.sources:
         files = []
-        for match in _expand(src):
+        for match in expand_source(src):
             for f in _source_files(match):
                 files.append({"name": os.path.relpath(f, os.path.dirname(match)), **_file_digest(f)})
         fields["sources"].append({"path": os.path.basename(os.path.normpath(src.path)),
@@ -248,13 +252,12 @@ def make_teacher_fn(model_config, k: int, temperature: float, word_mask: np.ndar
 # ----------------------------------------------------------------------------- data
 
 
-def cache_data_config(cfg, records=None):
-    """The run's data config as the cache build reads it (see the module docstring)."""
+def cache_data_config(data_cfg, cache_cfg=None, records=None):
+    """The run's data config (``data_cfg``) as the cache build reads it (see the module
+    docstring); ``cache_cfg.batch_size``, when set, is its batch size."""
     from distill_jax.data import read_records
 
-    data_cfg = cfg.data
-    cache_cfg = getattr(cfg, "cache", None)
-    bs = getattr(cache_cfg, "batch_size", None) or data_cfg.batch_size
+    bs = (cache_cfg.batch_size if cache_cfg is not None else None) or data_cfg.batch_size
     out = dataclasses.replace(data_cfg, shuffle=False, num_epochs=1, batch_size=bs,
                               long_docs="split", num_shards=None)
     if len(out.sources) > 1:
@@ -558,10 +561,21 @@ def _skip_done(batches, done: set[int]):
             yield dataclasses.replace(batch, placements=placements)
 
 
-def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None = None,
+def build_cache(path: str | Path, teacher, data_cfg, cache_cfg, *, tokenizer,
+                teacher_tokenizer=None, mesh: tuple, chunk_tokens: int = 512,
+                max_batches: int | None = None, flush_tokens: int | None = None,
                 commit_every_s: float | None = None, spec_overrides: dict | None = None,
                 progress_every_s: float = 5.0, queue_batches: int = 4) -> BuildResult:
-    """Build (or resume) the teacher cache of run config ``cfg`` at ``cfg.teacher.cache``.
+    """Build (or resume) a teacher cache at ``path``.
+
+    ``teacher``: the teacher's model section (``hf_path`` or ``preset``, ``overrides``, dtypes,
+    seed: what ``models.source.load_model`` reads and the manifest records). ``data_cfg``: the
+    run's data section; ``cache_cfg``: k, encoding, temperature, batch size
+    (``config.CacheConfig``). ``tokenizer``: the run's (student's) tokenizer;
+    ``teacher_tokenizer``: the teacher's, for a cross-tokenizer cache only (its rows are then
+    the teacher's tokens, ``data.teacher_seq_len`` long). ``mesh``: ``(mesh, rules)`` to place
+    the teacher on. ``chunk_tokens``: tokens per lm_head chunk. (From a run config:
+    ``distill_jax.train.assemble.build_run_cache``.)
 
     ``max_batches`` stops after that many batches of this process (the cache stays resumable
     and is not finalized unless the data ran out). ``spec_overrides``: extra
@@ -577,28 +591,23 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     """
     from distill_jax.data.records import read_records
     from distill_jax.models import source
-    from distill_jax.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    if cfg.teacher is None or not getattr(cfg.teacher, "cache", None):
-        raise ValueError("set teacher.cache (the cache directory) and a teacher section to build a cache")
-    path = Path(cfg.teacher.cache)
-    cache_cfg = getattr(cfg, "cache", None)
-    k = int(getattr(cache_cfg, "k", 64))
-    encoding = getattr(cache_cfg, "logprob_encoding", "q8")
-    temperature = float(getattr(cache_cfg, "temperature", 1.0))
+    path = Path(path)
+    k, encoding, temperature = int(cache_cfg.k), cache_cfg.logprob_encoding, \
+        float(cache_cfg.temperature)
     if commit_every_s is None:
         commit_every_s = float(os.environ.get("DISTILL_JAX_CACHE_COMMIT_S", "30"))
     pi, pc = jax.process_index(), jax.process_count()
 
-    teacher_config = source.model_config(cfg.teacher)
+    teacher_config = source.model_config(teacher)
     vocab = teacher_config.vocab_size
-    tokenizer = load_tokenizer(cfg.tokenizer_path())
-    cross = bool(getattr(cfg.loss, "cross_tokenizer", False))
-    teacher_tok = load_tokenizer(cfg.teacher_tokenizer_path()) if cross else None
+    teacher_tok = teacher_tokenizer
+    cross = teacher_tok is not None
+    fingerprint = dataset_fingerprint(data_cfg)
 
     # Documents: every doc_id once, in document (mixture-position) order.
-    data_cfg = cache_data_config(cfg)
+    data_cfg = cache_data_config(data_cfg, cache_cfg)
     if data_cfg.batch_size % pc:
         raise ValueError(f"cache batch size {data_cfg.batch_size} does not divide over {pc} processes")
     window = data_cfg.teacher_len if cross else data_cfg.seq_len
@@ -613,22 +622,23 @@ def build_cache(cfg, *, max_batches: int | None = None, flush_tokens: int | None
     # before it loads a teacher.
     spec = CacheSpec(k=k, vocab_size=vocab, logprob_encoding=encoding, temperature=temperature,
                      **(spec_overrides or {}))
-    manifest = Manifest(spec, teacher=teacher_identity(cfg.teacher, teacher_config),
+    manifest = Manifest(spec, teacher=teacher_identity(teacher, teacher_config),
                         tokenizer_hash=tokenizer_fingerprint(teacher_tok or tokenizer),
-                        dataset_fingerprint=dataset_fingerprint(cfg.data), window=window,
+                        dataset_fingerprint=fingerprint, window=window,
                         extra={"builder": "distill_jax.cache.build"})
     writer = CacheWriter(str(path), manifest, num_docs=records.num_docs, process_index=pi,
                          process_count=pc, flush_tokens=flush_tokens or spec.shard_rows,
                          owned_doc_ids=owned if explicit else None)
     try:
-        return _run_build(cfg, writer, owned, records, data_cfg, tokenizer, teacher_tok, window,
-                          commit_every_s, progress_every_s, queue_batches, max_batches, t0)
+        return _run_build(teacher, mesh, chunk_tokens, writer, owned, records, data_cfg,
+                          tokenizer, teacher_tok, window, commit_every_s, progress_every_s,
+                          queue_batches, max_batches, t0)
     finally:
         writer.close()
 
 
-def _run_build(cfg, writer: CacheWriter, owned: list[int], records, data_cfg, tokenizer, teacher_tok,
-               window: int, commit_every_s: float, progress_every_s: float, queue_batches: int,
+def _run_build(teacher_src, mesh_rules: tuple, chunk_tokens: int, writer: CacheWriter,
+               owned: list[int], records, data_cfg, tokenizer, teacher_tok, window: int, commit_every_s: float, progress_every_s: float, queue_batches: int,
                max_batches: int | None, t0: float) -> BuildResult:
     """The teacher loop of :func:`build_cache`, writing through ``writer``."""
     from distill_jax import sharding
@@ -639,14 +649,14 @@ def _run_build(cfg, writer: CacheWriter, owned: list[int], records, data_cfg, to
     done_at_start = {d for d in owned if writer.is_done(d)}
     tokens_at_start = writer.committed_tokens
 
-    # Mesh and teacher, as train.loop.run builds them.
-    mesh, rules = source.make_mesh(cfg.mesh)
-    teacher = source.load_model(cfg.teacher, mesh, rules)
+    # The teacher, placed as the training run places it.
+    mesh, rules = mesh_rules
+    teacher = source.load_model(teacher_src, mesh, rules)
     if teacher.config.vocab_size != spec.vocab_size:
         raise AssertionError(f"teacher vocab {teacher.config.vocab_size} != config's {spec.vocab_size}")
     word_mask = word_start_mask(teacher_tok or tokenizer, spec.vocab_size)
     fn = make_teacher_fn(teacher.config, spec.k, spec.temperature, word_mask,
-                         chunk_tokens=getattr(cfg.loss, "chunk_size", 512))
+                         chunk_tokens=chunk_tokens)
     batch_sh = sharding.batch_sharding(mesh, 2, rules)
     step = jax.jit(fn)
     rows = data_cfg.batch_size // pc

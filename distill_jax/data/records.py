@@ -65,8 +65,9 @@ class BadRecordError(ValueError):
         return (BadRecordError, (self.source, self.index, self.reason))
 
 
-class _Bad(Exception):
-    """Internal: why a raw row is unusable (turned into :class:`BadRecordError` with its address)."""
+class BadRow(Exception):
+    """Why a raw row is unusable (the reader turns it into :class:`BadRecordError` with its
+    address)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,29 +97,29 @@ def _as_str(value: Any, what: str) -> str:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as err:
-            raise _Bad(f"field {what!r} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            raise BadRow(f"field {what!r} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     if not isinstance(value, str):
-        raise _Bad(f"field {what!r} must be a string, got {type(value).__name__}")
+        raise BadRow(f"field {what!r} must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise _Bad(f"field {what!r} is not valid UTF-8 (lone surrogate at character {err.start})") from None
+        raise BadRow(f"field {what!r} is not valid UTF-8 (lone surrogate at character {err.start})") from None
     return value
 
 
 def _field(row: dict, name: str) -> Any:
     if name not in row:
-        raise _Bad(f"missing field {name!r} (has {sorted(row)[:8]})")
+        raise BadRow(f"missing field {name!r} (has {sorted(row)[:8]})")
     value = row[name]
     if value is None:
-        raise _Bad(f"field {name!r} is null")
+        raise BadRow(f"field {name!r} is null")
     return value
 
 
-def _validate(row: Any, config: DataConfig) -> dict[str, Any]:
-    """The fields ``config.record`` needs, checked; raises :class:`_Bad`."""
+def validate_row(row: Any, config: DataConfig) -> dict[str, Any]:
+    """The fields ``config.record`` needs, checked; raises :class:`BadRow`."""
     if not isinstance(row, dict):
-        raise _Bad(f"is a JSON {type(row).__name__}, not an object")
+        raise BadRow(f"is a JSON {type(row).__name__}, not an object")
     kind = config.record
     if kind == "text":
         return {"text": _as_str(_field(row, config.text_field), config.text_field)}
@@ -131,11 +132,11 @@ def _validate(row: Any, config: DataConfig) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
     messages = _field(row, config.messages_field)
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise _Bad(f"field {config.messages_field!r} must be a non-empty list of messages")
+        raise BadRow(f"field {config.messages_field!r} must be a non-empty list of messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _Bad(f"{config.messages_field}[{i}] must be an object with 'role' and 'content'")
+            raise BadRow(f"{config.messages_field}[{i}] must be an object with 'role' and 'content'")
         m = {k: v for k, v in m.items() if v is not None}
         m["role"] = _as_str(_field(m, "role"), f"{config.messages_field}[{i}].role")
         m["content"] = _as_str(_field(m, "content"), f"{config.messages_field}[{i}].content")
@@ -152,7 +153,7 @@ def _needed_fields(config: DataConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# File readers: __len__, row(i) -> dict (raises _Bad), where(i) -> str
+# File readers: __len__, row(i) -> dict (raises BadRow), where(i) -> str
 
 
 class _Reader:
@@ -215,11 +216,11 @@ class _JsonlReader(_Reader):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise _Bad(f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+            raise BadRow(f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
         try:
             return json.loads(line)
         except json.JSONDecodeError as err:
-            raise _Bad(f"not valid JSON ({err.msg} at column {err.colno})") from None
+            raise BadRow(f"not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 class _TableReader(_Reader):
@@ -344,7 +345,7 @@ def _data_files(directory: str) -> list[str]:
     return sorted(out)
 
 
-def _expand(source: SourceConfig) -> list[str]:
+def expand_source(source: SourceConfig) -> list[str]:
     """The files (or saved-dataset directories) a source names, sorted."""
     path = os.path.expanduser(source.path)
     if any(ch in path for ch in _GLOB_CHARS):
@@ -374,7 +375,7 @@ def _open_saved(path: str, split: str):
 
 
 def _open_source(source: SourceConfig, columns: list[str]) -> list[_Reader]:
-    paths = _expand(source)
+    paths = expand_source(source)
     if source.format == "load_dataset":
         import datasets
 
@@ -519,8 +520,8 @@ class Records(Sequence[Record]):
         """The record with global index ``doc_id``, or the :class:`BadRecordError` describing it."""
         reader, index, _ = self.address(doc_id)
         try:
-            data = _validate(reader.row(index), self.config)
-        except _Bad as bad:
+            data = validate_row(reader.row(index), self.config)
+        except BadRow as bad:
             return BadRecordError(reader.where(index), index, str(bad))
         except Exception as err:  # a damaged file: report it like a bad record, with its address
             return BadRecordError(reader.where(index), index, f"unreadable ({type(err).__name__}: {err})")

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill_jax.data.config import DataConfig
-from distill_jax.data.records import BadRecordError, Record, _Bad, _validate
+from distill_jax.data.records import BadRecordError, Record, BadRow, validate_row
 from distill_jax.tokens import Tokens, TokenizerInfo, tokenizer_info
 from distill_jax.xtok.align import Alignment, align_tokens
 
@@ -226,7 +226,7 @@ def _render_chat(messages: list[dict], tokenizer, specials: Sequence[str]) -> tu
     try:
         full = render(messages, False)
     except Exception as err:
-        raise _Bad(f"the chat template rejects this conversation ({type(err).__name__}: {err})") from None
+        raise BadRow(f"the chat template rejects this conversation ({type(err).__name__}: {err})") from None
     spans = []
     cursor = 0
     for i, message in enumerate(messages):
@@ -243,7 +243,7 @@ def _render_chat(messages: list[dict], tokenizer, specials: Sequence[str]) -> tu
             found = -1  # that is a later turn's text: this turn was rendered differently
         if start is None:
             if found < 0:
-                raise _Bad(f"assistant message {i} does not appear in the rendered chat template")
+                raise BadRow(f"assistant message {i} does not appear in the rendered chat template")
             start = found
         content_end = found + len(content) if found >= 0 else start
         try:
@@ -361,9 +361,9 @@ def tokenize_records(records: Sequence[Record | dict], tokenizer, config: DataCo
             source, index, doc_id = "<record>", -1, -1
         try:
             if not isinstance(record, Record):
-                data = _validate(record, config)
+                data = validate_row(record, config)
             prepared.append((source, index, doc_id) + _document(data, config, tokenizer, student.special_strings))
-        except _Bad as bad:
+        except BadRow as bad:
             prepared.append(BadRecordError(source, index, str(bad)))
     segments = [seg for p in prepared if not isinstance(p, BadRecordError) for seg in p[4]]
     encoded = {"student": iter(student.encode_many(segments))}

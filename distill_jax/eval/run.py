@@ -89,17 +89,12 @@ def _load_student(cfg: RunConfig, step: int | None, teacher: M.Model | None, mes
     """The student at ``step`` (default: the latest checkpoint) placed on ``mesh``, its step,
     and whether it came from a checkpoint (else it is the student as initialised, step 0)."""
     from distill_jax.export import load_student
-    from distill_jax.train import build
+    from distill_jax.train.assemble import init_student
     run_dir = Path(cfg.run_dir)
     latest = checkpoint.latest_step(run_dir / "checkpoints")
     if step is None and latest is None:
-        if teacher is None and cfg.student.init not in ("hf", "scratch"):
-            teacher = build.load_model(cfg.teacher, mesh, rules)
-        extra = {}
-        if cfg.student.init == "transfer":
-            extra = dict(student_tokenizer=tokenizers["student"],
-                         teacher_tokenizer=tokenizers["teacher"])
-        return build.build_student(cfg.student, teacher, mesh, rules, **extra), 0, False
+        return init_student(cfg, mesh, rules, teacher=teacher, tokenizer=tokenizers["student"],
+                            teacher_tokenizer=tokenizers.get("teacher")), 0, False
     model, _ = load_student(run_dir, step)
     params = jax.device_put(model.params, M.param_shardings(model.config, mesh, rules))
     return model.replace(params=params), latest if step is None else step, True

@@ -141,7 +141,7 @@ def token_stats(h_ND: Array, head_DV: Array, targets_N: Array, word_start_V: Arr
         z_CV = chunked.logits_from_hidden(c["h"], head_DV, softcap)
         lse_C = jax.nn.logsumexp(z_CV, axis=-1)
         z_target_C = jnp.take_along_axis(z_CV, c["t"][:, None], axis=-1)[:, 0]
-        z_bound_C = sparse._safe_logsumexp(jnp.where(word_start_V, z_CV, -jnp.inf))
+        z_bound_C = sparse.safe_logsumexp(jnp.where(word_start_V, z_CV, -jnp.inf))
         return carry, (z_target_C - lse_C, z_bound_C - lse_C)
 
     _, ys = chunked.chunked_scan(body, (), xs, chunk_size)
@@ -337,7 +337,7 @@ def _distance(name: str, log_a: Array, log_b: Array) -> Array:
     if name == REVERSE_BINARY_KL:
         return (jnp.exp(log_b) * (log_b - log_a)
                 + (-jnp.expm1(log_b)) * (log1mexp(log_b) - log1mexp(log_a)))
-    raise ValueError(kd._unknown(name, ALM_DISTANCES, "ALM distance"))
+    raise ValueError(kd.unknown_message(name, ALM_DISTANCES, "ALM distance"))
 
 
 def _group_sum(values_BC: Array, group_BC: Array, num_chunks: int) -> Array:
@@ -373,7 +373,7 @@ def alm_sums(student_logp_BL: Array, student_boundary_BL: Array, student_chunk_i
     """
     _check_threshold(merge_threshold)
     if distance not in ALM_DISTANCES:
-        raise ValueError(kd._unknown(distance, ALM_DISTANCES, "ALM distance"))
+        raise ValueError(kd.unknown_message(distance, ALM_DISTANCES, "ALM distance"))
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if jnp.shape(student_logp_BL)[0] != jnp.shape(teacher_logp_BLt)[0]:

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.losses.chunked import chunked_sums, logits_from_hidden
-from distill_jax.losses.kd import _kl
+from distill_jax.losses.kd import kl_divergence
 
 Array = jax.Array
 
@@ -245,7 +245,7 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
         y = jnp.maximum(c["y"], 0)
         ce = -jnp.take_along_axis(logp_x, y[:, None], axis=-1)[:, 0]
         correct = c["w"] & (jnp.argmax(zx, axis=-1) == y)
-        kl = _kl(sg(logp_x), logp_s)
+        kl = kl_divergence(sg(logp_x), logp_s)
         return {CE_T2S: jnp.sum(jnp.where(c["w"], ce, 0.0)),
                 KD_STUDENT: jnp.sum(jnp.where(correct, kl, 0.0)),
                 T2S_CORRECT: jnp.sum(correct).astype(f32)}
@@ -254,7 +254,7 @@ def dskd_sums(*, h_s: Array, head_s: Array, emb_s: Array, tokens: Array, targets
         live = c["w"][:, None]
         zt = jnp.where(live, logits_from_hidden(c["ht"], head_t, teacher_softcap), 0.0)
         zx = jnp.where(live, logits_from_hidden(c["s2t"], head_t, teacher_softcap), 0.0)
-        kl = _kl(jax.nn.log_softmax(sg(zt)), jax.nn.log_softmax(zx))
+        kl = kl_divergence(jax.nn.log_softmax(sg(zt)), jax.nn.log_softmax(zx))
         return {KD_TEACHER: jnp.sum(jnp.where(c["w"], kl, 0.0))}
 
     student_xs = {"hs": h_s, "t2s": t2s_BLS, "y": targets.astype(jnp.int32), "w": w_s_BL}

@@ -106,7 +106,7 @@ def sum_key(term: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kl(logp_xV: Array, logq_xV: Array) -> Array:
+def kl_divergence(logp_xV: Array, logq_xV: Array) -> Array:
     """KL(p || q) per token, with 0 log 0 = 0 (entries where p = 0 contribute nothing)."""
     live = logp_xV > -jnp.inf
     diff = jnp.where(live, logp_xV - logq_xV, 0.0)
@@ -142,7 +142,7 @@ def _kl_to_mixture(logp_xV: Array, logq_xV: Array, w: float) -> Array:
     log(p / m) = -log(w + (1 - w) q / p) = -_log_mix_ratio(1 - w, w, log q - log p).
     """
     if w == 0.0:
-        return _kl(logp_xV, logq_xV)
+        return kl_divergence(logp_xV, logq_xV)
     if w == 1.0:
         return jnp.zeros(logp_xV.shape[:-1], jnp.float32)
     live = logp_xV > -jnp.inf
@@ -154,9 +154,9 @@ def _jsd(logs_xV: Array, logt_xV: Array, beta: float, scaled: bool = False) -> A
     """GKD's generalised JSD(beta) per token (TRL's endpoints), or with ``scaled`` that
     divided by beta (1 - beta)."""
     if beta == 0.0:
-        return _kl(logt_xV, logs_xV)
+        return kl_divergence(logt_xV, logs_xV)
     if beta == 1.0:
-        return _kl(logs_xV, logt_xV)
+        return kl_divergence(logs_xV, logt_xV)
     js = beta * _kl_to_mixture(logt_xV, logs_xV, beta) \
         + (1.0 - beta) * _kl_to_mixture(logs_xV, logt_xV, 1.0 - beta)
     return js / (beta * (1.0 - beta)) if scaled else js
@@ -169,8 +169,8 @@ def _tvd(logs_xV: Array, logt_xV: Array) -> Array:
 # Per-token divergence of every divergence term: ``fn(logs_xV, logt_xV, beta, alpha)`` from
 # student and teacher log-probs (the one table the dense and sparse losses dispatch on).
 PER_TOKEN: dict[str, Callable[[Array, Array, float, float], Array]] = {
-    FORWARD_KL: lambda logs, logt, beta, alpha: _kl(logt, logs),
-    REVERSE_KL: lambda logs, logt, beta, alpha: _kl(logs, logt),
+    FORWARD_KL: lambda logs, logt, beta, alpha: kl_divergence(logt, logs),
+    REVERSE_KL: lambda logs, logt, beta, alpha: kl_divergence(logs, logt),
     JSD: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta),
     JSD_SCALED: lambda logs, logt, beta, alpha: _jsd(logs, logt, beta, scaled=True),
     TVD: lambda logs, logt, beta, alpha: _tvd(logs, logt),
@@ -182,7 +182,7 @@ PER_TOKEN: dict[str, Callable[[Array, Array, float, float], Array]] = {
 def divergence(name: str, logs_xV: Array, logt_xV: Array, *, beta: float, alpha: float) -> Array:
     """Per-token divergence ``name`` from student and teacher log-probs."""
     if name not in PER_TOKEN:
-        raise ValueError(_unknown(name, DIVERGENCE_TERMS, "divergence"))
+        raise ValueError(unknown_message(name, DIVERGENCE_TERMS, "divergence"))
     return PER_TOKEN[name](logs_xV, logt_xV, beta, alpha)
 
 
@@ -204,19 +204,21 @@ def token_weights(mask_x: Array, shape: tuple[int, ...]) -> Array:
     return w
 
 
-def _masked_logits(logits_xV: Array, w_x: Array) -> Array:
+def masked_logits(logits_xV: Array, w_x: Array) -> Array:
     """fp32 logits with masked positions zeroed (so they are inert, even if they hold nan)."""
     return jnp.where((w_x > 0)[..., None], logits_xV.astype(jnp.float32), 0.0)
 
 
-def _log_probs(logits_xV: Array, w_x: Array, temperature: float) -> Array:
-    z = _masked_logits(logits_xV, w_x)
+def log_probs(logits_xV: Array, w_x: Array, temperature: float) -> Array:
+    """fp32 log-softmax of ``logits / temperature`` over the vocabulary, masked positions inert."""
+    z = masked_logits(logits_xV, w_x)
     if temperature != 1.0:
         z = z / temperature
     return jax.nn.log_softmax(z, axis=-1)
 
 
-def _masked_sum(values_x: Array, w_x: Array) -> Array:
+def masked_sum(values_x: Array, w_x: Array) -> Array:
+    """The sum of ``values_x`` weighted by ``w_x`` (masked entries contribute 0, even nan)."""
     return jnp.sum(jnp.where(w_x > 0, w_x * values_x, 0.0))
 
 
@@ -229,7 +231,8 @@ def _mean(total: Array, tokens: Array) -> Array:
     return jnp.where(tokens > 0, total / jnp.where(tokens > 0, tokens, 1.0), 0.0)
 
 
-def _single(name: str, total: Array, tokens: Array) -> tuple[Array, Metrics]:
+def single_term(name: str, total: Array, tokens: Array) -> tuple[Array, Metrics]:
+    """``(loss, metrics)`` of one term from its masked sum and the token count."""
     loss = _mean(total, tokens)
     return loss, {metric_key(name): loss, sum_key(name): total, TOKENS: tokens}
 
@@ -242,7 +245,8 @@ def _check_pair(student_logits_xV: Array, teacher_logits_xV: Array) -> None:
             "padded vocabulary, slice both to the tokenizer's common size first)")
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """Refuse a temperature that is not positive."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -251,12 +255,12 @@ def _divergence_loss(name: str, student_logits_xV: Array, teacher_logits_xV: Arr
                      mask_x: Array, temperature: float, beta: float = 0.5,
                      alpha: float = 0.1) -> tuple[Array, Metrics]:
     _check_pair(student_logits_xV, teacher_logits_xV)
-    _check_temperature(temperature)
+    check_temperature(temperature)
     w_x = token_weights(mask_x, student_logits_xV.shape[:-1])
-    logs = _log_probs(student_logits_xV, w_x, temperature)
-    logt = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temperature)
+    logs = log_probs(student_logits_xV, w_x, temperature)
+    logt = log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temperature)
     per_token = divergence(name, logs, logt, beta=beta, alpha=alpha) * temperature ** 2
-    return _single(name, _masked_sum(per_token, w_x), token_count(w_x))
+    return single_term(name, masked_sum(per_token, w_x), token_count(w_x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +328,9 @@ def cross_entropy(student_logits: Array, labels: Array, mask: Array) -> tuple[Ar
     w_x = token_weights(mask, student_logits.shape[:-1])
     if labels.shape != w_x.shape:
         raise ValueError(f"labels have shape {labels.shape}, expected {w_x.shape}")
-    logp = _log_probs(student_logits, w_x, 1.0)
-    total = _masked_sum(_cross_entropy(logp, jnp.where(w_x > 0, labels, 0)), w_x)
-    return _single(CROSS_ENTROPY, total, token_count(w_x))
+    logp = log_probs(student_logits, w_x, 1.0)
+    total = masked_sum(_cross_entropy(logp, jnp.where(w_x > 0, labels, 0)), w_x)
+    return single_term(CROSS_ENTROPY, total, token_count(w_x))
 
 
 DIVERGENCES: dict[str, Callable[..., tuple[Array, Metrics]]] = {
@@ -350,7 +354,8 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"skew alpha must be in [0, 1] (0: plain KL), got {alpha}")
 
 
-def _unknown(name: str, known: tuple[str, ...], what: str) -> str:
+def unknown_message(name: str, known: tuple[str, ...], what: str) -> str:
+    """The message "unknown <what> <name>", with the closest known name and the known ones."""
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown {what} {name!r}.{hint} Known: {', '.join(known)}."
@@ -387,7 +392,7 @@ class LossSpec:
         known = TERMS + tuple(n for n, _ in chunk_terms)
         for name, _ in terms:
             if name not in known:
-                raise ValueError(_unknown(name, known, "loss term"))
+                raise ValueError(unknown_message(name, known, "loss term"))
         object.__setattr__(self, "chunk_terms", chunk_terms)
         if len({n for n, _ in terms}) != len(terms):
             raise ValueError(f"duplicate loss terms in {terms}")
@@ -395,7 +400,7 @@ class LossSpec:
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "jsd_beta", float(self.jsd_beta))
         object.__setattr__(self, "skew_alpha", float(self.skew_alpha))
-        _check_temperature(self.temperature)
+        check_temperature(self.temperature)
         _check_beta(self.jsd_beta)
         _check_alpha(self.skew_alpha)
         if self.balance not in ("none", "gradmag"):
@@ -407,7 +412,7 @@ class LossSpec:
         fields = tuple(f.name for f in dataclasses.fields(cls))
         for key in d:
             if key not in fields:
-                raise ValueError(_unknown(key, fields, "loss option"))
+                raise ValueError(unknown_message(key, fields, "loss option"))
         return cls(**d)
 
     @property
@@ -434,13 +439,13 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
         if teacher_logits_xV is None:
             raise ValueError("this loss has distillation terms but no teacher was given")
         _check_pair(student_logits_xV, teacher_logits_xV)
-        logs_T = _log_probs(student_logits_xV, w_x, temp)
-        logt_T = _log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temp)
+        logs_T = log_probs(student_logits_xV, w_x, temp)
+        logt_T = log_probs(jax.lax.stop_gradient(teacher_logits_xV), w_x, temp)
         for name, _ in spec.terms:
             if name in DIVERGENCE_TERMS:
                 per_token = divergence(name, logs_T, logt_T, beta=spec.jsd_beta,
                                         alpha=spec.skew_alpha) * temp ** 2
-                sums[name] = _masked_sum(per_token, w_x)
+                sums[name] = masked_sum(per_token, w_x)
     if spec.needs_labels:
         if labels_x is None:
             raise ValueError("this loss has a cross_entropy term but no labels were given")
@@ -448,9 +453,9 @@ def term_sums(student_logits_xV: Array, teacher_logits_xV: Array | None, labels_
             raise ValueError(f"labels have shape {labels_x.shape}, expected {w_x.shape}")
     if CROSS_ENTROPY in spec.weights:
         logp = logs_T if (logs_T is not None and temp == 1.0) \
-            else _log_probs(student_logits_xV, w_x, 1.0)
+            else log_probs(student_logits_xV, w_x, 1.0)
         ce = _cross_entropy(logp, jnp.where(w_x > 0, labels_x, 0))
-        sums[CROSS_ENTROPY] = _masked_sum(ce, w_x)
+        sums[CROSS_ENTROPY] = masked_sum(ce, w_x)
     for name, fn in spec.chunk_terms:
         if name in spec.weights:
             sums[name] = fn(student_logits_xV, {"logits": teacher_logits_xV}, labels_x, w_x, spec)

@@ -93,7 +93,7 @@ def pld_sums(student_logits_xV: Array, labels_x: Array, topk_ids_xK: Array,
     """PLD summed over unmasked tokens (weights ``w_x``); masked positions are inert."""
     live = w_x > 0
     K = topk_ids_xK.shape[-1]
-    z = kd._masked_logits(student_logits_xV, w_x)
+    z = kd.masked_logits(student_logits_xV, w_x)
     ids = jnp.where(live[..., None], topk_ids_xK, jnp.arange(K))
     logt = jnp.where(live[..., None], topk_logprobs_xK, -jnp.log(float(K)))
     tail = None if tail_logmass_x is None else jnp.where(live, tail_logmass_x, -jnp.inf)
@@ -108,7 +108,7 @@ def pld_sums_from_logits(student_logits_xV: Array, labels_x: Array, teacher_logi
     """PLD summed over unmasked tokens with a live teacher's logits: the full ranking
     (``top_k=None``) or its first ``top_k`` tokens."""
     logt = jax.nn.log_softmax(
-        kd._masked_logits(jax.lax.stop_gradient(teacher_logits_xV), w_x) / temperature, -1)
+        kd.masked_logits(jax.lax.stop_gradient(teacher_logits_xV), w_x) / temperature, -1)
     k = logt.shape[-1] if top_k is None else top_k
     top_logt, top_ids = jax.lax.top_k(logt, k)
     tail = None
@@ -126,7 +126,7 @@ def pld_loss(student_logits: Array, labels: Array, teacher_logits: Array, mask: 
     w_x = kd.token_weights(mask, student_logits.shape[:-1])
     total = pld_sums_from_logits(student_logits, labels, teacher_logits, w_x,
                                  temperature=temperature, top_k=top_k)
-    return kd._single(PLD, total, kd.token_count(w_x))
+    return kd.single_term(PLD, total, kd.token_count(w_x))
 
 
 def sparse_pld(student_logits: Array, labels: Array, topk_ids: Array, topk_logprobs: Array,
@@ -136,4 +136,4 @@ def sparse_pld(student_logits: Array, labels: Array, topk_ids: Array, topk_logpr
     w_x = kd.token_weights(mask, student_logits.shape[:-1])
     total = pld_sums(student_logits, labels, topk_ids, topk_logprobs, tail_logmass, w_x,
                      temperature=temperature)
-    return kd._single(PLD, total, kd.token_count(w_x))
+    return kd.single_term(PLD, total, kd.token_count(w_x))

@@ -104,7 +104,7 @@ def _scatter_neg_inf(z_xV: Array, ids_xK: Array) -> Array:
     return z_NV.reshape(z_xV.shape)
 
 
-def _safe_logsumexp(x_xV: Array) -> Array:
+def safe_logsumexp(x_xV: Array) -> Array:
     """logsumexp over the last axis that is -inf (value) with zero, finite gradients when every
     entry is -inf (jax.nn.logsumexp's gradient is nan there)."""
     m = jax.lax.stop_gradient(jnp.max(x_xV, axis=-1))
@@ -125,7 +125,7 @@ def topk_from_logits(teacher_logits: Array, k: int, temperature: float = 1.0
     when the tail is tiny, unlike ``log1p(-sum(exp(logprobs)))``); -inf when k = V.
     All fp32. ``teacher_logits`` is (..., V); results are (..., k), (..., k) and (...).
     """
-    kd._check_temperature(temperature)
+    kd.check_temperature(temperature)
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, V={vocab}], got {k}")
@@ -136,7 +136,7 @@ def topk_from_logits(teacher_logits: Array, k: int, temperature: float = 1.0
     top_z, ids = jax.lax.top_k(z, k)
     ids = ids.astype(jnp.int32)
     logprobs = top_z - lse[..., None]
-    tail = _safe_logsumexp(_scatter_neg_inf(z, ids)) - lse
+    tail = safe_logsumexp(_scatter_neg_inf(z, ids)) - lse
     return ids, logprobs, tail
 
 
@@ -147,7 +147,7 @@ def topk_from_logits(teacher_logits: Array, k: int, temperature: float = 1.0
 
 def _check_tail(tail: str) -> None:
     if tail not in TAIL_MODES:
-        raise ValueError(kd._unknown(tail, TAIL_MODES, "tail mode"))
+        raise ValueError(kd.unknown_message(tail, TAIL_MODES, "tail mode"))
 
 
 def _check_cache(student_logits_xV: Array, topk_ids: Array, topk_logprobs: Array,
@@ -190,7 +190,7 @@ def _sparse_log_probs(z_xV: Array, ids_xK: Array, logt_xK: Array, tail_x: Array 
         logt = logt_xK - jax.nn.logsumexp(logt_xK, axis=-1, keepdims=True)
         return logs, logt
     lse_all = jax.nn.logsumexp(z_xV, axis=-1)
-    lse_out = _safe_logsumexp(_scatter_neg_inf(z_xV, ids_xK))
+    lse_out = safe_logsumexp(_scatter_neg_inf(z_xV, ids_xK))
     logs = jnp.concatenate([zk - lse_all[..., None], (lse_out - lse_all)[..., None]], axis=-1)
     logt = jnp.concatenate([logt_xK, tail_x[..., None]], axis=-1)
     logt = logt - jax.nn.logsumexp(logt, axis=-1, keepdims=True)
@@ -203,10 +203,10 @@ def sparse_distributions(student_logits: Array, topk_ids: Array, topk_logprobs: 
     """The (student, teacher) log-probs the sparse losses compare: (..., k + 1) for ``bucket``
     (the last entry is the tail bucket), (..., k) for ``renormalize``. For inspection and tests."""
     _check_cache(student_logits, topk_ids, topk_logprobs, tail_logmass, tail)
-    kd._check_temperature(temperature)
+    kd.check_temperature(temperature)
     w_x = kd.token_weights(mask, student_logits.shape[:-1])
     ids, logt, tl = _sanitize_cache(topk_ids, topk_logprobs, tail_logmass, w_x)
-    z = kd._masked_logits(student_logits, w_x)
+    z = kd.masked_logits(student_logits, w_x)
     if temperature != 1.0:
         z = z / temperature
     return _sparse_log_probs(z, ids, logt, tl, tail)
@@ -232,7 +232,7 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
         _check_cache(student_logits_xV, topk_ids_xK, topk_logprobs_xK, tail_logmass_x, tail)
         ids, logt_k, tl = _sanitize_cache(topk_ids_xK, topk_logprobs_xK,
                                           tail_logmass_x if tail == BUCKET else None, w_x)
-        z = kd._masked_logits(student_logits_xV, w_x)
+        z = kd.masked_logits(student_logits_xV, w_x)
         if temp != 1.0:
             z = z / temp
         logs, logt = _sparse_log_probs(z, ids, logt_k, tl, tail)
@@ -240,7 +240,7 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
             if name in kd.DIVERGENCE_TERMS:
                 per_token = kd.divergence(name, logs, logt, beta=spec.jsd_beta,
                                            alpha=spec.skew_alpha) * temp ** 2
-                sums[name] = kd._masked_sum(per_token, w_x)
+                sums[name] = kd.masked_sum(per_token, w_x)
     if spec.needs_labels:
         if labels_x is None:
             raise ValueError("this loss has a cross_entropy term but no labels were given")
@@ -252,11 +252,11 @@ def sparse_term_sums(student_logits_xV: Array, topk_ids_xK: Array | None,
                        "tail_logmass": tail_logmass_x if tail == BUCKET else None}
             sums[name] = fn(student_logits_xV, teacher, labels_x, w_x, spec)
     if kd.CROSS_ENTROPY in spec.weights:
-        z1 = kd._masked_logits(student_logits_xV, w_x)
+        z1 = kd.masked_logits(student_logits_xV, w_x)
         lab = jnp.where(w_x > 0, labels_x, 0).astype(jnp.int32)
         ce = jax.nn.logsumexp(z1, axis=-1) \
             - jnp.take_along_axis(z1, lab[..., None], axis=-1)[..., 0]
-        sums[kd.CROSS_ENTROPY] = kd._masked_sum(ce, w_x)
+        sums[kd.CROSS_ENTROPY] = kd.masked_sum(ce, w_x)
     return sums
 
 
@@ -278,7 +278,7 @@ def _sparse_loss(name: str, student_logits: Array, topk_ids: Array, topk_logprob
     w_x = kd.token_weights(mask, student_logits.shape[:-1])
     sums = sparse_term_sums(student_logits, topk_ids, topk_logprobs, tail_logmass, None, w_x,
                             spec, tail=tail)
-    return kd._single(name, sums[name], kd.token_count(w_x))
+    return kd.single_term(name, sums[name], kd.token_count(w_x))
 
 
 def sparse_forward_kl(student_logits: Array, topk_ids: Array, topk_logprobs: Array,

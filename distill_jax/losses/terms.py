@@ -22,10 +22,14 @@ A **teacher signal** (:class:`Signal`) declares the capabilities it provides and
 it brings: a live teacher with the student's tokenizer, a live teacher over aligned text (any
 tokenizer), a cached top-k distribution, or cached cross-tokenizer per-token scalars. A run can
 use a cache exactly when its terms' needs are a subset of what the cache provides
-(:func:`check_signal`); every refusal and "did you mean" comes from these declarations.
+(:func:`check_signal`); every refusal and "did you mean" comes from these declarations. A
+signal also declares its preparation, ``prepare(ctx, student_params, teacher_params, batch,
+rng) -> batch``, run by the step over the whole global batch before anything else (the live
+teacher's forward; for a future signal, say, sampling the student's own rows with ``rng``).
 
-Add a term with :func:`register_term` (from any module, a test included); the step reads
-everything it needs from the declaration.
+Add a term with :func:`register_term` (from any module, a test included), a signal by
+declaring a :class:`Signal` and passing it to ``distill_jax.train.step.make_step``; the step
+reads everything it needs from the declarations.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import alm, dskd, kd, pld, redi, xtok, xtok_baselines
+from distill_jax.losses import alm, chunked, dskd, kd, pld, redi, sparse, xtok, xtok_baselines
 
 Array = jax.Array
 
@@ -73,33 +77,78 @@ XTOK_CACHE_KEYS = ("teacher_actual_logprob", "teacher_boundary_logmass", "teache
 @dataclasses.dataclass(frozen=True)
 class Signal:
     """Where the teacher's side of the loss comes from: what it ``provides`` (capabilities),
-    the ``batch_keys`` a batch carries for it, whether it is ``cached`` (no teacher runs), and
-    the ``vocabulary`` kind of the terms it serves."""
+    the ``batch_keys`` a batch carries for it, whether it is ``cached`` (no teacher runs), the
+    ``vocabulary`` kind of the terms it serves, and its preparation hook.
+
+    ``prepare(ctx, student_params, teacher_params, batch, rng) -> batch`` runs once per step
+    over the whole global batch, before the normalisers are counted and before any
+    micro-batch: it returns the batch the terms read (e.g. with the live teacher's hidden
+    states or per-token numbers added). ``ctx`` is the step's context
+    (``distill_jax.train.step.StepContext``: the model configs, the ``spec``, the terms'
+    ``needs``, ``micro_batches``, ``chunk_size``, and helpers that run the frozen teacher over
+    the batch's rows in row groups); ``student_params`` are the student model's current params
+    (under ``stop_gradient``), ``rng`` a fresh key every step. None: the batch as it comes."""
 
     name: str
     provides: frozenset
     batch_keys: tuple[str, ...]
     cached: bool
     vocabulary: str
+    prepare: Callable[..., Mapping[str, Array]] | None = None
+
+
+def _prepare_live_same(ctx, student_params, teacher_params, batch, rng):
+    """The frozen teacher's final hidden states for every row (its lm_head is applied chunk by
+    chunk inside the loss scan, so (batch, length, vocab) teacher logits never exist)."""
+    if not ctx.needs:
+        return batch
+    return {**batch, "teacher_hidden": ctx.teacher_hidden(teacher_params, batch)}
+
+
+def _prepare_aligned(ctx, batch, cached: bool):
+    batch = dict(batch)
+    chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
+        batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
+        batch["teacher_valid"] if cached else None)
+    batch["chunk_ids"], batch["teacher_chunk_ids"] = chunk_ids, teacher_chunk_ids
+    return batch
+
+
+def _prepare_live_aligned(ctx, student_params, teacher_params, batch, rng):
+    """The frozen teacher over its rows (per-token numbers, and hidden states where a term needs
+    them), then the chunks that train (:func:`xtok.trained_chunks`)."""
+    batch = dict(batch)
+    if ctx.needs:
+        batch.update(ctx.teacher_token_stats(teacher_params, batch,
+                                             keep_hidden=TEACHER_HIDDEN in ctx.needs))
+    return _prepare_aligned(ctx, batch, cached=False)
+
+
+def _prepare_cached_scalars(ctx, student_params, teacher_params, batch, rng):
+    """The chunks that train, dropping those the cache marks invalid."""
+    return _prepare_aligned(ctx, batch, cached=True)
 
 
 LIVE_SAME = Signal("a live teacher with the student's tokenizer",
                    frozenset({TOKEN_DIST, TEACHER_LOGITS, TEACHER_HIDDEN}), BATCH_KEYS,
-                   False, SHARED)
+                   False, SHARED, _prepare_live_same)
 LIVE_ALIGNED = Signal("a live teacher over aligned text",
                       frozenset({TEACHER_LOGITS, TEACHER_HIDDEN, TOKEN_SCALARS, ALIGNMENT,
                                  VOCAB_MAP}),
-                      BATCH_KEYS + XTOK_KEYS + XTOK_LIVE_KEYS, False, ALIGNED)
+                      BATCH_KEYS + XTOK_KEYS + XTOK_LIVE_KEYS, False, ALIGNED,
+                      _prepare_live_aligned)
 CACHED_TOPK = Signal("a teacher cache (top-k log-probs per token)", frozenset({TOKEN_DIST}),
                      BATCH_KEYS + CACHE_KEYS, True, SHARED)
 CACHED_SCALARS = Signal("a teacher cache (two numbers per teacher token)",
                         frozenset({TOKEN_SCALARS, ALIGNMENT}),
-                        BATCH_KEYS + XTOK_KEYS + XTOK_CACHE_KEYS, True, ALIGNED)
+                        BATCH_KEYS + XTOK_KEYS + XTOK_CACHE_KEYS, True, ALIGNED,
+                        _prepare_cached_scalars)
 SIGNALS = (LIVE_SAME, LIVE_ALIGNED, CACHED_TOPK, CACHED_SCALARS)
 
 
 def signal_for(vocabulary: str, cached: bool) -> Signal:
-    """The signal of a run whose terms are of ``vocabulary`` kind, live or ``cached``."""
+    """The built-in signal of a run whose terms are of ``vocabulary`` kind, live or
+    ``cached``."""
     for s in SIGNALS:
         if s.vocabulary == vocabulary and s.cached == cached:
             return s
@@ -123,7 +172,8 @@ class HeadInputs:
                  teacher_head: Array | None = None, teacher_embed: Array | None = None,
                  student_word_start: Array | None = None, mined_map: Array | None = None,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
-                 chunk_size: int = 512, params: Mapping[str, Any] | None = None):
+                 chunk_size: int = 512, params: Mapping[str, Any] | None = None,
+                 tail: str = "bucket"):
         self.spec, self.batch = spec, batch
         self.student_h, self.student_head = student_h, student_head
         self.student_embed = student_embed
@@ -132,6 +182,7 @@ class HeadInputs:
         self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
         self.chunk_size = chunk_size
         self.params = dict(params or {})
+        self.tail = tail
 
     @functools.cached_property
     def student_token_stats(self) -> tuple[Array, Array]:
@@ -139,6 +190,26 @@ class HeadInputs:
         return alm.token_stats(self.student_h, self.student_head, self.batch["targets"],
                                self.student_word_start, softcap=self.student_softcap,
                                chunk_size=self.chunk_size)
+
+    @functools.cached_property
+    def shared_sums(self) -> dict[str, Array]:
+        """The sums of every shared-vocabulary term of the spec, from one fused scan of the
+        lm_head and the loss over token chunks: against the live teacher (``teacher_hidden`` in
+        the batch, ``teacher_head``), the cached top-k (``teacher_topk_ids`` etc. in the batch,
+        ``tail``), or no teacher."""
+        b, spec = self.batch, self.spec
+        if "teacher_topk_ids" in b:
+            _, metrics = sparse.sparse_chunked_loss(
+                self.student_h, self.student_head, b["teacher_topk_ids"],
+                b["teacher_topk_logprobs"], b["teacher_tail_logmass"], b["targets"],
+                b["loss_mask"], spec=spec, chunk_size=self.chunk_size,
+                student_softcap=self.student_softcap, tail=self.tail)
+        else:
+            _, metrics = chunked.chunked_loss(
+                self.student_h, self.student_head, b.get("teacher_hidden"), self.teacher_head,
+                b["targets"], b["loss_mask"], spec=spec, chunk_size=self.chunk_size,
+                student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap)
+        return {kd.sum_key(name): metrics[kd.sum_key(name)] for name, _ in spec.terms}
 
 
 def _tokens(spec, batch) -> dict[str, Array]:
@@ -152,10 +223,14 @@ def _over(count_key: str) -> Callable:
     return normalise
 
 
+_TOKEN_MEAN = _over(kd.TOKENS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Term:
     """A loss term's declaration (see the module docstring). ``sums`` is None for the
-    shared-vocabulary terms the fused lm_head + loss scan computes (``per_token`` names their
+    shared-vocabulary terms the fused lm_head + loss scan computes (:func:`term_sums` reads
+    them from ``HeadInputs.shared_sums``; ``per_token`` names their
     per-token math there, and ``chunk_sums(student_logits, teacher, labels, w, spec)`` a
     further shared-vocabulary term's sum over one chunk of tokens, ``teacher`` being the live
     teacher's logits or the cache's top-k; see ``kd.LossSpec.chunk_terms``).
@@ -171,7 +246,7 @@ class Term:
     sums: Callable[[HeadInputs], dict[str, Array]] | None = None
     counts: Callable[[Any, Mapping[str, Array]], dict[str, Array]] = _tokens
     normalise: Callable[[str, Mapping[str, Array], Mapping[str, Array]], Array] = \
-        _over(kd.TOKENS)
+        _TOKEN_MEAN
     init_params: Callable[..., Any] | None = None
     params_salt: int | None = None
     per_token: Callable | None = None
@@ -419,6 +494,16 @@ def needs(names: Iterable[str]) -> frozenset:
     return out
 
 
+def batch_keys(signal: "Signal", names: Iterable[str]) -> tuple[str, ...]:
+    """The batch arrays a step of the terms ``names`` reads: the signal's, then those a term
+    declares beyond them (``Term.batch_keys``, e.g. REDI's per-token sequence weights), once
+    each, in that order."""
+    out = list(signal.batch_keys)
+    for n in names:
+        out += [k for k in get_term(n).batch_keys if k not in out]
+    return tuple(out)
+
+
 def needs_teacher(names: Iterable[str]) -> bool:
     return bool(needs(names))
 
@@ -459,7 +544,11 @@ def term_sums(inputs: HeadInputs) -> dict[str, Array]:
     a term reports)."""
     out: dict[str, Array] = {}
     for name, _ in inputs.spec.terms:
-        out.update(get_term(name).sums(inputs))
+        term = get_term(name)
+        if term.sums is None:  # a shared-vocabulary term of the fused lm_head + loss scan
+            out[kd.sum_key(name)] = inputs.shared_sums[kd.sum_key(name)]
+        else:
+            out.update(term.sums(inputs))
     return out
 
 
@@ -478,14 +567,29 @@ def objective(spec: Any, sums: Mapping[str, Array], norms: Mapping[str, Array]) 
     return total
 
 
+def _token_means(spec: Any) -> bool:
+    """Whether every term of ``spec`` is a mean over the loss tokens (the default normaliser)."""
+    return all(get_term(n).normalise is _TOKEN_MEAN for n, _ in spec.terms)
+
+
 def summarize(spec: Any, sums: Mapping[str, Array], norms: Mapping[str, Array]
               ) -> dict[str, Array]:
-    """Metrics: each term's sum and mean, the counts, and the weighted total ``distill/loss``."""
+    """Metrics: each term's sum and mean, the counts, and the weighted total ``distill/loss``.
+    When every term is a mean over the loss tokens, the weighted sum ``distill/loss_sum`` is
+    reported too and the total is that sum over the token count (one division, as
+    ``kd.combined_loss``); otherwise the total is :func:`objective`."""
     out = dict(sums)
     out.update(norms)
     for name, _ in spec.terms:
         out[kd.metric_key(name)] = get_term(name).normalise(name, sums, norms)
-    out[kd.LOSS] = objective(spec, sums, norms)
+    if _token_means(spec):
+        total = jnp.zeros((), jnp.float32)
+        for name, weight in spec.terms:
+            total = total + weight * sums[kd.sum_key(name)]
+        out[kd.LOSS_SUM] = total
+        out[kd.LOSS] = total / jnp.maximum(norms[kd.TOKENS], 1.0)
+    else:
+        out[kd.LOSS] = objective(spec, sums, norms)
     return out
 
 

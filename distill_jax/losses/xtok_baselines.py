@@ -178,12 +178,12 @@ def _pair_weights(student_logits_xV: Array, teacher_logits_xW: Array, w_x: Array
 
 
 def _sums(per_pair_x: Array, w_x: Array) -> dict[str, Array]:
-    return {SUM: kd._masked_sum(per_pair_x, w_x), COUNT: kd.token_count(w_x)}
+    return {SUM: kd.masked_sum(per_pair_x, w_x), COUNT: kd.token_count(w_x)}
 
 
 def _sorted_probs(logits_xV: Array, w_x: Array, temperature: float, k: int | None) -> Array:
     """Descending probabilities, all of them (k None) or the k largest, zero-padded to k."""
-    p_xV = jnp.exp(kd._log_probs(logits_xV, w_x, temperature))
+    p_xV = jnp.exp(kd.log_probs(logits_xV, w_x, temperature))
     vocab = p_xV.shape[-1]
     if k is None:
         return -jnp.sort(-p_xV, axis=-1)
@@ -212,7 +212,7 @@ def uld_sums(student_logits_xV: Array, teacher_logits_xW: Array, w_x: Array, *,
     Returns:
       ``{"sum": ..., "count": ...}`` fp32 scalars.
     """
-    kd._check_temperature(temperature)
+    kd.check_temperature(temperature)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive number of probabilities or None, got {top_k}")
     w_x = _pair_weights(student_logits_xV, teacher_logits_xW, w_x)
@@ -250,7 +250,7 @@ def mined_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Ar
     Returns:
       ``{"sum": ..., "count": ...}`` fp32 scalars.
     """
-    kd._check_temperature(temperature)
+    kd.check_temperature(temperature)
     w_x = _pair_weights(student_logits_xV, teacher_logits_xW, w_x)
     if jnp.shape(mapping_V) != (student_logits_xV.shape[-1],):
         raise ValueError(f"mapping has shape {jnp.shape(mapping_V)} but the student vocabulary "
@@ -260,13 +260,13 @@ def mined_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Ar
         if mapping_V.max(initial=-1) < 0 or mapping_V.max() >= teacher_logits_xW.shape[-1]:
             raise ValueError(f"mapping entries must lie in [-1, {teacher_logits_xW.shape[-1]}) "
                              "with at least one >= 0; build it from the teacher's tokenizer")
-    logs_xV = kd._log_probs(student_logits_xV, w_x, temperature)
-    zt_xW = kd._masked_logits(jax.lax.stop_gradient(teacher_logits_xW), w_x)
+    logs_xV = kd.log_probs(student_logits_xV, w_x, temperature)
+    zt_xW = kd.masked_logits(jax.lax.stop_gradient(teacher_logits_xW), w_x)
     zt_xV = project_teacher_logits(zt_xW, mapping_V)
     if temperature != 1.0:
         zt_xV = zt_xV / temperature
     logt_xV = jax.nn.log_softmax(zt_xV, axis=-1)
-    per_pair = kd._kl(logt_xV, logs_xV) * temperature ** 2
+    per_pair = kd.kl_divergence(logt_xV, logs_xV) * temperature ** 2
     return _sums(per_pair, w_x)
 
 

@@ -155,12 +155,12 @@ class ModelConfig:
             family=family, vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
             num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
         )
-        base.update(_family_defaults(family, num_layers=overrides.get("num_layers", 2)))
+        base.update(family_defaults(family, num_layers=overrides.get("num_layers", 2)))
         base.update(overrides)
         return cls(**base)
 
 
-def _family_defaults(family: str, *, num_layers: int, sliding_window: int = 8) -> dict[str, Any]:
+def family_defaults(family: str, *, num_layers: int, sliding_window: int = 8) -> dict[str, Any]:
     """Architecture switches that define a family."""
     if family == "llama":
         return {}
@@ -404,7 +404,7 @@ def _rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
 def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     """The Hugging Face ``config.json`` dict (transformers 5 layout) of a :class:`ModelConfig`."""
     f = cfg.family
-    expected = _family_defaults(f, num_layers=cfg.num_layers)
+    expected = family_defaults(f, num_layers=cfg.num_layers)
     for key in ("gemma_norm", "sandwich_norm", "embed_scale"):
         if getattr(cfg, key) != expected.get(key, False):
             raise ConfigError(f"{f} checkpoints cannot express {key}={getattr(cfg, key)}")

@@ -105,8 +105,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     base = dict(_PRESETS[name])
     family = base["family"]
     if family.startswith("gemma"):
-        from distill_jax.models.config import _family_defaults
-        defaults = _family_defaults(family, num_layers=base["num_layers"],
+        from distill_jax.models.config import family_defaults
+        defaults = family_defaults(family, num_layers=base["num_layers"],
                                     sliding_window=base["sliding_window"])
         base = {**defaults, **base}
     base.update(overrides)

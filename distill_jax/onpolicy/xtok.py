@@ -402,7 +402,7 @@ def xtok_onpolicy_batch(rollout_fn: Callable, student_params: Any, prompts: Mapp
     of its reference's text), returns the packed student rows; they are fetched to the host
     (the device waits for nothing else). Phase 2 (host, numpy): :func:`xtok_rows` decodes,
     re-tokenizes with the teacher's tokenizer, aligns and packs, giving the batch of the
-    engine's cross-tokenizer step (``train.step.make_xtok_train_step``), whose live teacher
+    engine's cross-tokenizer step (``train.step.make_step`` with ``terms.LIVE_ALIGNED``), whose live teacher
     scores the teacher rows (one forward, no KV cache) inside the step. The device is idle
     during phase 2 and the host during the step; the step itself is unchanged.
 

@@ -1,7 +1,8 @@
-"""The training loop: build everything from the run config, resume, step, log, checkpoint.
+"""The training loop: resume, step, log, checkpoint.
 
-The loop does no math: the step is built in :mod:`distill_jax.train.step`, the models in
-:mod:`distill_jax.train.build`, the data in :mod:`distill_jax.data`. Metrics of step ``i`` are
+The loop builds nothing and does no math: :func:`distill_jax.train.assemble.assemble` turns the
+run config into the mesh, models, signal, step, initial state and data; the step is
+:mod:`distill_jax.train.step`'s. Metrics of step ``i`` are
 fetched to the host after step ``i + 1`` has been dispatched, so the device never waits, except
 at a checkpoint or evaluation step: a checkpoint is written only once its step's loss, gradient
 norm and params are known to be finite (a non-finite step stops the run, or is skipped with
@@ -20,12 +21,9 @@ from distill_jax import checkpoint, metrics as mlog, sharding
 from distill_jax.checkpoint import Checkpointer
 from distill_jax.config import RunConfig, resume_config, write_run_config
 from distill_jax.locking import FileLock
-from distill_jax.tokenizer import load_tokenizer
-from distill_jax.train import build, optim
-from distill_jax.train.setup import (RunSetup, global_batch, make_evaluator, open_cache,
-                                     teacher_tokenizer)
-from distill_jax.losses import terms
-from distill_jax.train.step import init_loss_params, init_state, jit_train_step
+from distill_jax.train import optim
+from distill_jax.train.assemble import assemble, global_batch
+from distill_jax.train.step import jit_train_step
 
 LOCK_FILE = "train.lock"  # held by the run's main process while it trains
 
@@ -46,38 +44,11 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
            max_steps_this_call: int | None) -> dict[str, float]:
     cfg, notes = resume_config(
         run_dir, cfg, checkpoint.latest_step(run_dir / "checkpoints") is not None)
-    mesh, rules = build.make_mesh(cfg.mesh)
-    spec = cfg.loss.spec()
-
-    needs_teacher = terms.needs_teacher(cfg.loss.terms)
-    cached = bool(cfg.teacher is not None and cfg.teacher.cache and needs_teacher)
-    vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
-    terms.check_signal(cfg.loss.terms, terms.signal_for(vocabulary, cached))  # before loading
-    tokenizer = load_tokenizer(cfg.tokenizer_path())
-    teacher_tok = teacher_tokenizer(cfg, tokenizer)
-    teacher = None
-    if cfg.teacher is not None and ((needs_teacher and not cached)
-                                    or cfg.student.init in ("teacher_layers", "transfer")):
-        teacher = build.load_model(cfg.teacher, mesh, rules)
-    student = build.build_student(cfg.student, teacher, mesh, rules, student_tokenizer=tokenizer,
-                                  teacher_tokenizer=teacher_tok)
-    if not needs_teacher or cached:
-        teacher = None  # a cached teacher never runs
+    run_ = assemble(cfg)
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
-    loss_params = {}
-    if teacher is not None:  # params of the loss terms (alm_latents / DSKD projectors)
-        loss_params = init_loss_params(spec, student.config, teacher.config, student.params,
-                                       cfg.seed)
-    state = init_state(student.params, optimizer, cfg.seed, loss_params)
-
-    reader = None
-    if cached:
-        reader = open_cache(cfg, teacher_tok,
-                            None if cfg.loss.cross_tokenizer else student.config.vocab_size)
-    setup = RunSetup(cfg, spec, tokenizer, teacher_tok, student.config,
-                   teacher.config if teacher else None, cached)
-    iterator = setup.data_iterator(cfg.data, reader)
+    state = run_.initial_state(optimizer)
+    iterator = run_.data_iterator()
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
     stack.callback(logger.close)
@@ -93,23 +64,14 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     if is_main:  # only now: a run that fails to set up leaves no config behind
         write_run_config(run_dir, cfg)
 
-    batch_sharding = sharding.batch_sharding(mesh, 2, rules)
-    teacher_params = teacher.params if teacher is not None else None
+    batch_sharding = sharding.batch_sharding(run_.mesh, 2, run_.rules)
+    teacher_params = run_.teacher_params
     step_fn = jit_train_step(
-        optim.guard_nonfinite(setup.train_step(optimizer, schedule), cfg.optimizer.skip_nonfinite),
-        state, teacher_params, batch_sharding, setup.keys)
-
-    evaluate, eval_teacher_params = None, teacher_params
-    if cfg.eval.every > 0:
-        if cached and (cfg.teacher.hf_path or cfg.teacher.preset):
-            teacher_eval = build.load_model(cfg.teacher, mesh, rules)
-            eval_setup = RunSetup(cfg, spec, tokenizer, teacher_tok, student.config,
-                                teacher_eval.config, False)
-            eval_teacher_params = teacher_eval.params
-        else:
-            eval_setup = setup
-        evaluate = make_evaluator(eval_setup, batch_sharding)
+        optim.guard_nonfinite(run_.train_step(optimizer, schedule), cfg.optimizer.skip_nonfinite),
+        state, teacher_params, batch_sharding, run_.batch_keys)
+    evaluate = run_.evaluator(batch_sharding) if cfg.eval.every > 0 else None
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    student, teacher = run_.student, run_.teacher
     flops = mlog.flops_per_token(student.config.matmul_params(),
                                  teacher.config.matmul_params() if teacher else 0)
     peak = mlog.peak_flops(jax.devices()[0].device_kind, cfg.logging.peak_flops_per_device)
@@ -117,7 +79,7 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     end = cfg.steps if max_steps_this_call is None else min(cfg.steps, start + max_steps_this_call)
     logger.note(f"training {run_dir}: steps {start}..{end} of {cfg.steps}, "
                 f"{student.config.num_params() / 1e6:.2f}M-param student, "
-                f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}")
+                f"{jax.device_count()} device(s), mesh {dict(run_.mesh.shape)}")
     pending = None
     last: dict[str, float] = {}
     t_prev = time.perf_counter()
@@ -140,13 +102,13 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
             host[mlog.MFU] = tokens_per_step * flops / dt / (peak * jax.device_count())
         host.update({k: float(v) for k, v in iterator.stats.items()})
         if eval_due(step):
-            host.update(evaluate(state.params, eval_teacher_params))
+            host.update(evaluate(state.params))
         if step % cfg.logging.every == 0 or step == end or eval_due(step) or host[optim.NONFINITE]:
             logger.log(step, host)
         return host
 
     for step in range(start, end):
-        batch = global_batch(next(iterator), batch_sharding, setup.keys)
+        batch = global_batch(next(iterator), batch_sharding, run_.batch_keys)
         state, step_metrics = step_fn(state, teacher_params, batch)
         if pending is not None:
             last = flush(pending)

@@ -1,11 +1,31 @@
-"""The training state and one pure step ``(state, teacher_params, batch) -> (state, metrics)``.
+"""The training state and one step factory for training and evaluation.
 
-The teacher runs inside the same jitted step and is frozen by construction: its params are a
-separate argument (never donated, never in the optimiser, never checkpointed) and its hidden
-states and lm_head pass through ``stop_gradient``. The lm_head and the loss are computed
-together in token chunks (``distill_jax.losses.chunked_loss``), so full (batch, length, vocab)
-logits never exist. Gradient accumulation runs over micro-batches inside the step and divides
-by the token count of the whole batch, so it is exact.
+:func:`make_step` builds ``(state, teacher_params, batch) -> (state, metrics)`` (with an
+optimizer) or the evaluation function ``(params, teacher_params, batch) -> (sums, counts)``
+(without one: the same objective, no update). Every run, whatever its terms and teacher signal,
+goes through the same four stages:
+
+1. **Prepare the signal** over the whole global batch: ``signal.prepare(ctx, student_params,
+   teacher_params, batch, rng)`` (:class:`distill_jax.losses.terms.Signal`). The live teacher
+   runs here, frozen, in row groups of ``grad_accum`` (bounding its activation memory as
+   gradient accumulation bounds the student's): with the student's tokenizer its final hidden
+   states, across tokenizers its per-token numbers; a cache needs nothing more. A new signal
+   (e.g. the student's own samples) is a new ``Signal`` with its own ``prepare``; the step does
+   not change.
+2. **Count the normalisers** of every term over the whole batch (``terms.counts``), before any
+   micro-batch, so each micro-batch's objective is divided by whole-batch counts and gradient
+   accumulation is exact.
+3. **Per micro-batch**: the student's trunk forward once (params -> final hidden states and
+   lm_head), every term's sums from them (``terms.term_sums``: aligned terms by their own
+   ``sums``, same-vocabulary terms by one fused scan of the lm_head and the loss over token
+   chunks, so (batch, length, vocab) logits never exist), each term's cotangent through the
+   head region (one vjp per term under GradMag), then one trunk backward with the weighted sum.
+4. **Update** (training only): the optimiser, the norms, the learning rate, the next RNG.
+
+The teacher is frozen by construction: its params are a separate argument (never donated,
+never in the optimiser, never checkpointed) and everything read from it passes through
+``stop_gradient``. Metrics are ``terms.summarize`` of the summed terms and counts, for training
+and evaluation alike.
 """
 
 from __future__ import annotations
@@ -19,8 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distill_jax import losses
-from distill_jax.losses import terms
+from distill_jax.losses import alm, terms, xtok
 from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
 
 Array = jax.Array
@@ -31,13 +50,8 @@ XTOK_KEYS, XTOK_LIVE_KEYS, XTOK_CACHE_KEYS = \
 # The loss terms' params (the alm_latents projector, DSKD's projectors) are trained and
 # checkpointed with the student but are not part of the model: export and eval read MODEL only.
 MODEL, LOSS = "model", "loss"
-
-
-def batch_keys(cached: bool, xtok: bool = False) -> tuple[str, ...]:
-    """The batch arrays a step reads: those of its teacher signal (same tokenizer, live or
-    cached top-k; or cross-tokenizer, live rows or the cached per-token numbers)."""
-    return terms.signal_for(terms.ALIGNED if xtok else terms.SHARED, cached).batch_keys
-
+# folded into the state's key for the signal's preparation (sampling, say)
+SIGNAL_SALT = 0x5167
 
 GRAD_NORM = "train/grad_norm"
 LEARNING_RATE = "train/lr"
@@ -84,38 +98,48 @@ def _split_micro(batch: dict[str, Array], n: int) -> dict[str, Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
-def teacher_view(teacher_cfg: ModelConfig | None, spec: losses.LossSpec, teacher_params: Any,
-                 batch: dict[str, Array], cached: bool) -> tuple[Array, Array] | None:
-    """The frozen live teacher's (hidden states, lm_head) of a same-tokenizer batch, or None
-    when the loss needs no teacher or it comes from a cache."""
-    if cached or not spec.needs_teacher:
-        return None
-    teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-    h_t = jax.lax.stop_gradient(hidden_states(teacher, batch["tokens"],
-                                              positions=batch["positions"],
-                                              segment_ids=batch["segment_ids"]))
-    return h_t, jax.lax.stop_gradient(lm_head(teacher))
+def row_groups(fn: Callable[[dict[str, Array]], Any], batch: dict[str, Array],
+               groups: int) -> Any:
+    """``fn`` over ``groups`` equal groups of the batch's rows, one after the other, the
+    outputs put back together row by row (``groups=1``: ``fn(batch)``)."""
+    if groups == 1:
+        return fn(batch)
+    out = jax.lax.map(fn, _split_micro(batch, groups))
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
 
 
-def head_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
-              chunk_size: int, h_s: Array, head_s: Array, teacher: tuple | None,
-              batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
-    """Summed loss terms and the token count from the student's final hidden states and
-    lm_head: the chunked lm_head + loss, against the live teacher's (hidden states, head) or,
-    with ``tail`` set, the cached top-k distribution in the batch (``CACHE_KEYS``)."""
-    if tail is not None:
-        from distill_jax.losses import sparse
-        _, metrics = sparse.sparse_chunked_loss(
-            h_s, head_s, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-            batch["teacher_tail_logmass"], batch["targets"], batch["loss_mask"], spec=spec,
-            chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap, tail=tail)
-        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
-    h_t, head_t = teacher if teacher is not None else (None, None)
-    _, metrics = losses.chunked_loss(
-        h_s, head_s, h_t, head_t, batch["targets"], batch["loss_mask"], spec=spec,
-        chunk_size=chunk_size, student_softcap=student_cfg.final_logit_softcap,
-        teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None)
-    return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == losses.TOKENS}
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a signal's ``prepare`` may read (see :class:`distill_jax.losses.terms.Signal`): the
+    model configs, the loss ``spec``, the terms' ``needs`` (capabilities), ``micro_batches``
+    (row groups to run a model in, as gradient accumulation does), ``chunk_size``, the word-start
+    masks, and helpers that run the frozen teacher."""
+
+    student_cfg: ModelConfig
+    teacher_cfg: ModelConfig | None
+    spec: Any
+    needs: frozenset
+    micro_batches: int = 1
+    chunk_size: int = 512
+    student_word_start: Array | None = None
+    teacher_word_start: Array | None = None
+
+    def teacher_hidden(self, teacher_params: Any, batch: dict[str, Array]) -> Array:
+        """The frozen teacher's final hidden states over the batch's (student-tokenized) rows."""
+        teacher = Model(self.teacher_cfg, jax.lax.stop_gradient(teacher_params))
+
+        def one(mb):
+            return jax.lax.stop_gradient(hidden_states(
+                teacher, mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"]))
+        keys = ("tokens", "positions", "segment_ids")
+        return row_groups(one, {k: batch[k] for k in keys}, self.micro_batches)
+
+    def teacher_token_stats(self, teacher_params: Any, batch: dict[str, Array], *,
+                            keep_hidden: bool = False) -> dict[str, Array]:
+        """:func:`teacher_token_stats` over the batch's teacher rows, in row groups."""
+        return teacher_token_stats(self.teacher_cfg, teacher_params, batch,
+                                   self.teacher_word_start, chunk_size=self.chunk_size,
+                                   micro_batches=self.micro_batches, keep_hidden=keep_hidden)
 
 
 def _trunk(student_cfg: ModelConfig, model_params: Any, batch: dict[str, Array]):
@@ -126,80 +150,130 @@ def _trunk(student_cfg: ModelConfig, model_params: Any, batch: dict[str, Array])
     return h, lm_head(student)
 
 
-def loss_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: losses.LossSpec,
-              chunk_size: int, params: Any, teacher_params: Any,
-              batch: dict[str, Array], tail: str | None = None) -> dict[str, Array]:
-    """Summed loss terms and the token count of one (micro-)batch: the teacher forward (frozen),
-    the student forward, and the chunked lm_head + loss. With ``tail`` set, the teacher is the
-    cached top-k distribution in the batch (``CACHE_KEYS``) and no teacher runs."""
-    teacher = teacher_view(teacher_cfg, spec, teacher_params, batch, tail is not None)
-    h_s, head_s = _trunk(student_cfg, params[MODEL], batch)
-    return head_sums(student_cfg, teacher_cfg, spec, chunk_size, h_s, head_s, teacher, batch,
-                     tail)
-
-
-def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
-                   spec: losses.LossSpec, *, chunk_size: int = 512,
-                   cache_tail: str | None = None) -> Callable:
-    """``(params, teacher_params, batch) -> sums`` of the loss terms, without an update
-    (``params``: the state's params)."""
-    keys = batch_keys(cache_tail is not None)
-
-    def step(params, teacher_params, batch):
-        return loss_sums(student_cfg, teacher_cfg, spec, chunk_size, params, teacher_params,
-                         {k: batch[k] for k in keys}, cache_tail)
-    return step
-
-
-def make_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
-                    spec: losses.LossSpec, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None, *, grad_accum: int = 1,
-                    chunk_size: int = 512, cache_tail: str | None = None) -> Callable:
-    """Build the (unjitted) step. ``teacher_cfg`` may be None when the loss needs no teacher
-    or when the teacher comes from a cache (``cache_tail`` = "bucket" or "renormalize")."""
-    cached = cache_tail is not None
-    terms.check_signal(dict(spec.terms), terms.signal_for(terms.SHARED, cached))
-    if spec.needs_teacher and teacher_cfg is None and not cached:
+def _check(student_cfg, teacher_cfg, spec, signal, needs, mined_map, student_word_start):
+    names = dict(spec.terms)
+    if terms.vocabulary_of(names) != signal.vocabulary:
+        raise ValueError(f"the loss terms {sorted(names)} are {terms.vocabulary_of(names)}-"
+                         f"vocabulary terms but the teacher signal ({signal.name}) serves "
+                         f"{signal.vocabulary}-vocabulary ones")
+    terms.check_signal(names, signal)
+    if needs and not signal.cached and teacher_cfg is None:
+        if signal.vocabulary == terms.ALIGNED:
+            raise ValueError("the cross-tokenizer loss needs a teacher model (or teacher.cache "
+                             "for alm)")
         raise ValueError("the loss has distillation terms but no teacher model is configured")
-    if spec.needs_teacher and not cached and teacher_cfg.vocab_size != student_cfg.vocab_size:
+    if (signal.vocabulary == terms.SHARED and needs and not signal.cached
+            and teacher_cfg.vocab_size != student_cfg.vocab_size):
         raise ValueError(
             f"teacher vocab {teacher_cfg.vocab_size} != student vocab {student_cfg.vocab_size}: "
             "same-vocabulary losses need one tokenizer (use cross-tokenizer losses otherwise)")
+    if terms.VOCAB_MAP in needs and mined_map is None:
+        raise ValueError("the mined term needs the student->teacher vocabulary mapping")
+    if signal.vocabulary == terms.ALIGNED and student_word_start is None:
+        raise ValueError("cross-tokenizer terms need the student's word-start mask "
+                         "(student_word_start=tokens.word_start_mask(tokenizer, vocab_size))")
 
-    keys = batch_keys(cached)
+
+def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
+              signal: terms.Signal, optimizer: optax.GradientTransformation | None = None,
+              schedule: optax.Schedule | None = None, *, grad_accum: int = 1,
+              chunk_size: int = 512, tail: str = "bucket", student_word_start: Any = None,
+              teacher_word_start: Any = None, mined_map: Any = None) -> Callable:
+    """The one step of every run (see the module docstring), unjitted.
+
+    With ``optimizer``: ``step(state, teacher_params, batch) -> (state, metrics)``. Without:
+    ``evaluate(params, teacher_params, batch, rng=None) -> (sums, counts)`` of the same
+    objective (``params``: the state's params; :func:`summarize` makes the metrics, after
+    adding sums and counts over batches). ``spec``: a ``kd.LossSpec`` or ``xtok.XtokSpec``;
+    ``signal``: the teacher signal (``terms.signal_for(vocabulary, cached)`` for the built-in
+    ones); ``teacher_cfg`` may be None when no teacher runs. ``tail``: a cached top-k's tail
+    convention. Cross-tokenizer terms need ``student_word_start`` (and a live teacher its
+    ``teacher_word_start``), the mined term ``mined_map``."""
+    needs = terms.needs(dict(spec.terms))
+    _check(student_cfg, teacher_cfg, spec, signal, needs, mined_map, student_word_start)
+    s_word = None if student_word_start is None else jnp.asarray(student_word_start)
+    t_word = None if teacher_word_start is None else jnp.asarray(teacher_word_start)
+    mined = None if mined_map is None else jnp.asarray(mined_map)
+    live_logits = (not signal.cached and teacher_cfg is not None
+                   and bool(needs & {terms.TOKEN_DIST, terms.TEACHER_LOGITS}))
+    train = optimizer is not None
+    ctx = StepContext(student_cfg, teacher_cfg, spec, needs,
+                      micro_batches=grad_accum if train else 1, chunk_size=chunk_size,
+                      student_word_start=s_word, teacher_word_start=t_word)
+
+    def prepare(model_params, teacher_params, batch, rng):
+        """The signal over the whole batch, and every term's whole-batch normalisers."""
+        batch = {k: batch[k] for k in terms.batch_keys(signal, dict(spec.terms))}
+        if signal.prepare is not None:
+            batch = dict(signal.prepare(ctx, jax.lax.stop_gradient(model_params),
+                                        teacher_params, batch, rng))
+        return batch, terms.counts(spec, batch)
+
+    def teacher_parts(teacher_params):
+        """The live teacher's (lm_head, embedding table) where a term reads them, else None."""
+        if not live_logits:
+            return None
+        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
+        return jax.lax.stop_gradient(lm_head(teacher)), teacher.params["embed"]
+
+    def head_sums(h, head, loss_params, embed, mb, teacher):
+        head_t, embed_t = (None, None) if teacher is None else teacher
+        return terms.term_sums(terms.HeadInputs(
+            spec, mb, student_h=h, student_head=head, student_embed=embed,
+            teacher_head=head_t, teacher_embed=embed_t, student_word_start=s_word,
+            mined_map=mined, student_softcap=student_cfg.final_logit_softcap,
+            teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
+            chunk_size=chunk_size, params=loss_params, tail=tail))
+
+    if not train:
+        def evaluate(params, teacher_params, batch, rng=None):
+            """``(sums, counts)`` of the batch (:func:`summarize` makes the metrics)."""
+            rng = jax.random.key(0) if rng is None else rng
+            batch, norms = prepare(params[MODEL], teacher_params, batch, rng)
+            model_p = params[MODEL]
+            sums = head_sums(*_trunk(student_cfg, model_p, batch), params[LOSS],
+                             model_p["embed"], batch, teacher_parts(teacher_params))
+            return sums, norms
+        return evaluate
 
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
-        from distill_jax.losses import xtok
-        batch = {k: batch[k] for k in keys}
-        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32), 1.0)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), SIGNAL_SALT)
+        batch, norms = prepare(state.params[MODEL], teacher_params, batch, rng)
+        teacher = teacher_parts(teacher_params)
 
         def grad_fn(params, mb):
-            # One trunk backward with per-term head vjps, as in the cross-tokenizer step: the
-            # trunk (params -> final hidden states and lm_head), every term's mean from them,
-            # the terms' weights (GradMag or the configured ones), then the trunk once.
-            teacher = teacher_view(teacher_cfg, spec, teacher_params, mb, cached)
-            (h, head), trunk_vjp = jax.vjp(lambda p: _trunk(student_cfg, p, mb), params[MODEL])
+            # Forward once: the trunk (params -> final hidden states and lm_head), then every
+            # term from them. Backward: each term's cotangent through the head region (one per
+            # term with GradMag, which weighs terms by their gradient magnitude at the last
+            # layer's output), then the trunk once with the weighted sum. The loss terms'
+            # params (alm_latents / DSKD projectors) live in the head region.
+            model_p, loss_p = params[MODEL], params[LOSS]
+            (h, head), trunk_vjp = jax.vjp(lambda p: _trunk(student_cfg, p, mb), model_p)
+            embed = jax.lax.stop_gradient(model_p["embed"])  # read by DSKD's queries (frozen)
 
-            def head_terms(h, head):
-                sums = head_sums(student_cfg, teacher_cfg, spec, chunk_size, h, head, teacher,
-                                 mb, cache_tail)
-                return {n: sums[losses.sum_key(n)] / total_tokens for n, _ in spec.terms}, sums
+            def head_terms(h, head, loss_p):
+                sums = head_sums(h, head, loss_p, embed, mb, teacher)
+                return terms.normalised_terms(spec, sums, norms), sums
 
-            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, has_aux=True)
+            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, loss_p, has_aux=True)
             weights = xtok.balance_weights(spec, normed, terms_vjp)
-            g_h, g_head = terms_vjp({k: jnp.asarray(weights[k], jnp.float32) for k in normed})
+            g_h, g_head, g_loss = terms_vjp(
+                {k: jnp.asarray(weights[k], jnp.float32) for k in normed})
             (grads,) = trunk_vjp((g_h, g_head))
             sums = dict(sums)
             sums.update({xtok.weight_key(k): w for k, w in weights.items()})
-            return {MODEL: grads, LOSS: jax.tree.map(jnp.zeros_like, params[LOSS])}, sums
+            return {MODEL: grads, LOSS: g_loss}, sums
 
         grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
-        metrics = summarize(sums, spec)
+        metrics = summarize(spec, sums, norms)
         for name, _ in spec.terms:  # mean weight over micro-batches
             metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
         return _apply_update(state, grads, metrics, optimizer, schedule)
 
     return step
+
+
+summarize = terms.summarize
 
 
 def _apply_update(state: TrainState, grads: Any, metrics: dict[str, Array],
@@ -233,9 +307,6 @@ def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_ac
     return grads, sums
 
 
-# ---------------------------------------------------------------------------------------------
-# Cross-tokenizer step
-
 def init_loss_params(spec: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
                      like: Any, seed: int = 0) -> dict[str, Any]:
     """Fresh params of the loss terms of ``spec`` that train some (``{term: params}``; empty
@@ -257,7 +328,6 @@ def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: di
     actual next token's log-prob and the log-mass of next tokens that start a word, and with
     ``keep_hidden`` its final hidden states. Runs ``micro_batches`` row groups one after the
     other, bounding activation memory as gradient accumulation does."""
-    from distill_jax.losses import alm
     teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
     head = jax.lax.stop_gradient(lm_head(teacher))
 
@@ -274,130 +344,7 @@ def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: di
         return jax.lax.stop_gradient(out)
 
     keys = ("teacher_tokens", "teacher_positions", "teacher_segment_ids", "teacher_targets")
-    sub = {k: batch[k] for k in keys}
-    if micro_batches == 1:
-        return one(sub)
-    out = jax.lax.map(one, _split_micro(sub, micro_batches))
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), out)
-
-
-def make_xtok_train_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: Any,
-                         optimizer: optax.GradientTransformation,
-                         schedule: optax.Schedule | None = None, *, student_word_start: Any,
-                         teacher_word_start: Any = None, mined_map: Any = None,
-                         grad_accum: int = 1, chunk_size: int = 512, cached: bool = False,
-                         eval_only: bool = False) -> Callable:
-    """The cross-tokenizer step ``(state, teacher_params, batch) -> (state, metrics)``.
-
-    ``spec`` is a :class:`distill_jax.losses.xtok.XtokSpec`. The teacher signal comes first for
-    the whole batch: the live teacher over its rows (``teacher_token_stats``), or the cached
-    per-token numbers in the batch (``cached``). Then the normalisers of every term are counted
-    over the whole batch, and the student's micro-batches are differentiated one by one, each
-    divided by those counts, so gradient accumulation is exact. With ``eval_only`` the function
-    is ``(params, teacher_params, batch) -> metrics`` and no update happens.
-    """
-    from distill_jax.losses import xtok
-    names = dict(spec.terms)
-    terms.check_signal(names, terms.signal_for(terms.ALIGNED, cached))
-    needs = terms.needs(names)
-    if needs and not cached and teacher_cfg is None:
-        raise ValueError("the cross-tokenizer loss needs a teacher model (or teacher.cache for alm)")
-    if terms.VOCAB_MAP in needs and mined_map is None:
-        raise ValueError("the mined term needs the student->teacher vocabulary mapping")
-    s_word = jnp.asarray(student_word_start)
-    t_word = None if teacher_word_start is None else jnp.asarray(teacher_word_start)
-    keys = batch_keys(cached, xtok=True)
-    live = bool(needs) and not cached
-
-    def prepare(teacher_params, batch):
-        batch = dict(batch)
-        if live:
-            batch.update(teacher_token_stats(
-                teacher_cfg, teacher_params, batch, t_word, chunk_size=chunk_size,
-                micro_batches=grad_accum, keep_hidden=terms.TEACHER_HIDDEN in needs))
-        chunk_ids, teacher_chunk_ids = xtok.trained_chunks(
-            batch["chunk_ids"], batch["teacher_chunk_ids"], batch["loss_mask"],
-            batch["teacher_valid"] if cached else None)
-        batch["chunk_ids"], batch["teacher_chunk_ids"] = chunk_ids, teacher_chunk_ids
-        return batch, terms.counts(spec, batch)
-
-    def teacher_parts(teacher_params):
-        """The teacher's (lm_head, embedding table) where a term needs them, else None."""
-        if terms.TEACHER_LOGITS not in needs:
-            return None
-        teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-        return lm_head(teacher), teacher.params["embed"]
-
-    def trunk(params, mb):
-        student = Model(student_cfg, params)
-        h = hidden_states(student, mb["tokens"], positions=mb["positions"],
-                          segment_ids=mb["segment_ids"])
-        return h, lm_head(student)
-
-    def head_sums(h, head, loss_params, embed, mb, teacher):
-        head_t, embed_t = (None, None) if teacher is None else teacher
-        return terms.term_sums(terms.HeadInputs(
-            spec, mb, student_h=h, student_head=head, student_embed=embed,
-            teacher_head=head_t, teacher_embed=embed_t, student_word_start=s_word,
-            mined_map=None if mined_map is None else jnp.asarray(mined_map),
-            student_softcap=student_cfg.final_logit_softcap,
-            teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
-            chunk_size=chunk_size, params=loss_params))
-
-    if eval_only:
-        def evaluate(params, teacher_params, batch):
-            """``(sums, counts)`` of the batch (:func:`terms.summarize` makes the means)."""
-            batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
-            model_p = params[MODEL]
-            sums = head_sums(*trunk(model_p, batch), params[LOSS], model_p["embed"], batch,
-                             teacher_parts(teacher_params))
-            return sums, norms
-        return evaluate
-
-    def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
-        batch, norms = prepare(teacher_params, {k: batch[k] for k in keys})
-        teacher = teacher_parts(teacher_params)
-
-        def grad_fn(params, mb):
-            # Forward once: the trunk (params -> final hidden states and lm_head), then every
-            # term from them. Backward: each term's cotangent through the head region (one per
-            # term with GradMag, which weighs terms by their gradient magnitude at the last
-            # layer's output), then the trunk once with the weighted sum. The loss terms'
-            # params (alm_latents / DSKD projectors) live in the head region.
-            model_p, loss_p = params[MODEL], params[LOSS]
-            (h, head), trunk_vjp = jax.vjp(lambda p: trunk(p, mb), model_p)
-            embed = jax.lax.stop_gradient(model_p["embed"])  # read by DSKD's queries (frozen)
-
-            def head_terms(h, head, loss_p):
-                sums = head_sums(h, head, loss_p, embed, mb, teacher)
-                return terms.normalised_terms(spec, sums, norms), sums
-
-            normed, terms_vjp, sums = jax.vjp(head_terms, h, head, loss_p, has_aux=True)
-            weights = xtok.balance_weights(spec, normed, terms_vjp)
-            g_h, g_head, g_loss = terms_vjp(
-                {k: jnp.asarray(weights[k], jnp.float32) for k in normed})
-            (grads,) = trunk_vjp((g_h, g_head))
-            sums = dict(sums)
-            sums.update({xtok.weight_key(k): w for k, w in weights.items()})
-            return {MODEL: grads, LOSS: g_loss}, sums
-
-        grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
-        metrics = terms.summarize(spec, sums, norms)
-        for name, _ in spec.terms:  # mean weight over micro-batches
-            metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
-        return _apply_update(state, grads, metrics, optimizer, schedule)
-
-    return step
-
-
-def summarize(sums: dict[str, Array], spec: losses.LossSpec) -> dict[str, Array]:
-    """Means from summed metrics (sums and the token count are kept for exact averaging)."""
-    tokens = sums[losses.TOKENS]
-    out = dict(sums)
-    for name, _ in spec.terms:
-        out[losses.metric_key(name)] = sums[losses.sum_key(name)] / jnp.maximum(tokens, 1.0)
-    out[losses.LOSS] = sums[losses.LOSS_SUM] / jnp.maximum(tokens, 1.0)
-    return out
+    return row_groups(one, {k: batch[k] for k in keys}, micro_batches)
 
 
 def jit_train_step(step: Callable, state: TrainState, teacher_params: Any, batch_sharding: Any,

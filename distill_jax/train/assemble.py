@@ -1,0 +1,364 @@
+"""Assembly: a run config in, an assembled run out (:func:`assemble`), for the loop to loop.
+
+Everything a run is built from is decided here, once: the mesh and sharding rules, the
+tokenizers (the teacher's, and whether it differs), the student (the one place ``student.init``
+is dispatched: :func:`init_student`, :func:`student_config`), the teacher (loaded once, when the
+step runs it, the student is made from it, or evaluation needs it beside a cache), the teacher
+signal (live or cached, same vocabulary or aligned), the loss spec, the step and evaluation
+functions (:func:`distill_jax.train.step.make_step`), the initial state and the data iterator.
+:mod:`distill_jax.train.loop` only loops; export and eval rebuild students through the same
+functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from pathlib import Path
+
+from distill_jax import data, models as M
+from distill_jax.config import RunConfig
+from distill_jax.losses import terms
+from distill_jax.tokenizer import load_tokenizer
+from distill_jax.train import build
+from distill_jax.train.step import TrainState, init_loss_params, init_state, make_step
+from distill_jax.xtok import transfer
+
+# ``student.init`` values that make the student from the teacher (its weights are needed)
+FROM_TEACHER = ("teacher_layers", "transfer")
+
+
+def _tokenizer(tok: Any):
+    """A tokenizer object from an object or a ``load_tokenizer`` spec."""
+    return load_tokenizer(tok) if isinstance(tok, (str, Path)) else tok
+
+
+def build_student(src: Any, teacher: M.Model | None, mesh: Mesh,
+                  rules: Mapping[str, Any] | None = None, *, student_tokenizer: Any = None,
+                  teacher_tokenizer: Any = None) -> M.Model:
+    """The student as its ``init`` says: ``hf``, ``scratch``, ``teacher_layers`` or
+    ``transfer``.
+
+    ``transfer`` needs ``student_tokenizer`` (the run's tokenizer) and ``teacher_tokenizer``
+    (tokenizer objects or ``load_tokenizer`` specs): the student is the teacher's ``layers``
+    (all when empty) with the student tokenizer's vocabulary, its embeddings made by FVT.
+    """
+    if src.init == "hf":
+        if not src.hf_path:
+            raise ValueError("student.init=hf needs student.hf_path")
+        return build.load_model(src, mesh, rules)
+    if src.init == "scratch":
+        if src.hf_path:
+            raise ValueError("student.init=scratch takes preset/overrides, not hf_path "
+                             "(use init: hf to load a checkpoint)")
+        return build.load_model(src, mesh, rules)
+    if teacher is None:
+        raise ValueError(f"student.init={src.init} needs a teacher section")
+    if src.hf_path:
+        raise ValueError(f"student.init={src.init} copies the teacher; remove student.hf_path "
+                         "(or use init: hf to load a checkpoint)")
+    changes = dict(dtype=src.dtype, param_dtype=src.param_dtype, remat=src.remat, **src.overrides)
+    if src.init == "teacher_layers":
+        return build.keep_layers(teacher, src.layers, mesh, rules, **changes)
+    if src.init not in FROM_TEACHER:
+        raise ValueError(f"unknown student.init {src.init!r}; expected hf, scratch, "
+                         "teacher_layers or transfer")
+    if student_tokenizer is None or teacher_tokenizer is None:
+        raise ValueError("student.init=transfer needs the student's tokenizer (the run's "
+                         "`tokenizer`) and the teacher's (`teacher.tokenizer`): pass "
+                         "student_tokenizer= and teacher_tokenizer= to build_student")
+    student_tokenizer = _tokenizer(student_tokenizer)
+    teacher_tokenizer = _tokenizer(teacher_tokenizer)
+    vocab = transfer.derived_config(teacher.config, layers=src.layers,
+                                    new_tokenizer=student_tokenizer, **changes).vocab_size
+    plan = transfer.fvt_plan(teacher_tokenizer, student_tokenizer, new_vocab_size=vocab)
+    if jax.process_index() == 0:
+        print(f"[student] {plan.report.summary()}", flush=True)
+    return transfer.transfer_model(teacher, teacher_tokenizer, student_tokenizer,
+                                   layers=src.layers, mesh=mesh, rules=rules, plan=plan, **changes)
+
+
+def student_config(cfg: RunConfig) -> M.ModelConfig:
+    """The student's ModelConfig as :func:`build_student` builds it, without reading weights (a
+    ``transfer`` student reads the run's tokenizer for its vocabulary size and special ids)."""
+    src = cfg.student
+    if src.init not in FROM_TEACHER:
+        return build.model_config(src)
+    new_tokenizer = load_tokenizer(cfg.tokenizer_path()) if src.init == "transfer" else None
+    return transfer.derived_config(build.model_config(cfg.teacher), layers=src.layers,
+                                   new_tokenizer=new_tokenizer, dtype=src.dtype,
+                                   param_dtype=src.param_dtype, remat=src.remat, **src.overrides)
+
+
+def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
+                 tokenizer: Any = None, teacher_tokenizer: Any = None) -> M.Model:
+    """The run's student as initialised (step 0): :func:`build_student` from the config, the
+    teacher loaded here when the init needs it and none is given; the tokenizers default to
+    the run's."""
+    if cfg.student.init in FROM_TEACHER and teacher is None:
+        if cfg.teacher is None:
+            raise ValueError(f"student.init={cfg.student.init} needs a teacher section")
+        teacher = build.load_model(cfg.teacher, mesh, rules)
+    extra = {}
+    if cfg.student.init == "transfer":
+        extra = dict(
+            student_tokenizer=cfg.tokenizer_path() if tokenizer is None else tokenizer,
+            teacher_tokenizer=(cfg.teacher_tokenizer_path() if teacher_tokenizer is None
+                               else teacher_tokenizer))
+    return build_student(cfg.student, teacher, mesh, rules, **extra)
+
+
+def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
+                  keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+            for k in keys}
+
+
+def open_cache(cfg: RunConfig, tokenizer, vocab_size: int | None):
+    """The run's teacher cache reader, checked against the teacher (its identity, when the
+    config names a preset or a checkpoint present here), the teacher's tokenizer, the run's data and loss
+    (``tokenizer`` is the teacher's: the student's unless the run is cross-tokenizer)."""
+    from distill_jax.cache import CacheReader
+    from distill_jax.cache.build import dataset_fingerprint, teacher_identity
+    from distill_jax.tokenizer import tokenizer_fingerprint
+    from distill_jax.train.build import model_config
+    teacher = None  # unchecked when the config names no teacher, or a checkpoint not on this machine
+    if cfg.teacher.preset if not cfg.teacher.hf_path else os.path.exists(
+            os.path.join(cfg.teacher.hf_path, "config.json")):
+        teacher = teacher_identity(cfg.teacher, model_config(cfg.teacher))
+    reader = CacheReader(cfg.teacher.cache)
+    reader.check(expected_teacher=teacher,
+                 expected_tokenizer_hash=tokenizer_fingerprint(tokenizer),
+                 expected_dataset_fingerprint=dataset_fingerprint(cfg.data),
+                 vocab_size=vocab_size,
+                 # ALM reads log-probs at temperature 1; the divergences at loss.temperature
+                 temperature=1.0 if cfg.loss.cross_tokenizer else cfg.loss.temperature)
+    return reader
+
+
+def with_cache(iterator, reader, *, cross_tokenizer: bool = False):
+    """``iterator``'s batches joined with the cache ``reader``'s rows (``iterator`` itself when
+    there is no reader)."""
+    if reader is None:
+        return iterator
+    from distill_jax.cache.join import CachedBatches
+    return CachedBatches(iterator, reader, cross_tokenizer=cross_tokenizer)
+
+
+class RunSetup:
+    """What the step, the evaluator and the data need to know about the run's teacher signal
+    and tokenizers (built once per run)."""
+
+    def __init__(self, cfg: RunConfig, spec, tokenizer, teacher_tokenizer, student_cfg,
+                 teacher_cfg, cached: bool):
+        self.cfg, self.spec, self.cached = cfg, spec, cached
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+        self.student_cfg, self.teacher_cfg = student_cfg, teacher_cfg
+        self.xtok = cfg.loss.cross_tokenizer
+        self.vocabulary = terms.ALIGNED if self.xtok else terms.SHARED
+        self.signal = terms.signal_for(self.vocabulary, cached)
+        self.keys = terms.batch_keys(self.signal, cfg.loss.terms)
+        self.xtok_args: dict[str, Any] = {}
+        if self.xtok:
+            from distill_jax.tokens import word_start_mask
+            args = {"student_word_start": word_start_mask(tokenizer, student_cfg.vocab_size)}
+            if teacher_cfg is not None:
+                args["teacher_word_start"] = word_start_mask(teacher_tokenizer,
+                                                             teacher_cfg.vocab_size)
+            if terms.VOCAB_MAP in terms.needs(spec.weights):
+                from distill_jax.losses.xtok_baselines import mined_mapping
+                args["mined_map"] = mined_mapping(tokenizer, teacher_tokenizer,
+                                                 student_vocab_size=student_cfg.vocab_size)
+            self.xtok_args = args
+
+    def data_iterator(self, data_cfg, reader=None):
+        """This process's batches of ``data_cfg`` (joined with ``reader``'s rows if given)."""
+        iterator = data.make_process_iterator(
+            data_cfg, self.tokenizer, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            teacher_tokenizer=self.teacher_tokenizer if self.xtok else None)
+        return with_cache(iterator, reader, cross_tokenizer=self.xtok)
+
+    def train_step(self, optimizer, schedule):
+        """The run's step ``(state, teacher_params, batch) -> (state, metrics)``."""
+        return make_step(self.student_cfg, self.teacher_cfg, self.spec, self.signal, optimizer,
+                         schedule, grad_accum=self.cfg.optimizer.grad_accum,
+                         chunk_size=self.cfg.loss.chunk_size, tail=self.cfg.loss.tail,
+                         **self.xtok_args)
+
+    def eval_step(self):
+        """``(params, teacher_params, batch) -> (sums, counts)`` with the live teacher (held-out
+        data is never cached); :meth:`means` finishes."""
+        return make_step(self.student_cfg, self.teacher_cfg, self.spec,
+                         terms.signal_for(self.vocabulary, False),
+                         chunk_size=self.cfg.loss.chunk_size, **self.xtok_args)
+
+    def means(self, sums, counts):
+        """Metrics (means, sums, counts) from sums and counts added over batches."""
+        return terms.summarize(self.spec, sums, counts)
+
+
+def make_evaluator(setup: RunSetup, batch_sharding):
+    """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
+    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time)."""
+    cfg = setup.cfg
+    if not cfg.eval.sources:
+        raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
+    if setup.cached and setup.teacher_cfg is None:
+        raise ValueError("eval.every with a cached teacher needs the teacher model for the "
+                         "held-out data (the cache covers the training data only): give the "
+                         "teacher its hf_path/preset, or set eval.every=0")
+    eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
+                                    num_epochs=None, workers=0)
+    step = jax.jit(setup.eval_step())
+    keys = terms.batch_keys(terms.signal_for(setup.vocabulary, False), cfg.loss.terms)
+
+    def evaluate(params, teacher_params) -> dict[str, float]:
+        iterator = setup.data_iterator(eval_data)
+        total = None
+        for _ in range(cfg.eval.batches):
+            out = step(params, teacher_params, global_batch(next(iterator), batch_sharding, keys))
+            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
+        iterator.close()
+        means = setup.means(*total)
+        return {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
+                if not k.endswith("_sum")}
+
+    return evaluate
+
+
+def teacher_tokenizer(cfg: RunConfig, tokenizer):
+    """The teacher's tokenizer; refuses same-vocabulary terms when it is not the student's."""
+    if cfg.teacher is None:
+        return tokenizer
+    path = cfg.teacher_tokenizer_path()
+    if path == cfg.tokenizer_path():
+        return tokenizer
+    teacher_tokenizer = load_tokenizer(path)
+    if not cfg.loss.cross_tokenizer and terms.needs_teacher(cfg.loss.terms):
+        from distill_jax.tokenizer import tokenizer_fingerprint
+        if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                f"the teacher's tokenizer ({path}) differs from the student's "
+                f"({cfg.tokenizer_path()}), so same-vocabulary terms ({sorted(cfg.loss.terms)}) "
+                "cannot compare their distributions: use the cross-tokenizer terms, e.g. "
+                "loss.terms={alm: 1.0, sft: 0.1}")
+    return teacher_tokenizer
+
+
+@dataclasses.dataclass
+class Run:
+    """An assembled run (:func:`assemble`): everything the loop needs, decided once.
+
+    ``teacher`` is the model the step runs (None when the loss needs none or it comes from a
+    cache), ``eval_teacher`` the one held-out evaluation runs (the same model, or the teacher
+    loaded beside a cache), ``reader`` the cache reader (or None)."""
+
+    cfg: RunConfig
+    mesh: Mesh
+    rules: Any
+    spec: Any
+    tokenizer: Any
+    teacher_tokenizer: Any
+    student: M.Model
+    teacher: M.Model | None
+    eval_teacher: M.Model | None
+    signal: terms.Signal
+    reader: Any
+    setup: RunSetup
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The batch arrays the step reads (its signal's and those its terms declare)."""
+        return self.setup.keys
+
+    @property
+    def teacher_params(self) -> Any:
+        return self.teacher.params if self.teacher is not None else None
+
+    def initial_state(self, optimizer) -> TrainState:
+        """A fresh state: the student's params, the loss terms' params (projectors), the
+        optimiser state and the run's RNG."""
+        loss_params = {}
+        if self.teacher is not None:
+            loss_params = init_loss_params(self.spec, self.student.config, self.teacher.config,
+                                           self.student.params, self.cfg.seed)
+        return init_state(self.student.params, optimizer, self.cfg.seed, loss_params)
+
+    def data_iterator(self):
+        """The training batches (joined with the cache's rows when the signal is cached)."""
+        return self.setup.data_iterator(self.cfg.data, self.reader)
+
+    def train_step(self, optimizer, schedule):
+        """The unjitted step ``(state, teacher_params, batch) -> (state, metrics)``."""
+        return self.setup.train_step(optimizer, schedule)
+
+    def evaluator(self, batch_sharding):
+        """``evaluate(params) -> metrics`` on the held-out batches (see :func:`make_evaluator`)."""
+        setup = self.setup
+        if self.signal.cached and self.eval_teacher is not None:
+            setup = RunSetup(self.cfg, self.spec, self.tokenizer, self.teacher_tokenizer,
+                             self.student.config, self.eval_teacher.config, False)
+        evaluate = make_evaluator(setup, batch_sharding)
+        teacher_params = self.eval_teacher.params if self.eval_teacher is not None else None
+        return lambda params: evaluate(params, teacher_params)
+
+
+def assemble(cfg: RunConfig) -> Run:
+    """Assemble the run ``cfg`` describes: refusals that need no weights first (terms the
+    signal cannot serve, mismatched tokenizers), then the teacher (at most once), the student,
+    the cache reader (checked against the run) and the step's setup."""
+    mesh, rules = build.make_mesh(cfg.mesh)
+    spec = cfg.loss.spec()
+    needs_teacher = terms.needs_teacher(cfg.loss.terms)
+    cached = bool(cfg.teacher is not None and cfg.teacher.cache and needs_teacher)
+    vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
+    signal = terms.signal_for(vocabulary, cached)
+    terms.check_signal(cfg.loss.terms, signal)  # before loading anything
+    tokenizer = load_tokenizer(cfg.tokenizer_path())
+    teacher_tok = teacher_tokenizer(cfg, tokenizer)
+    live = needs_teacher and not cached
+    eval_beside_cache = cached and cfg.eval.every > 0 and bool(cfg.teacher.hf_path
+                                                                or cfg.teacher.preset)
+    loaded = None
+    if cfg.teacher is not None and (live or cfg.student.init in FROM_TEACHER
+                                    or eval_beside_cache):
+        loaded = build.load_model(cfg.teacher, mesh, rules)
+    student = init_student(cfg, mesh, rules, teacher=loaded, tokenizer=tokenizer,
+                           teacher_tokenizer=teacher_tok)
+    teacher = loaded if live else None  # a cached teacher never runs in the step
+    reader = None
+    if cached:
+        reader = open_cache(cfg, teacher_tok,
+                            None if cfg.loss.cross_tokenizer else student.config.vocab_size)
+    setup = RunSetup(cfg, spec, tokenizer, teacher_tok, student.config,
+                     teacher.config if teacher else None, cached)
+    return Run(cfg=cfg, mesh=mesh, rules=rules, spec=spec, tokenizer=tokenizer,
+               teacher_tokenizer=teacher_tok, student=student, teacher=teacher,
+               eval_teacher=loaded if (live or eval_beside_cache) else None, signal=signal,
+               reader=reader, setup=setup)
+
+
+def build_run_cache(cfg: RunConfig, **options: Any):
+    """Build (or resume) the teacher cache of the run ``cfg`` at ``teacher.cache``:
+    :func:`distill_jax.cache.build_cache` with the run's teacher, data and cache sections, its
+    tokenizer(s) (the teacher's for a cross-tokenizer run) and mesh. ``options``: the builder's
+    keyword options (``max_batches``, ``flush_tokens``, ...)."""
+    from distill_jax.cache.build import build_cache
+    if cfg.teacher is None or not cfg.teacher.cache:
+        raise ValueError("set teacher.cache (the cache directory) and a teacher section to build "
+                         "a cache")
+    cross = cfg.loss.cross_tokenizer
+    return build_cache(cfg.teacher.cache, cfg.teacher, cfg.data, cfg.cache,
+                       tokenizer=load_tokenizer(cfg.tokenizer_path()),
+                       teacher_tokenizer=load_tokenizer(cfg.teacher_tokenizer_path()) if cross
+                       else None,
+                       mesh=build.make_mesh(cfg.mesh), chunk_tokens=cfg.loss.chunk_size,
+                       **options)
