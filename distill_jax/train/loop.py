@@ -68,7 +68,7 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     teacher_params = run_.teacher_params
     step_fn = jit_train_step(
         optim.guard_nonfinite(run_.train_step(optimizer, schedule), cfg.optimizer.skip_nonfinite),
-        state, teacher_params, batch_sharding, run_.batch_keys)
+        state, teacher_params, batch_sharding, run_.batch_keys, run_.batch_ranks)
     evaluate = run_.evaluator(batch_sharding) if cfg.eval.every > 0 else None
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     student, teacher = run_.student, run_.teacher
