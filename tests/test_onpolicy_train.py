@@ -88,6 +88,9 @@ def test_configured_tiny_run_trains_and_logs_the_rollout(tmp_path):
         assert 8 <= r["onpolicy/generated_tokens"] <= 8 * 12
         assert r["onpolicy/mean_completion_length"] == r["onpolicy/generated_tokens"] / 8
         assert 0 <= r["onpolicy/eos_share"] <= 1
+        # throughput counts the trained rows' slots: 8 rows of a bucket (256, 384) + 12 tokens
+        slots = r["perf/tokens_per_sec"] * r["perf/step_time_s"]
+        assert slots == pytest.approx(8 * 268) or slots == pytest.approx(8 * 396)
     assert checkpoint.latest_step(run_dir / "checkpoints") == 3
 
 

@@ -329,6 +329,16 @@ class Run:
         """The batch keys whose arrays are not (rows, length), with their rank."""
         return self.setup.ranks
 
+    def tokens_per_step(self, local_batch: Mapping[str, Any]) -> int:
+        """Token slots one step trains on (the throughput metrics' numerator): the global
+        batch's rows times their length (on-policy: the prompt bucket plus
+        ``max_new_tokens``)."""
+        if self.cfg.onpolicy is not None:
+            length = np.shape(local_batch["prompt_tokens"])[1] + self.cfg.onpolicy.max_new_tokens
+        else:
+            length = self.cfg.data.seq_len
+        return self.cfg.data.batch_size * int(length)
+
     def data_iterator(self):
         """The training batches: prompt batches for an on-policy run, else packed rows (joined
         with the cache's rows when the signal is cached)."""
