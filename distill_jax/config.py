@@ -281,7 +281,7 @@ class OnPolicyConfig:
     temperature: float = 1.0
     top_p: Optional[float] = None
     top_k: Optional[int] = None
-    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    prompt_buckets: tuple[int, ...] = onpolicy_signal.DEFAULT_BUCKETS
     eos_ids: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):

@@ -74,15 +74,18 @@ def test_lmbda_zero_reproduces_the_off_policy_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_configured_tiny_run_trains_and_logs_the_rollout(tmp_path):
-    """configs/onpolicy_tiny.yaml (lmbda = 1 here, so every step samples) trains end to end:
-    finite losses, the rollout metrics in every logged step, a checkpoint at the end."""
+@pytest.mark.parametrize("term", ["reverse_kl", onpolicy.SAMPLED_REVERSE_KL])
+def test_configured_tiny_run_trains_and_logs_the_rollout(tmp_path, term):
+    """configs/onpolicy_tiny.yaml (lmbda = 1 here, so every step samples) trains end to end
+    with GKD's reverse KL or the sampled-token one: finite losses, the rollout metrics in every
+    logged step, a checkpoint at the end."""
     run_dir = tmp_path / "run"
-    run(_cfg(run_dir, "steps=3", "onpolicy.lmbda=1.0"))
+    run(_cfg(run_dir, "steps=3", "onpolicy.lmbda=1.0", f"loss.terms={{{term}: 1.0}}"))
     rows = [r for r in _rows(run_dir) if "distill/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert np.isfinite(r["distill/loss"]) and r["distill/loss"] > 0
+        assert np.isfinite(r["distill/loss"]) and f"distill/{term}" in r
+        assert r["distill/loss"] > 0 if term == "reverse_kl" else r["distill/loss"] != 0
         assert all(k in r for k in ROLLOUT)
         assert r["onpolicy/sampled_rows"] == 8  # data.batch_size
         assert 8 <= r["onpolicy/generated_tokens"] <= 8 * 12
