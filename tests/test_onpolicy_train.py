@@ -152,6 +152,7 @@ def test_gradient_accumulation_is_exact(tmp_path):
     (("loss.terms={cross_entropy: 1.0}",), "needs a live teacher"),
     (("data.loss_on_prompt=true",), "set data.loss_on_prompt=false"),
     (("onpolicy.lmbda=1.5",), r"onpolicy.lmbda=1.5"),
+    (("teacher.tokenizer=mistral",), "unset teacher.tokenizer"),
 ])
 def test_bad_config_gets_a_one_line_error(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -188,3 +189,22 @@ def test_prompt_stream_resumes_exactly_and_shards_cover_the_batch(tmp_path):
     one = next(stream(cfg.data))
     np.testing.assert_array_equal(first["prompt_lengths"],
                                   one["prompt_lengths"][[0, 2, 4, 6, 1, 3, 5, 7]])
+
+
+def test_prompt_longer_than_every_bucket_is_a_clear_error_or_dropped(tmp_path):
+    """A prompt no bucket holds: with data.long_docs=split an error naming both fixes; with
+    drop it is skipped and counted (and a shard with no usable prompt says so)."""
+    import dataclasses
+
+    from distill_jax.errors import UserError
+    from distill_jax.tokenizer import load_tokenizer
+    cfg = _cfg(tmp_path / "r")
+    tok = load_tokenizer("bytes")
+    split = dataclasses.replace(cfg.data, long_docs="split")
+    with pytest.raises(UserError, match="onpolicy.prompt_buckets.*data.long_docs=drop"):
+        next(onpolicy.make_prompt_iterator(split, tok, max_new_tokens=12, buckets=(64,)))
+    it = onpolicy.make_prompt_iterator(cfg.data, tok, max_new_tokens=12, buckets=(240,))
+    batch = next(it)
+    assert batch["prompt_tokens"].shape == (8, 240) and it.stats["data/dropped_docs"] > 0
+    with pytest.raises(UserError, match="no usable prompt"):
+        next(onpolicy.make_prompt_iterator(cfg.data, tok, max_new_tokens=12, buckets=(16,)))
