@@ -17,6 +17,7 @@ from distill_jax.checkpoint import CheckpointConfig
 from distill_jax.data import DataConfig, SourceConfig
 from distill_jax.metrics import LoggingConfig
 from distill_jax.models.config import ModelConfig
+from distill_jax.onpolicy import signal as onpolicy_signal  # registers sampled_reverse_kl
 from distill_jax.tokenizer import BYTES, NAMED
 
 CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run_dir
@@ -259,6 +260,55 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation (same tokenizer; see ``distill_jax.onpolicy``): each step the
+    student completes the batch's prompts and the live teacher grades its samples through the
+    loss terms (``reverse_kl`` is GKD's on-policy objective, ``sampled_reverse_kl`` the
+    one-sample estimate).
+
+    ``lmbda`` (GKD's name and meaning): the share of rows filled with the student's samples
+    instead of the dataset's reference completion; ``mix``: ``batch`` (one draw per step: the
+    whole batch is sampled with probability lmbda, as GKD and TRL) or ``row`` (one draw per
+    row). The rollout: up to ``max_new_tokens`` tokens at ``temperature`` (0: greedy), with
+    ``top_p``/``top_k`` filters (null: none), stopping at ``eos_ids`` (null: the tokenizer's
+    EOS and its chat template's end-of-turn token). Prompts are left-padded to the smallest of
+    ``prompt_buckets`` that holds them (one compilation per bucket); a training row is
+    ``bucket + max_new_tokens`` tokens."""
+
+    lmbda: float = 0.5
+    mix: Literal["batch", "row"] = "batch"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    prompt_buckets: tuple[int, ...] = onpolicy_signal.DEFAULT_BUCKETS
+    eos_ids: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"onpolicy.lmbda={self.lmbda}: the share of on-policy rows must lie "
+                             "in [0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"onpolicy.max_new_tokens={self.max_new_tokens}: must be positive")
+        if self.temperature < 0:
+            raise ValueError(f"onpolicy.temperature={self.temperature}: must be >= 0 (0: greedy)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"onpolicy.top_p={self.top_p}: must lie in (0, 1], or null for none")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"onpolicy.top_k={self.top_k}: must be positive, or null for none")
+        if not self.prompt_buckets or min(self.prompt_buckets) < 1:
+            raise ValueError(f"onpolicy.prompt_buckets={list(self.prompt_buckets)}: give positive "
+                             "prompt lengths, e.g. [64, 128, 256]")
+
+    def settings(self, tokenizer):
+        """The rollout settings (``onpolicy.OnPolicySettings``), ``eos_ids`` resolved against
+        the run's ``tokenizer``."""
+        return onpolicy_signal.settings_from(
+            self.lmbda, self.mix, self.max_new_tokens, self.temperature, self.top_p, self.top_k,
+            self.eos_ids, self.prompt_buckets, tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -278,12 +328,38 @@ class RunConfig:
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    onpolicy: OnPolicyConfig | None = None
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.data is None:
             raise ValueError("the config needs a data section (data.sources, data.seq_len, ...)")
+        if self.onpolicy is not None:
+            self._check_onpolicy()
+
+    def _check_onpolicy(self) -> None:
+        """On-policy needs prompts and a live teacher with the student's tokenizer."""
+        from distill_jax.losses import terms
+        if self.data.record not in ("chat", "prompt_response"):
+            raise ValueError(f"onpolicy needs prompts, but data.record is {self.data.record!r}; "
+                             "set data.record to chat or prompt_response")
+        if self.data.loss_on_prompt:
+            raise ValueError("onpolicy trains on completions only; set data.loss_on_prompt=false")
+        if self.loss.cross_tokenizer:
+            raise ValueError(f"onpolicy uses same-tokenizer terms, not the cross-tokenizer "
+                             f"{sorted(self.loss.terms)}; use e.g. loss.terms={{reverse_kl: 1.0}}")
+        if self.teacher is None or not terms.needs_teacher(self.loss.terms):
+            raise ValueError("onpolicy needs a live teacher to grade the student's samples: add "
+                             "a teacher section and a distillation term, e.g. "
+                             "loss.terms={reverse_kl: 1.0}")
+        if self.teacher.cache:
+            raise ValueError("onpolicy grades the student's own samples, which no cache holds; "
+                             "unset teacher.cache (the teacher runs live)")
+        if self.teacher.tokenizer and self.teacher.tokenizer != self.tokenizer_path():
+            raise ValueError("onpolicy needs the teacher to use the student's tokenizer; unset "
+                             "teacher.tokenizer (or train off-policy with the cross-tokenizer "
+                             "terms)")
 
     def tokenizer_path(self) -> str:
         for candidate in (self.tokenizer, self.student.hf_path,

@@ -70,8 +70,10 @@ from distill_jax.data.check import CheckReport, check_records, scan_records
 from distill_jax.data.config import DataConfig, SourceConfig
 from distill_jax.data.packing import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_FIELDS, Segment, cut_point,
                                       row_segments)
-from distill_jax.data.pipeline import PackedDataset, PackedIterator, make_dataset, make_iterator
-from distill_jax.data.shards import ShardedIterator, make_process_iterator
+from distill_jax.data.pipeline import (DocumentPlan, PackedDataset, PackedIterator, make_dataset,
+                                       make_iterator)
+from distill_jax.data.shards import (ShardedIterator, concatenate_rows, make_process_iterator,
+                                     process_shards)
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
 from distill_jax.data.tokenize import (TokenizedDoc, TokenizerInfo, Tokens, tokenize_record,
                                        tokenize_records, tokenizer_info)
@@ -81,6 +83,7 @@ __all__ = [
     "BadRecordError",
     "CheckReport",
     "DataConfig",
+    "DocumentPlan",
     "PackedDataset",
     "PackedIterator",
     "Record",
@@ -94,10 +97,12 @@ __all__ = [
     "TokenizerInfo",
     "Tokens",
     "check_records",
+    "concatenate_rows",
     "cut_point",
     "make_dataset",
     "make_iterator",
     "make_process_iterator",
+    "process_shards",
     "read_records",
     "row_segments",
     "scan_records",

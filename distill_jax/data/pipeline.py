@@ -37,15 +37,17 @@ from distill_jax.data.records import BadRecordError, Records, read_records
 from distill_jax.data.tokenize import TokenizedDoc, tokenize_records
 from distill_jax.errors import UserError
 
-__all__ = ["PackedDataset", "PackedIterator", "make_dataset", "make_iterator"]
+__all__ = ["DocumentPlan", "PackedDataset", "PackedIterator", "make_dataset", "make_iterator"]
 
 DOCS_PER_ELEMENT = 32  # documents per Grain element: amortises the transfer from worker processes
 _STATE_KEYS = ("doc_index", "token_offset", "teacher_offset", "bad_records", "dropped_docs", "batches",
                "process_index", "process_count")
 
 
-class _Plan:
-    """Local document index -> (epoch, mixture position) for one process."""
+class DocumentPlan:
+    """Local document index -> (epoch, mixture position) for one process (shard) of
+    ``process_count``: the document order of the module docstring, shared by every reader of
+    the run's data (the packed batches here, on-policy prompts)."""
 
     def __init__(self, num_docs: int, config: DataConfig, process_index: int, process_count: int):
         self.num_docs, self.p, self.count = num_docs, process_index, process_count
@@ -60,6 +62,7 @@ class _Plan:
         return {**self.__dict__, "_perms": {}}
 
     def position(self, i: int) -> tuple[int, int]:
+        """``(epoch, mixture position)`` of local document index ``i``."""
         epoch, q = divmod(i, self.per_epoch)
         g = q * self.count + self.p
         if not self.shuffle:
@@ -93,7 +96,7 @@ class _Groups(Sequence):
 class _ReadTokenize:
     """Grain map: a group of local document indices -> their ``TokenizedDoc``s (or skipped errors)."""
 
-    def __init__(self, records: Records, plan: _Plan, config: DataConfig, tokenizer, teacher_tokenizer):
+    def __init__(self, records: Records, plan: DocumentPlan, config: DataConfig, tokenizer, teacher_tokenizer):
         self.records, self.plan, self.config = records, plan, config
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
 
@@ -134,7 +137,7 @@ class PackedDataset(grain.IterDataset):
       docs_per_epoch: documents per epoch in this process's shard.
     """
 
-    def __init__(self, config: DataConfig, records: Records, docs: grain.MapDataset, plan: _Plan, *,
+    def __init__(self, config: DataConfig, records: Records, docs: grain.MapDataset, plan: DocumentPlan, *,
                  with_teacher: bool, process_index: int, process_count: int):
         super().__init__(docs)
         self.config, self.records, self.docs, self._plan = config, records, docs, plan
@@ -372,7 +375,7 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0, proce
         raise ValueError(f"data.batch_size={config.batch_size} does not divide over {process_count} processes; "
                          f"use a multiple of {process_count}")
     records = read_records(config) if records is None else records
-    plan = _Plan(len(records), config, process_index, process_count)
+    plan = DocumentPlan(len(records), config, process_index, process_count)
     docs = grain.MapDataset.source(_Groups(plan.total)).map(
         _ReadTokenize(records, plan, config, tokenizer, teacher_tokenizer))
     return PackedDataset(config, records, docs, plan, with_teacher=teacher_tokenizer is not None,

@@ -9,25 +9,28 @@ debugging reproduce a multi-host run step for step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
 
 from distill_jax.data.config import DataConfig
-from distill_jax.data.pipeline import PackedIterator, make_iterator
+from distill_jax.data.pipeline import make_iterator
 
 
 class ShardedIterator(grain.DatasetIterator):
-    """This process's shard iterators, their batches concatenated along the rows."""
+    """This process's shard iterators, their batches concatenated along the rows (or put
+    together by ``combine``, a function of the list of shard batches)."""
 
-    def __init__(self, iterators: dict[int, PackedIterator]):
+    def __init__(self, iterators: dict[int, Any],
+                 combine: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
+                 | None = None):
         super().__init__()
         self._its = iterators
+        self._combine = combine or concatenate_rows
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batches = [next(it) for it in self._its.values()]
-        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        return self._combine([next(it) for it in self._its.values()])
 
     def get_state(self) -> dict[str, Any]:
         return {"shards": {str(i): it.get_state() for i, it in self._its.items()}}
@@ -54,9 +57,15 @@ class ShardedIterator(grain.DatasetIterator):
             it.close()
 
 
-def make_process_iterator(config: DataConfig, tokenizer, *, process_index: int = 0,
-                          process_count: int = 1, teacher_tokenizer=None) -> ShardedIterator:
-    """The iterator of this process's rows of every global batch."""
+def concatenate_rows(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Shard batches concatenated along the rows, key by key."""
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def process_shards(config: DataConfig, process_index: int, process_count: int
+                   ) -> tuple[range, int]:
+    """``(the shards this process reads, the number of shards)`` of ``config``'s global batch
+    (``data.num_shards``, default the process count), checked against the batch size."""
     shards = config.num_shards or process_count
     if shards % process_count:
         raise ValueError(f"data.num_shards={shards} must be a multiple of the {process_count} "
@@ -65,7 +74,14 @@ def make_process_iterator(config: DataConfig, tokenizer, *, process_index: int =
         raise ValueError(f"data.batch_size={config.batch_size} must divide into "
                          f"{shards} data shards")
     per = shards // process_count
+    return range(process_index * per, (process_index + 1) * per), shards
+
+
+def make_process_iterator(config: DataConfig, tokenizer, *, process_index: int = 0,
+                          process_count: int = 1, teacher_tokenizer=None) -> ShardedIterator:
+    """The iterator of this process's rows of every global batch."""
+    local, shards = process_shards(config, process_index, process_count)
     return ShardedIterator({
         s: make_iterator(config, tokenizer, process_index=s, process_count=shards,
                          teacher_tokenizer=teacher_tokenizer)
-        for s in range(process_index * per, (process_index + 1) * per)})
+        for s in local})

@@ -87,7 +87,12 @@ class Signal:
     (``distill_jax.train.step.StepContext``: the model configs, the ``spec``, the terms'
     ``needs``, ``micro_batches``, ``chunk_size``, and helpers that run the frozen teacher over
     the batch's rows in row groups); ``student_params`` are the student model's current params
-    (under ``stop_gradient``), ``rng`` a fresh key every step. None: the batch as it comes."""
+    (under ``stop_gradient``), ``rng`` a fresh key every step. None: the batch as it comes.
+
+    ``metrics(batch) -> {name: scalar}``, if given, reports on the prepared batch (e.g. the
+    rollout's lengths); the step adds them to its metrics. ``batch_ranks`` names the batch keys
+    whose arrays are not (rows, length), with their rank (e.g. ``(("prompt_lengths", 1),)``);
+    every batch array is sharded over its first (row) axis."""
 
     name: str
     provides: frozenset
@@ -95,6 +100,12 @@ class Signal:
     cached: bool
     vocabulary: str
     prepare: Callable[..., Mapping[str, Array]] | None = None
+    metrics: Callable[[Mapping[str, Array]], Mapping[str, Array]] | None = None
+    batch_ranks: tuple[tuple[str, int], ...] = ()
+
+    def rank(self, key: str) -> int:
+        """The rank of the batch array ``key`` (2 unless ``batch_ranks`` says otherwise)."""
+        return dict(self.batch_ranks).get(key, 2)
 
 
 def _prepare_live_same(ctx, student_params, teacher_params, batch, rng):

@@ -7,6 +7,10 @@
   step of an on-policy teacher signal) and rollout metrics.
 * :mod:`~distill_jax.onpolicy.objective`: the sampled-token reverse-KL objective (one teacher
   log-prob per token) and per-token log-probs of packed rows.
+* :mod:`~distill_jax.onpolicy.stream`: the run's data as a resumable, sharded stream of prompt
+  batches.
+* :mod:`~distill_jax.onpolicy.signal`: the teacher signal "the student's own samples" for the
+  one step factory, and the ``sampled_reverse_kl`` loss term (registered on import).
 * :mod:`~distill_jax.onpolicy.xtok`: across tokenizers, the student's samples as the data
   pipeline's cross-tokenizer batch of the same text (host side), for the ALM step.
 """
@@ -21,13 +25,19 @@ from distill_jax.onpolicy.prompts import (
 from distill_jax.onpolicy.rows import (
     ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_metrics,
 )
+from distill_jax.onpolicy.signal import (
+    OnPolicySettings, SAMPLED_TERM, default_eos_ids, onpolicy_signal, settings_from,
+)
+from distill_jax.onpolicy.stream import PromptIterator, combine_prompt_batches, make_prompt_iterator
 from distill_jax.onpolicy.xtok import (
     teacher_prompt, teacher_turn_end, xtok_onpolicy_batch, xtok_rollout_metrics, xtok_rows,
 )
 
 __all__ = [
-    "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "PROMPT_KEYS", "Prompt", "ROW_KEYS", "Rollout",
-    "SAMPLED_REVERSE_KL", "onpolicy_batch", "pack_rows", "prompt_batch", "prompt_from_record",
+    "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
+    "PromptIterator", "ROW_KEYS", "Rollout", "SAMPLED_REVERSE_KL", "SAMPLED_TERM",
+    "combine_prompt_batches", "default_eos_ids", "make_prompt_iterator", "onpolicy_batch",
+    "onpolicy_signal", "settings_from", "pack_rows", "prompt_batch", "prompt_from_record",
     "prompt_length_bucket", "rollout", "rollout_metrics", "sampled_token_chunk_sums",
     "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "teacher_prompt",
     "teacher_turn_end", "token_logprobs", "xtok_onpolicy_batch", "xtok_rollout_metrics",

@@ -22,12 +22,13 @@ from jax.sharding import Mesh
 
 from pathlib import Path
 
-from distill_jax import data, models as M
+from distill_jax import data, models as M, onpolicy
 from distill_jax.config import RunConfig
 from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
-from distill_jax.train.step import TrainState, init_loss_params, init_state, make_step
+from distill_jax.train.step import (TrainState, init_loss_params, init_state, make_step,
+                                    rank_sharding)
 from distill_jax.xtok import transfer
 
 # ``student.init`` values that make the student from the teacher (its weights are needed)
@@ -116,9 +117,13 @@ def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
 
 def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
                   keys: tuple[str, ...]) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-            for k in keys}
+    """Assemble each process's rows into global arrays sharded over the data axes (by rows,
+    whatever their rank)."""
+    out = {}
+    for k in keys:
+        x = np.asarray(local[k])
+        out[k] = jax.make_array_from_process_local_data(rank_sharding(batch_sharding, x.ndim), x)
+    return out
 
 
 def open_cache(cfg: RunConfig, tokenizer, vocab_size: int | None):
@@ -163,7 +168,8 @@ class RunSetup:
         self.student_cfg, self.teacher_cfg = student_cfg, teacher_cfg
         self.xtok = cfg.loss.cross_tokenizer
         self.vocabulary = terms.ALIGNED if self.xtok else terms.SHARED
-        self.signal = terms.signal_for(self.vocabulary, cached)
+        self.signal = run_signal(cfg, cached, tokenizer)
+        self.onpolicy = cfg.onpolicy.settings(tokenizer) if cfg.onpolicy is not None else None
         self.keys = terms.batch_keys(self.signal, cfg.loss.terms)
         self.xtok_args: dict[str, Any] = {}
         if self.xtok:
@@ -178,6 +184,11 @@ class RunSetup:
                                                  student_vocab_size=student_cfg.vocab_size)
             self.xtok_args = args
 
+    @property
+    def ranks(self) -> dict[str, int]:
+        """The batch keys whose arrays are not (rows, length), with their rank."""
+        return dict(self.signal.batch_ranks)
+
     def data_iterator(self, data_cfg, reader=None):
         """This process's batches of ``data_cfg`` (joined with ``reader``'s rows if given)."""
         iterator = data.make_process_iterator(
@@ -185,6 +196,13 @@ class RunSetup:
             process_count=jax.process_count(),
             teacher_tokenizer=self.teacher_tokenizer if self.xtok else None)
         return with_cache(iterator, reader, cross_tokenizer=self.xtok)
+
+    def prompt_iterator(self, data_cfg):
+        """This process's prompt batches of ``data_cfg`` (on-policy runs)."""
+        return onpolicy.make_prompt_iterator(
+            data_cfg, self.tokenizer, max_new_tokens=self.onpolicy.max_new_tokens,
+            buckets=self.onpolicy.prompt_buckets, process_index=jax.process_index(),
+            process_count=jax.process_count())
 
     def train_step(self, optimizer, schedule):
         """The run's step ``(state, teacher_params, batch) -> (state, metrics)``."""
@@ -203,6 +221,20 @@ class RunSetup:
     def means(self, sums, counts):
         """Metrics (means, sums, counts) from sums and counts added over batches."""
         return terms.summarize(self.spec, sums, counts)
+
+
+def run_signal(cfg: RunConfig, cached: bool, tokenizer=None) -> terms.Signal:
+    """The run's teacher signal: the student's own samples when ``cfg.onpolicy`` is set (its
+    rollout settings resolved against ``tokenizer``), else the built-in signal of its terms'
+    vocabulary, live or ``cached``."""
+    if cfg.onpolicy is not None:
+        if cached:  # config validation refuses this; a guard for hand-built configs
+            raise ValueError("onpolicy needs a live teacher; unset teacher.cache")
+        return onpolicy.onpolicy_signal(
+            cfg.onpolicy.settings(tokenizer) if tokenizer is not None
+            else onpolicy.OnPolicySettings())
+    vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
+    return terms.signal_for(vocabulary, cached)
 
 
 def make_evaluator(setup: RunSetup, batch_sharding):
@@ -292,8 +324,26 @@ class Run:
                                            self.student.params, self.cfg.seed)
         return init_state(self.student.params, optimizer, self.cfg.seed, loss_params)
 
+    @property
+    def batch_ranks(self) -> dict[str, int]:
+        """The batch keys whose arrays are not (rows, length), with their rank."""
+        return self.setup.ranks
+
+    def tokens_per_step(self, local_batch: Mapping[str, Any]) -> int:
+        """Token slots one step trains on (the throughput metrics' numerator): the global
+        batch's rows times their length (on-policy: the prompt bucket plus
+        ``max_new_tokens``)."""
+        if self.cfg.onpolicy is not None:
+            length = np.shape(local_batch["prompt_tokens"])[1] + self.cfg.onpolicy.max_new_tokens
+        else:
+            length = self.cfg.data.seq_len
+        return self.cfg.data.batch_size * int(length)
+
     def data_iterator(self):
-        """The training batches (joined with the cache's rows when the signal is cached)."""
+        """The training batches: prompt batches for an on-policy run, else packed rows (joined
+        with the cache's rows when the signal is cached)."""
+        if self.cfg.onpolicy is not None:
+            return self.setup.prompt_iterator(self.cfg.data)
         return self.setup.data_iterator(self.cfg.data, self.reader)
 
     def train_step(self, optimizer, schedule):
@@ -319,9 +369,7 @@ def assemble(cfg: RunConfig) -> Run:
     spec = cfg.loss.spec()
     needs_teacher = terms.needs_teacher(cfg.loss.terms)
     cached = bool(cfg.teacher is not None and cfg.teacher.cache and needs_teacher)
-    vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
-    signal = terms.signal_for(vocabulary, cached)
-    terms.check_signal(cfg.loss.terms, signal)  # before loading anything
+    terms.check_signal(cfg.loss.terms, run_signal(cfg, cached))  # before loading anything
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     teacher_tok = teacher_tokenizer(cfg, tokenizer)
     live = needs_teacher and not cached
@@ -342,7 +390,7 @@ def assemble(cfg: RunConfig) -> Run:
                      teacher.config if teacher else None, cached)
     return Run(cfg=cfg, mesh=mesh, rules=rules, spec=spec, tokenizer=tokenizer,
                teacher_tokenizer=teacher_tok, student=student, teacher=teacher,
-               eval_teacher=loaded if (live or eval_beside_cache) else None, signal=signal,
+               eval_teacher=loaded if (live or eval_beside_cache) else None, signal=setup.signal,
                reader=reader, setup=setup)
 
 

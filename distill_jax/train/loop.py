@@ -68,9 +68,8 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     teacher_params = run_.teacher_params
     step_fn = jit_train_step(
         optim.guard_nonfinite(run_.train_step(optimizer, schedule), cfg.optimizer.skip_nonfinite),
-        state, teacher_params, batch_sharding, run_.batch_keys)
+        state, teacher_params, batch_sharding, run_.batch_keys, run_.batch_ranks)
     evaluate = run_.evaluator(batch_sharding) if cfg.eval.every > 0 else None
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     student, teacher = run_.student, run_.teacher
     flops = mlog.flops_per_token(student.config.matmul_params(),
                                  teacher.config.matmul_params() if teacher else 0)
@@ -88,7 +87,7 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
         return evaluate is not None and (step % cfg.eval.every == 0 or step == end)
 
     def flush(item):
-        step, device_metrics, dt = item
+        step, device_metrics, dt, tokens_per_step = item
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         if host[optim.NONFINITE] and not cfg.optimizer.skip_nonfinite:
             raise optim.NonFiniteError(
@@ -108,12 +107,13 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
         return host
 
     for step in range(start, end):
-        batch = global_batch(next(iterator), batch_sharding, run_.batch_keys)
+        local = next(iterator)
+        batch = global_batch(local, batch_sharding, run_.batch_keys)
         state, step_metrics = step_fn(state, teacher_params, batch)
         if pending is not None:
             last = flush(pending)
         now = time.perf_counter()
-        pending = (step + 1, step_metrics, now - t_prev)
+        pending = (step + 1, step_metrics, now - t_prev, run_.tokens_per_step(local))
         t_prev = now
         # Evaluate the state of this step now, not one step late; and check it is finite
         # before checkpointing it (the device waits only at these steps).

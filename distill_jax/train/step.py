@@ -209,6 +209,12 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
                                         teacher_params, batch, rng))
         return batch, terms.counts(spec, batch)
 
+    def signal_metrics(batch):
+        """The signal's report on the prepared batch (none for the built-in teachers)."""
+        if signal.metrics is None:
+            return {}
+        return {k: jnp.asarray(v, jnp.float32) for k, v in signal.metrics(batch).items()}
+
     def teacher_parts(teacher_params):
         """The live teacher's (lm_head, embedding table) where a term reads them, else None."""
         if not live_logits:
@@ -266,6 +272,7 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
 
         grads, sums = _accumulate(grad_fn, state.params, batch, grad_accum)
         metrics = summarize(spec, sums, norms)
+        metrics.update(signal_metrics(batch))
         for name, _ in spec.terms:  # mean weight over micro-batches
             metrics[xtok.weight_key(name)] = sums[xtok.weight_key(name)] / grad_accum
         return _apply_update(state, grads, metrics, optimizer, schedule)
@@ -347,12 +354,23 @@ def teacher_token_stats(teacher_cfg: ModelConfig, teacher_params: Any, batch: di
     return row_groups(one, {k: batch[k] for k in keys}, micro_batches)
 
 
+def rank_sharding(sharding: Any, ndim: int) -> Any:
+    """A (rows, length) batch ``sharding`` for an array of rank ``ndim``: the same row axes,
+    nothing else sharded."""
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) == ndim:
+        return sharding
+    spec = tuple(sharding.spec)[:1] + (None,) * (ndim - 1)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
 def jit_train_step(step: Callable, state: TrainState, teacher_params: Any, batch_sharding: Any,
-                   keys: tuple[str, ...] = BATCH_KEYS):
+                   keys: tuple[str, ...] = BATCH_KEYS, ranks: Any = None):
     """``jax.jit`` with explicit in/out shardings taken from the live state, and the state
-    donated. ``batch_sharding`` applies to every batch array (``keys``)."""
+    donated. ``batch_sharding`` applies to every batch array (``keys``), over its rows;
+    ``ranks`` (``{key: rank}``) names the arrays that are not (rows, length)."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_params)
-    batch_sh = {k: batch_sharding for k in keys}
+    ranks = dict(ranks or {})
+    batch_sh = {k: rank_sharding(batch_sharding, ranks.get(k, 2)) for k in keys}
     return jax.jit(step, in_shardings=(state_sh, teacher_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))

@@ -1,0 +1,95 @@
+"""On-policy distillation as a teacher signal and a loss term of the one step factory.
+
+* :func:`onpolicy_signal`: the signal "the student's own samples". Its batches are prompt
+  batches (``PROMPT_KEYS``, from :mod:`distill_jax.onpolicy.stream`); its ``prepare`` runs
+  :func:`~distill_jax.onpolicy.rows.onpolicy_batch` with the step's key (the student samples
+  completions, ``lmbda`` of the rows, and they are laid out as training rows), then the live
+  teacher's final hidden states over those rows exactly as the live same-tokenizer teacher does.
+  Any shared-vocabulary term then trains on them (``reverse_kl`` is GKD's on-policy reverse KL;
+  ``sampled_reverse_kl`` the one-sample estimate). Its ``metrics`` are the rollout's
+  (:func:`~distill_jax.onpolicy.rows.rollout_metrics`).
+* ``sampled_reverse_kl`` (:data:`~distill_jax.onpolicy.objective.SAMPLED_REVERSE_KL`): the
+  sampled-token objective, registered in the term registry when this module is imported
+  (``distill_jax.config`` imports it, so configs know the name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from distill_jax.losses import terms
+from distill_jax.onpolicy.objective import SAMPLED_REVERSE_KL, sampled_token_chunk_sums
+from distill_jax.onpolicy.prompts import DEFAULT_BUCKETS, PROMPT_KEYS
+from distill_jax.onpolicy.rows import onpolicy_batch, rollout_metrics
+
+__all__ = ["OnPolicySettings", "SAMPLED_TERM", "default_eos_ids", "onpolicy_signal"]
+
+# the chat templates' end-of-turn tokens a sample may stop at besides EOS
+TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>")
+
+SAMPLED_TERM = terms.REGISTRY.get(SAMPLED_REVERSE_KL) or terms.register_term(terms.Term(
+    SAMPLED_REVERSE_KL, {terms.TEACHER_LOGITS}, terms.SHARED,
+    "the sampled-token reverse KL: log S - log T of each sampled token, as a policy gradient",
+    chunk_sums=sampled_token_chunk_sums))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySettings:
+    """The rollout and mixing settings of :func:`~distill_jax.onpolicy.rows.onpolicy_batch`
+    (``eos_ids`` resolved: :func:`default_eos_ids`)."""
+
+    lmbda: float = 0.5
+    mix: str = "batch"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+
+def default_eos_ids(tokenizer) -> tuple[int, ...]:
+    """The ids a sample stops at: the tokenizer's EOS and its chat template's end-of-turn
+    tokens (those of :data:`TURN_END_TOKENS` in its vocabulary)."""
+    vocab = tokenizer.get_vocab()
+    ids = {int(vocab[t]) for t in TURN_END_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the tokenizer has no EOS or end-of-turn token; set onpolicy.eos_ids")
+    return tuple(sorted(ids))
+
+
+def _ranks() -> tuple[tuple[str, int], ...]:
+    return (("prompt_lengths", 1), ("reference_lengths", 1))
+
+
+def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
+    """The signal "the student's own samples" with ``settings`` (see the module docstring)."""
+    s = settings
+
+    def prepare(ctx, student_params, teacher_params, batch, rng):
+        """The student's samples as training rows, then the live teacher's hidden states."""
+        rows = dict(onpolicy_batch(
+            ctx.student_cfg, student_params, batch, rng, lmbda=s.lmbda,
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, eos_ids=s.eos_ids, mix=s.mix))
+        if ctx.needs:
+            rows["teacher_hidden"] = ctx.teacher_hidden(teacher_params, rows)
+        return rows
+
+    return terms.Signal("the student's own samples",
+                        frozenset({terms.TOKEN_DIST, terms.TEACHER_LOGITS, terms.TEACHER_HIDDEN}),
+                        PROMPT_KEYS, False, terms.SHARED, prepare, rollout_metrics, _ranks())
+
+
+def settings_from(lmbda: float, mix: str, max_new_tokens: int, temperature: float,
+                  top_p: float | None, top_k: int | None, eos_ids: Sequence[int] | None,
+                  prompt_buckets: Sequence[int], tokenizer: Any) -> OnPolicySettings:
+    """:class:`OnPolicySettings` from a config's values, ``eos_ids`` None meaning
+    :func:`default_eos_ids` of ``tokenizer``."""
+    eos = default_eos_ids(tokenizer) if eos_ids is None else tuple(int(e) for e in eos_ids)
+    return OnPolicySettings(lmbda=float(lmbda), mix=mix, max_new_tokens=int(max_new_tokens),
+                            temperature=float(temperature), top_p=top_p, top_k=top_k,
+                            eos_ids=eos, prompt_buckets=tuple(int(b) for b in prompt_buckets))
