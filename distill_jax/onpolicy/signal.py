@@ -61,8 +61,8 @@ def default_eos_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _ranks() -> tuple[tuple[str, int], ...]:
-    return (("prompt_lengths", 1), ("reference_lengths", 1))
+# the prompt batch's arrays that are per row only (not (rows, length))
+BATCH_RANKS = (("prompt_lengths", 1), ("reference_lengths", 1))
 
 
 def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
@@ -71,17 +71,15 @@ def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
 
     def prepare(ctx, student_params, teacher_params, batch, rng):
         """The student's samples as training rows, then the live teacher's hidden states."""
-        rows = dict(onpolicy_batch(
+        rows = onpolicy_batch(
             ctx.student_cfg, student_params, batch, rng, lmbda=s.lmbda,
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k, eos_ids=s.eos_ids, mix=s.mix))
-        if ctx.needs:
-            rows["teacher_hidden"] = ctx.teacher_hidden(teacher_params, rows)
-        return rows
+            top_k=s.top_k, eos_ids=s.eos_ids, mix=s.mix)
+        return terms.LIVE_SAME.prepare(ctx, student_params, teacher_params, rows, rng)
 
     return terms.Signal("the student's own samples",
                         frozenset({terms.TOKEN_DIST, terms.TEACHER_LOGITS, terms.TEACHER_HIDDEN}),
-                        PROMPT_KEYS, False, terms.SHARED, prepare, rollout_metrics, _ranks())
+                        PROMPT_KEYS, False, terms.SHARED, prepare, rollout_metrics, BATCH_RANKS)
 
 
 def settings_from(lmbda: float, mix: str, max_new_tokens: int, temperature: float,
