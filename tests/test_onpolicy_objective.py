@@ -246,9 +246,7 @@ def test_student_learns_a_planted_teacher_from_its_own_samples(objective):
     teacher, cfg = _planted_teacher(), _cfg()
     assert _share_of_chain(teacher.params, 1.0, 0) > 0.99  # the plant works
     rng = np.random.default_rng(0)
-    student = jax.tree_util.tree_map_with_path(  # norm scales 1, the rest normal(0, 0.02)
-        lambda path, s: jnp.ones(s.shape, s.dtype) if path[-1].key == "scale"
-        else jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), M.param_shapes(cfg))
+    student = jax.tree.map(jnp.asarray, M.numpy_params(cfg, rng, 0.02))
     assert _share_of_chain(student, 1.0, 1) == 0.0
     opt = optax.adam(1e-2)
     state = init_state(student, opt)
@@ -303,9 +301,7 @@ def test_registered_as_a_term_the_engine_step_applies_its_gradient(monkeypatch):
     cfg = _cfg()
     teacher = _planted_teacher()
     rng = np.random.default_rng(5)
-    student = jax.tree_util.tree_map_with_path(
-        lambda path, s: jnp.ones(s.shape, s.dtype) if path[-1].key == "scale"
-        else jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), M.param_shapes(cfg))
+    student = jax.tree.map(jnp.asarray, M.numpy_params(cfg, rng, 0.1))
     pb = _prompt_batch(rng, 8)
     batch = jax.jit(lambda p, k: op.onpolicy_batch(
         cfg, p, pb, k, lmbda=1.0, max_new_tokens=NEW, eos_ids=(EOS,)))(student, jax.random.key(0))

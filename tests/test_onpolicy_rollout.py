@@ -21,14 +21,7 @@ def _tiny(vocab: int, seed: int = 0, std: float = 0.3) -> M.Model:
     (``M.init``'s jitted random init would compile for seconds)."""
     cfg = M.ModelConfig.tiny("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                              num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
-    rng = np.random.default_rng(seed)
-
-    def value(path, shape):
-        if path[-1].key == "scale":
-            return np.ones(shape.shape, shape.dtype)
-        return rng.normal(0.0, std, shape.shape).astype(shape.dtype)
-
-    return M.Model(cfg, jax.tree_util.tree_map_with_path(value, M.param_shapes(cfg)))
+    return M.Model(cfg, M.numpy_params(cfg, np.random.default_rng(seed), std))
 
 
 def _prompts(rng, b, vocab, bucket=8):

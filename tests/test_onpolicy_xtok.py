@@ -1,6 +1,5 @@
 """On-policy distillation across tokenizers: samples -> the off-policy cross-tokenizer batch."""
 
-import dataclasses
 import json
 
 import jax
@@ -129,15 +128,8 @@ def _tiny(vocab, seed, hidden=32, std=0.3):
     import distill_jax.models as M
     cfg = M.ModelConfig.tiny("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64,
                              num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
-    rng = np.random.default_rng(seed)
-
-    def value(path, shape):
-        if path[-1].key == "scale":
-            return np.ones(shape.shape, shape.dtype)
-        return rng.normal(0.0, std, shape.shape).astype(shape.dtype)
-
     return cfg, jax.tree.map(jax.numpy.asarray,
-                             jax.tree_util.tree_map_with_path(value, M.param_shapes(cfg)))
+                             M.numpy_params(cfg, np.random.default_rng(seed), std))
 
 
 def test_two_phase_batch_trains_and_metrics(toks):

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -80,6 +81,17 @@ def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     """Nested dict of ``jax.ShapeDtypeStruct``, one per parameter (nothing allocated)."""
     return nnx.to_pure_dict(_abstract(cfg)[1])
+
+
+def numpy_params(cfg: ModelConfig, rng: "np.random.Generator", std: float) -> dict[str, Any]:
+    """Host params for tests and small experiments, without compiling :func:`init`: norm scales
+    1 and every other weight normal(0, ``std``) drawn from ``rng`` in :func:`param_shapes`'
+    order, as numpy arrays of the params' dtypes."""
+    def value(path, shape):
+        if path[-1].key == "scale":
+            return np.ones(shape.shape, shape.dtype)
+        return rng.normal(0.0, std, shape.shape).astype(shape.dtype)
+    return jax.tree_util.tree_map_with_path(value, param_shapes(cfg))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None):
