@@ -65,10 +65,14 @@ class TeacherConfig(ModelSource):
     running the teacher, and ``cache`` (the command) writes it. ``tokenizer``: the teacher's
     tokenizer when it differs from the student's (``bytes``, ``smollm2``, ``qwen``, ``mistral`` or
     a directory; default: the run's ``tokenizer``, or ``hf_path``): the run is then
-    cross-tokenizer and uses the cross-tokenizer loss terms (``alm``, ``uld``, ``mined``)."""
+    cross-tokenizer and uses the cross-tokenizer loss terms (``alm``, ``uld``, ``mined``).
+    ``quantize``: ``int8`` stores the teacher's matmul weights as int8 with per-channel scales
+    (:mod:`distill_jax.models.quant`; half the memory of bf16) for the live teacher and for
+    building its cache; ``none`` (default) keeps ``param_dtype``."""
 
     cache: str | None = None
     tokenizer: str | None = None
+    quantize: Literal["none", "int8"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,15 @@ class StudentConfig(ModelSource):
 
     init: Literal["hf", "scratch", "teacher_layers", "transfer"] = "scratch"
     layers: tuple[int, ...] = ()
+    quantize: Literal["none", "int8"] = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quantize != "none":
+            raise configlib.ConfigKeyError(
+                f"student.quantize={self.quantize}: a student trained in full cannot have int8 "
+                "weights (they take no gradient); remove student.quantize (quantize the "
+                "frozen teacher with teacher.quantize: int8)")
 
 
 @dataclasses.dataclass(frozen=True)

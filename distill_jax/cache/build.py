@@ -162,6 +162,8 @@ def teacher_identity(teacher_cfg, model_config) -> dict[str, str]:
     renamed checkpoint still matches.
     """
     ident = {"dtype": str(teacher_cfg.dtype), "param_dtype": str(teacher_cfg.param_dtype)}
+    if getattr(teacher_cfg, "quantize", "none") != "none":  # absent: full precision (older caches)
+        ident["quantize"] = str(teacher_cfg.quantize)
     if teacher_cfg.hf_path:
         root = Path(teacher_cfg.hf_path)
         ident["name"] = root.name

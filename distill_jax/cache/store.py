@@ -116,6 +116,8 @@ from distill_jax.locking import FileLock
 
 FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+# teacher identity keys a builder records only when not at these values
+_IDENTITY_DEFAULTS = {"quantize": "none"}
 JOURNAL_NAME = "journal.bin"
 DONE_NAME = "DONE.json"
 LOCK_NAME = "LOCK"
@@ -846,14 +848,20 @@ class CacheReader:
 
         ``expected_teacher``: the run's teacher identity (as the builder records it in
         ``Manifest.teacher``); every key it has but ``name`` (for messages) must hold the same
-        value in the manifest."""
+        value in the manifest, and keys recorded only when not at their default (``quantize``)
+        must agree with the default where one side lacks them."""
         m, where = self.manifest, f"teacher cache {self.path!r}"
         fix = "rebuild the cache with the `cache` subcommand for this run's config, or point the run at a matching cache"
         if expected_teacher is not None:
-            diff = [key for key in expected_teacher
-                    if key != "name" and str(m.teacher.get(key)) != str(expected_teacher[key])]
+            def get(d, key):
+                return str(d.get(key, _IDENTITY_DEFAULTS.get(key)))
+            keys = list(expected_teacher) + [k for k in _IDENTITY_DEFAULTS
+                                             if k in m.teacher and k not in expected_teacher]
+            diff = [key for key in keys
+                    if key != "name" and get(m.teacher, key) != get(expected_teacher, key)]
             if diff:
-                what = ", ".join(f"{key} {m.teacher.get(key)!r} vs {expected_teacher[key]!r}" for key in diff)
+                what = ", ".join(f"{key} {get(m.teacher, key)!r} vs {get(expected_teacher, key)!r}"
+                                 for key in diff)
                 raise CacheMismatchError(
                     f"{where} was built by teacher {m.teacher.get('name')!r} but this run's teacher is "
                     f"{expected_teacher.get('name')!r} (cache vs run: {what}); {fix}")

@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from distill_jax import sharding
-from distill_jax.models import presets
+from distill_jax.models import presets, quant
 from distill_jax.models.config import ModelConfig, from_hf_config
 from distill_jax.models.hf import load_hf
 from distill_jax.models.model import Model, init
@@ -49,10 +49,18 @@ def model_config(src: Any) -> ModelConfig:
     return presets.preset(src.preset, **{**numerics, **src.overrides})
 
 
-def load_model(src: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Model:
-    """Load ``src.hf_path`` sharded on ``mesh``, or random-init from its preset."""
+def load_model(src: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None, *,
+               quantize: bool = True) -> Model:
+    """Load ``src.hf_path`` sharded on ``mesh``, or random-init from its preset; then, when the
+    section has ``quantize: int8`` (a teacher) and ``quantize`` is true, int8 per-channel
+    (:func:`distill_jax.models.quant.quantize`)."""
     cfg = model_config(src)
     if src.hf_path:
-        return load_hf(src.hf_path, mesh=mesh, rules=rules, param_dtype=src.param_dtype,
-                         dtype=src.dtype, remat=src.remat, **src.overrides)
-    return init(cfg, src.seed, mesh=mesh, rules=rules)
+        model = load_hf(src.hf_path, mesh=mesh, rules=rules, param_dtype=src.param_dtype,
+                        dtype=src.dtype, remat=src.remat, **src.overrides)
+    else:
+        model = init(cfg, src.seed, mesh=mesh, rules=rules)
+    mode = getattr(src, "quantize", "none")
+    if quantize and mode != "none":
+        model = quant.quantize(model, mode, mesh=mesh, rules=rules)
+    return model

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distill_jax import data, models as M, onpolicy
 from distill_jax.config import RunConfig
+from distill_jax.models import quant
 from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
@@ -105,7 +106,7 @@ def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
     if cfg.student.init in FROM_TEACHER and teacher is None:
         if cfg.teacher is None:
             raise ValueError(f"student.init={cfg.student.init} needs a teacher section")
-        teacher = build.load_model(cfg.teacher, mesh, rules)
+        teacher = build.load_model(cfg.teacher, mesh, rules, quantize=False)
     extra = {}
     if cfg.student.init == "transfer":
         extra = dict(
@@ -378,9 +379,12 @@ def assemble(cfg: RunConfig) -> Run:
     loaded = None
     if cfg.teacher is not None and (live or cfg.student.init in FROM_TEACHER
                                     or eval_beside_cache):
-        loaded = build.load_model(cfg.teacher, mesh, rules)
+        # full precision first: a student copied from the teacher starts from its real weights
+        loaded = build.load_model(cfg.teacher, mesh, rules, quantize=False)
     student = init_student(cfg, mesh, rules, teacher=loaded, tokenizer=tokenizer,
                            teacher_tokenizer=teacher_tok)
+    if loaded is not None and cfg.teacher.quantize != "none":
+        loaded = quant.quantize(loaded, cfg.teacher.quantize, mesh=mesh, rules=rules)
     teacher = loaded if live else None  # a cached teacher never runs in the step
     reader = None
     if cached:

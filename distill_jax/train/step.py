@@ -40,7 +40,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax.losses import alm, terms, xtok
-from distill_jax.models import Model, ModelConfig, hidden_states, lm_head
+from distill_jax.models import Model, ModelConfig, hidden_states, lm_head, quant
 
 Array = jax.Array
 BATCH_KEYS, CACHE_KEYS = terms.BATCH_KEYS, terms.CACHE_KEYS
@@ -220,7 +220,7 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
         if not live_logits:
             return None
         teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
-        return jax.lax.stop_gradient(lm_head(teacher)), teacher.params["embed"]
+        return jax.lax.stop_gradient(lm_head(teacher)), quant.value(teacher.params["embed"])
 
     def head_sums(h, head, loss_params, embed, mb, teacher):
         head_t, embed_t = (None, None) if teacher is None else teacher
