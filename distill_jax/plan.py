@@ -400,7 +400,7 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
     plan = Plan(tuple(items), int(total), memory, kind, sizes, tuple(notes))
     if proposals and not plan.fits:
         plan = dataclasses.replace(plan, proposals=tuple(_proposals(
-            cfg, plan, devices=sum(sizes) and math.prod(sizes), kind=kind, memory=memory,
+            cfg, plan, devices=math.prod(sizes), kind=kind, memory=memory,
             teacher_cfg=teacher_cfg if live else None, student_cfg=student_cfg)))
     return plan
 
@@ -428,7 +428,6 @@ def _gathered_layer(cfg: ModelConfig, mesh, rules) -> int:
 def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
                teacher_cfg: ModelConfig | None, student_cfg: ModelConfig) -> list[Proposal]:
     """Changes that shrink the plan, each re-planned; the two planned features estimated."""
-    from distill_jax.config import load_run_config  # noqa: F401  (config types)
     out: list[Proposal] = []
 
     def replan(change: str, **sections: dict[str, Any]) -> None:
@@ -453,11 +452,16 @@ def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
         replan(f"fsdp over all {data * fsdp} data-parallel devices",
                mesh={"data": 1, "fsdp": data * fsdp})
     rows_dev = -(-cfg.data.batch_size // (data * fsdp))
-    for accum in (2, 4, 8, 16, 32):
-        a = cfg.optimizer.grad_accum * accum
-        if a <= rows_dev and cfg.data.batch_size % a == 0:
-            replan(f"{a} micro-batches", optimizer={"grad_accum": a})
+    accum = cfg.optimizer.grad_accum
+    while accum * 2 <= rows_dev and cfg.data.batch_size % (accum * 2) == 0:
+        accum *= 2  # the fewest micro-batches that fit, else the most the batch allows
+        p = plan_run(dataclasses.replace(cfg, optimizer=dataclasses.replace(
+            cfg.optimizer, grad_accum=accum)), devices=devices, device_kind=kind,
+            memory_gib=memory / GiB, proposals=False)
+        if p.fits:
             break
+    if accum != cfg.optimizer.grad_accum:
+        replan(f"{accum} micro-batches", optimizer={"grad_accum": accum})
     if cfg.loss.chunk_size > 128:
         replan("a smaller loss chunk", loss={"chunk_size": max(128, cfg.loss.chunk_size // 4)})
     if len(out) > 1:  # everything above at once
@@ -467,7 +471,6 @@ def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
             for o in p.overrides:
                 key, value = o.split("=", 1)
                 section, name = key.split(".", 1)
-                value = {"full": "full"}.get(value, value)
                 value = int(value) if value.lstrip("-").isdigit() else value
                 new = dataclasses.replace(new, **{section: dataclasses.replace(
                     getattr(new, section), **{name: value})})
