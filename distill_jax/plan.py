@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -518,7 +518,7 @@ def xla_peak(cfg: Any) -> dict[str, int]:
     from distill_jax.train import optim
     from distill_jax.train.assemble import RunSetup, teacher_tokenizer
     from distill_jax.train.build import make_mesh
-    from distill_jax.train.step import MODEL, LOSS, TrainState, jit_train_step
+    from distill_jax.train.step import MODEL, LOSS, TrainState, jit_train_step, rank_sharding
     from distill_jax.tokenizer import load_tokenizer
 
     mesh, rules = make_mesh(cfg.mesh)
@@ -559,7 +559,6 @@ def xla_peak(cfg: Any) -> dict[str, int]:
         rank = setup.signal.rank(key)
         shape = (rows,) + (length,) * (rank >= 2) + (cfg.cache.k,) * (rank >= 3)
         dtype = jnp.float32 if key == "loss_mask" else jnp.int32
-        from distill_jax.train.step import rank_sharding
         batch[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=rank_sharding(batch_sh, rank))
     jitted = jit_train_step(step, state, teacher, batch_sh, setup.keys, setup.ranks)
     m = jitted.lower(state, teacher, batch).compile().memory_analysis()
