@@ -50,7 +50,8 @@ _KIND_ALIASES = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v6", "v6e
                  ("v4", "v4"), ("h100", "h100"), ("h200", "h200"), ("a100-sxm4-40", "a100-40"),
                  ("a100-pcie-40", "a100-40"), ("a100", "a100-80"), ("cpu", "cpu"))
 # fp32 (chunk, vocab) arrays live at once in the chunked loss (student and teacher logits, the
-# softmax, the logits' cotangent), read off XLA's buffer assignment of the step (CPU).
+# softmax, the logits' cotangent), read off XLA's buffer assignment of the step (CPU); one more
+# under fsdp (see plan_run).
 LOSS_CHUNK_ARRAYS = 4
 LORA_RANK = 16  # the rank a planned LoRA student is costed at
 
@@ -364,16 +365,19 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
     vocab_local = local_s.vocab_size
     chunk = min(cfg.loss.chunk_size, micro_dev * length)
     arrays = LOSS_CHUNK_ARRAYS if live else LOSS_CHUNK_ARRAYS - 1
+    # fsdp shards the hidden width the lm_head contracts over: XLA computes partial logits and
+    # all-reduces them (one more (chunk, vocab) buffer), and the head stays sharded
+    embed_div = _divisor("embed", student_cfg.hidden_size, rules, mesh)
+    arrays += embed_div > 1
     loss = arrays * _nbytes((chunk, vocab_local), jnp.float32)
-    d = student_cfg.hidden_size
-    heads = _nbytes((d, vocab_local), jnp.float32)  # the head-gradient accumulator
-    if student_cfg.dtype != student_cfg.param_dtype or sizes[1] > 1:
-        heads += _nbytes((d, vocab_local), student_cfg.dtype)  # the gathered / cast head
-    if live and not cfg.loss.cross_tokenizer and (teacher_cfg.dtype != teacher_cfg.param_dtype
-                                                  or sizes[1] > 1):
-        heads += _nbytes((teacher_cfg.hidden_size, vocab_local), teacher_cfg.dtype)
+    head = (student_cfg.hidden_size // embed_div, vocab_local)
+    heads = _nbytes(head, jnp.float32)  # the head-gradient accumulator (the scan's carry)
+    if student_cfg.dtype != student_cfg.param_dtype:
+        heads += _nbytes(head, student_cfg.dtype)  # the head cast to the compute dtype
+    if live and not cfg.loss.cross_tokenizer and teacher_cfg.dtype != teacher_cfg.param_dtype:
+        heads += _nbytes((teacher_cfg.hidden_size // embed_div, vocab_local), teacher_cfg.dtype)
     items.append(Item("loss buffers", loss + heads,
-                      f"{arrays} fp32 ({chunk}, {vocab_local}) chunks + lm_head copies/grad"))
+                      f"{arrays} fp32 ({chunk}, {vocab_local}) chunks + lm_head grad/copies"))
 
     if cfg.onpolicy is not None:
         kv = 2 * _nbytes((student_cfg.num_layers, rows_dev, length, local_s.num_kv_heads,
