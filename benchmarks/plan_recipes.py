@@ -10,7 +10,10 @@ parallelism and with fsdp; remat none / full / dots_no_batch; fp32 and bf16) and
 planned and compiled peaks per device (compiled: argument + output - alias + temp of
 ``memory_analysis()``).
 
-    python benchmarks/plan_recipes.py [--agreement] [--out results.md]
+    python benchmarks/plan_recipes.py [--agreement] [--out results.json]
+
+The tables are printed as markdown (what the README quotes); ``--out`` writes the same rows as
+JSON (atomically).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from distill_jax import plan as PL  # noqa: E402
@@ -58,7 +62,7 @@ SETTINGS = (
 )
 
 
-def recipes_table() -> str:
+def recipes_table(rows: list[dict]) -> str:
     lines = ["| recipe | target | per device | fits | largest item | first change that fits |",
              "|---|---|---|---|---|---|"]
     for recipe in RECIPES:
@@ -70,6 +74,9 @@ def recipes_table() -> str:
             fix_text = "" if plan.fits else (
                 f"{' '.join(fix.overrides)}: {fix.total / PL.GiB:.1f} GiB" if fix else
                 "none of the proposals")
+            rows.append(dict(recipe=recipe, target=name, total_gib=plan.total / PL.GiB,
+                             memory_gib=plan.memory / PL.GiB, fits=plan.fits,
+                             largest=plan.largest.name, change=fix_text))
             lines.append(
                 f"| {recipe.removesuffix('.yaml')} | {name} | {plan.total / PL.GiB:.1f} GiB "
                 f"of {plan.memory / PL.GiB:.0f} | {'yes' if plan.fits else 'no'} | "
@@ -77,16 +84,17 @@ def recipes_table() -> str:
     return "\n".join(lines)
 
 
-def agreement_table() -> str:
+def agreement_table(rows: list[dict]) -> str:
     lines = ["| config | setting | planned MiB | XLA peak MiB | planned / XLA |",
              "|---|---|---|---|---|"]
     for config, setting, overrides in SETTINGS:
         cfg = load_run_config(CONFIGS / "tiny.yaml", overrides)
         planned = PL.plan_run(cfg).total
         compiled = PL.xla_peak(cfg)["peak"]
+        rows.append(dict(config=config, setting=setting, planned_mib=planned / 2**20,
+                         xla_peak_mib=compiled / 2**20, ratio=planned / compiled))
         lines.append(f"| {config} | {setting} | {planned / 2**20:.1f} | {compiled / 2**20:.1f} "
                      f"| {planned / compiled:.2f} |")
-        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -94,15 +102,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agreement", action="store_true",
                     help="also compile the step in several settings and compare")
-    ap.add_argument("--out", default=None, help="write the tables (markdown) here")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
-    text = recipes_table()
-    print(text, flush=True)
+    result: dict[str, list[dict]] = {"recipes": [], "agreement": []}
+    print(recipes_table(result["recipes"]), flush=True)
     if args.agreement:
-        text += "\n\n" + agreement_table()
+        print(agreement_table(result["agreement"]), flush=True)
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
+        tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(args.out)
 
 

@@ -129,3 +129,15 @@ def test_plan_agrees_with_xla_under_fsdp(devices8):
     planned = PL.plan_run(cfg).total
     compiled = PL.xla_peak(cfg)["peak"]
     assert abs(planned / compiled - 1) < 0.10, (planned / 2**20, compiled / 2**20)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml")
+                                        if not p.name.startswith("traces")))
+def test_every_run_config_plans(path):
+    """Every shipped run config plans without weights or devices (the full-size ones on a
+    simulated 32-chip v5p pod), and the full-size recipes fit there."""
+    cfg = load_run_config(str(CONFIGS / path), ["mesh.tensor=1"])
+    plan = PL.plan_run(cfg, devices=32, device_kind="v5p")
+    assert plan.total > 0 and all(i.bytes >= 0 for i in plan.items)
+    if not path.endswith("tiny.yaml") and path.split("_to_")[0] in ("qwen2.5-7b", "llama3.1-8b"):
+        assert plan.fits, plan.table()
