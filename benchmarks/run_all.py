@@ -22,6 +22,7 @@ BENCHMARKS = {
     "cache_write": [],
     "alm_step": ["--steps", "3"],
     "int8_teacher": [],
+    "plan_recipes": ["--agreement"],
 }
 
 

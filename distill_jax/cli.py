@@ -14,6 +14,7 @@
                                                majority, pairs) for training
   distill-jax data check CONFIG [key=value ...]  read and tokenize all the data; report bad records
   distill-jax demo                             the end-to-end demo on real assets
+  distill-jax plan CONFIG [key=value ...]      per-device memory plan (no weights, no compiling)
 
 Errors a command's input causes print as one line (exit status 2); --debug (or
 DISTILL_JAX_DEBUG=1) shows the traceback.
@@ -72,6 +73,12 @@ def _cmd_train(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     tokenizer, teacher = _tokenizers(cfg)  # tokenizers, data files and the first records fail
     scan_records(cfg.data, tokenizer, teacher_tokenizer=teacher)  # before the run is written
+    # the memory plan, before anything is compiled (plan.enforce=false trains anyway)
+    if cfg.plan.enforce:
+        from distill_jax.plan import PlanError, plan_run
+        plan = plan_run(cfg)
+        if not plan.fits:
+            raise PlanError(plan.refusal())
     run(cfg)
     return 0
 
@@ -164,6 +171,16 @@ def _cmd_data_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_plan(args) -> int:
+    from distill_jax.config import load_run_config
+    from distill_jax.plan import plan_run
+    cfg = load_run_config(args.config, args.overrides)
+    plan = plan_run(cfg, devices=args.devices, device_kind=args.device_kind,
+                    memory_gib=args.memory)
+    print(plan.table())
+    return 0 if plan.fits else 1
+
+
 def _cmd_demo(args) -> int:
     from distill_jax import demo
     demo.main(args.run_dir, steps=args.steps, seed=args.seed,
@@ -248,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_records=100")
     dc.add_argument("--eval", action="store_true", help="check eval.sources instead of data.sources")
     dc.set_defaults(fn=_cmd_data_check)
+
+    pl = sub.add_parser("plan", help="per-device memory plan of a run (params, optimizer state, "
+                        "gradients, activations, loss buffers, ...) from shapes and shardings; "
+                        "exit 1 when it does not fit")
+    pl.add_argument("config", help="YAML run config (see configs/)")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.grad_accum=4")
+    pl.add_argument("--devices", type=int, default=None,
+                    help="simulate a mesh of N devices (default: this machine's)")
+    pl.add_argument("--device-kind", default=None,
+                    help="v5e, v5p, v4, v6e, h100, h200, a100-80, a100-40 or cpu (host RAM); "
+                    "default: plan.device_kind, else this machine's")
+    pl.add_argument("--memory", type=float, default=None,
+                    help="memory per device in GiB (overrides the kind's)")
+    pl.set_defaults(fn=_cmd_plan)
 
     d = sub.add_parser("demo", help="run the end-to-end demo on real assets")
     d.add_argument("--run-dir", default="runs/demo")

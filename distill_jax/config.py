@@ -24,7 +24,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run_dir
 # Keys that may change between a run and its resumption (everything else must match): run_dir
 # is only where the run lives (it may be moved or given as a relative path).
 RESUMABLE = ("run_dir", "steps", "checkpoint", "logging", "eval", "optimizer.skip_nonfinite",
-             "optimizer.schedule_steps")
+             "optimizer.schedule_steps", "plan")
 
 
 class ResumeConfigError(ValueError):
@@ -322,6 +322,19 @@ class OnPolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """The memory plan ``train`` makes before compiling (:mod:`distill_jax.plan`; the same
+    table as ``distill-jax plan CONFIG``): with ``enforce``, a run whose predicted peak exceeds
+    the device's memory is refused with the plan's message; ``enforce: false`` trains anyway.
+    ``device_kind`` (``v5e``, ``v5p``, ``v4``, ``h100``, ``a100-80``, ``a100-40``, ``cpu``, ...)
+    and ``memory_gib`` (per device) override what the devices report (on CPU: host RAM)."""
+
+    enforce: bool = True
+    device_kind: Optional[str] = None
+    memory_gib: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole training run."""
 
@@ -342,6 +355,7 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     onpolicy: OnPolicyConfig | None = None
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
 
     def __post_init__(self):
         if self.steps < 1:
