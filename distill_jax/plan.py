@@ -20,8 +20,8 @@ frozen teacher's forward). ``Plan.total`` is that sum; :func:`xla_peak` is the c
 figure it is checked against (``tests/test_plan.py``, README "Memory plan").
 
 When the plan does not fit, :meth:`Plan.proposals` re-plans the run with changes that shrink
-it (remat on, a larger fsdp axis, more micro-batches, a smaller loss chunk) and two figures
-marked *planned* for features that may not exist yet (an int8 teacher, a LoRA student).
+it (remat on, a larger fsdp axis, more micro-batches, a smaller loss chunk, an int8 teacher)
+and one figure marked *planned* for a feature that does not exist yet (a LoRA student).
 """
 
 from __future__ import annotations
@@ -325,8 +325,11 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
     t_local = 0
     if live:
         t_local, _ = param_bytes(teacher_cfg, mesh, rules)
+        t_dtype = teacher_cfg.param_dtype
+        if cfg.teacher.quantize == "int8":  # one byte a weight (scales and norms negligible)
+            t_local, t_dtype = t_local // jnp.dtype(teacher_cfg.param_dtype).itemsize, "int8"
         items.append(Item("teacher params", t_local,
-                          f"{teacher_cfg.num_params() / 1e9:.2f}B x {teacher_cfg.param_dtype}"))
+                          f"{teacher_cfg.num_params() / 1e9:.2f}B x {t_dtype}"))
     items.append(Item("student params", s_local,
                       f"{student_cfg.num_params() / 1e9:.2f}B x {student_cfg.param_dtype}"))
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
@@ -431,7 +434,8 @@ def _gathered_layer(cfg: ModelConfig, mesh, rules) -> int:
 
 def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
                teacher_cfg: ModelConfig | None, student_cfg: ModelConfig) -> list[Proposal]:
-    """Changes that shrink the plan, each re-planned; the two planned features estimated."""
+    """Changes that shrink the plan, each re-planned; a LoRA student (not implemented yet)
+    estimated."""
     out: list[Proposal] = []
 
     def replan(change: str, **sections: dict[str, Any]) -> None:
@@ -485,10 +489,9 @@ def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
             out.append(Proposal("all of the above", tuple(overrides), p.total))
         except ValueError:
             pass
-    if teacher_cfg is not None and teacher_cfg.param_dtype != "int8":
-        teacher = plan.item("teacher params").bytes
-        int8 = teacher // jnp.dtype(teacher_cfg.param_dtype).itemsize
-        out.append(Proposal("an int8 teacher", (), plan.total - teacher + int8, planned=True))
+    if (teacher_cfg is not None and cfg.teacher.quantize == "none"
+            and any(i.name == "teacher params" for i in plan.items)):
+        replan("an int8 teacher (per-channel weights)", teacher={"quantize": "int8"})
     # LoRA: rank-r adapters on every layer matrix; optimizer state and gradients of the
     # adapters only (frozen base weights, stored in the compute dtype)
     student = plan.item("student params").bytes

@@ -86,9 +86,17 @@ def test_plan_command_prints_the_table_and_proposals(capsys):
     assert cli.main(["plan", TINY, "--devices", "8", "--memory", "0.002"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "remat the student's layers (full)" in out
-    assert "an int8 teacher" in out and "[planned: not implemented yet]" in out
+    assert "an int8 teacher" in out and "teacher.quantize=int8" in out
+    assert "[planned: not implemented yet]" in out  # the LoRA student
     assert cli.main(["plan", TINY, "--device-kind", "tpu9"]) == 2
     assert "unknown device kind 'tpu9'" in capsys.readouterr().err
+
+
+def test_int8_teacher_is_planned_at_one_byte_a_weight():
+    cfg = load_run_config(TINY, [])
+    full = PL.plan_run(cfg).item("teacher params").bytes
+    int8 = PL.plan_run(load_run_config(TINY, ["teacher.quantize=int8"])).item("teacher params")
+    assert int8.bytes == full // 4 and "int8" in int8.note
 
 
 def test_train_refuses_a_run_that_does_not_fit(tmp_path, monkeypatch, capsys):
