@@ -568,7 +568,8 @@ def xla_peak(cfg: Any) -> dict[str, int]:
         dtype = jnp.float32 if key == "loss_mask" else jnp.int32
         batch[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=rank_sharding(batch_sh, rank))
     jitted = jit_train_step(step, state, teacher, batch_sh, setup.keys, setup.ranks)
-    m = jitted.lower(state, teacher, batch).compile().memory_analysis()
+    with jax.set_mesh(mesh):  # as the training loop traces it
+        m = jitted.lower(state, teacher, batch).compile().memory_analysis()
     out = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes)
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

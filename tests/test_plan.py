@@ -127,11 +127,6 @@ def test_plan_agrees_with_xla_within_10_percent(name, overrides, devices8):
     assert abs(planned / compiled - 1) < 0.10, (name, planned / 2**20, compiled / 2**20)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "under fsdp XLA does not batch-shard the step's activations (the model's layer scan has no "
-    "activation sharding constraint, so the partitioner splits the matmuls over the fsdp-sharded "
-    "width and keeps global-batch activations); with a batch constraint on the residual stream "
-    "the compiled peak is within 1% of the plan. Remove this mark when the model constrains it"))
 def test_plan_agrees_with_xla_under_fsdp(devices8):
     cfg = load_run_config(TINY, ["mesh.data=1", "mesh.fsdp=8"])
     planned = PL.plan_run(cfg).total

@@ -24,6 +24,27 @@ Array = jax.Array
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def constrain_batch(x: Array) -> Array:
+    """``x`` (batch first) constrained to be sharded over the batch axes (``data``, ``fsdp``) of
+    the ambient mesh (``jax.set_mesh``), where there is one and they divide the batch.
+
+    Without it, XLA's sharding propagation may follow the fsdp-sharded weights into the
+    activations: the matmuls get split over the hidden width and every device holds the whole
+    batch's activations. With it, fsdp is fsdp: weights are gathered per layer and activations
+    stay split by rows. Outside a mesh context (a plain ``jax.jit``), ``x`` is returned as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    if not axes or x.shape[0] % size:
+        return x
+    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], *,
            std: float | None, dtype: str) -> nnx.Param:
     """A parameter with logical axis names; ``std=None`` means zeros, ``std=-1`` ones."""
@@ -214,7 +235,7 @@ class Transformer(nnx.Module):
         written at ``cache["index"]`` and attend to every valid earlier slot.
         """
         cfg = self.cfg
-        x_BTD = self.embed_tokens(tokens_BT)
+        x_BTD = constrain_batch(self.embed_tokens(tokens_BT))
         t = tokens_BT.shape[1]
         if cache is None:
             q_slot = jnp.arange(t)
@@ -245,7 +266,7 @@ class Transformer(nnx.Module):
             mask = jnp.where(sliding, window_mask_BTS, base_mask_BTS)
             rope = tuple(jnp.where(sliding, lo, gl) for lo, gl in zip(rope_local, rope_global))
             x_BTD, kv = block(x_BTD, rope, mask, None if kv is None else (*kv, layer), index)
-            return (x_BTD, kv), None
+            return (constrain_batch(x_BTD), kv), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)

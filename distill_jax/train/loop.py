@@ -45,6 +45,8 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     cfg, notes = resume_config(
         run_dir, cfg, checkpoint.latest_step(run_dir / "checkpoints") is not None)
     run_ = assemble(cfg)
+    # the mesh is ambient while steps are traced: the model keeps its activations batch-sharded
+    stack.enter_context(jax.set_mesh(run_.mesh))
     schedule = optim.make_schedule(cfg.optimizer, cfg.steps)
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     state = run_.initial_state(optimizer)
