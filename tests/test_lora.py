@@ -107,3 +107,174 @@ def test_bad_lora_spec_is_one_line_naming_the_fix(spec, message):
     with pytest.raises(ConfigError) as e:
         LoraSpec(**spec)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- training
+from distill_jax import checkpoint  # noqa: E402
+from distill_jax.config import load_run_config  # noqa: E402
+from distill_jax.train import optim  # noqa: E402
+from distill_jax.train.assemble import assemble, build_run_cache, global_batch  # noqa: E402
+from distill_jax.train.loop import run  # noqa: E402
+from distill_jax.train.step import MODEL, STUDENT_BASE  # noqa: E402
+from distill_jax import sharding  # noqa: E402
+
+TINY = REPO / "configs" / "tiny.yaml"
+LORA = ("student.lora.rank=2", "student.lora.alpha=4", "student.lora.dropout=0.1")
+COMMON = ("logging.every=1", "logging.progress=false", "mesh.num_devices=1",
+          "data.max_records=32", "data.batch_size=4", "checkpoint.every=2")
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _assert_bitwise(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# Every teacher signal, with terms of every kind it serves.
+SIGNALS = {
+    "live_same_vocabulary": ("tiny.yaml", ["loss.terms={forward_kl: 1.0, reverse_kl: 0.5, "
+                                           "jsd: 0.5, tvd: 0.2, cross_entropy: 0.1}",
+                                           "optimizer.grad_accum=2"]),
+    "cached_topk": ("tiny.yaml", ["loss.terms={forward_kl: 1.0, pld: 0.5}", "cache.k=16"]),
+    "live_cross_tokenizer": ("tiny_xtok.yaml", ["loss.terms={alm: 1.0, sft: 0.1, "
+                                                "alm_latents: 0.5}"]),
+    "onpolicy": ("onpolicy_tiny.yaml", ["onpolicy.lmbda=1.0", "onpolicy.max_new_tokens=8"]),
+}
+
+
+@pytest.mark.parametrize("signal", list(SIGNALS))
+def test_only_adapters_train_and_the_base_stays_bitwise(tmp_path, signal):
+    name, extra = SIGNALS[signal]
+    overrides = [f"run_dir={tmp_path / 'run'}", *COMMON, *LORA, *extra]
+    if signal == "cached_topk":
+        overrides.append(f"teacher.cache={tmp_path / 'cache'}")
+        build_run_cache(load_run_config(REPO / "configs" / name, overrides))
+    cfg = load_run_config(REPO / "configs" / name, overrides)
+    run_ = assemble(cfg)
+    optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
+    state = run_.initial_state(optimizer)
+    frozen = run_.teacher_params
+    base_before = _host(frozen[STUDENT_BASE])
+    adapters_before = _host(state.params[MODEL])
+    # the state (so the gradients and the optimiser) holds the adapters and nothing else
+    assert jax.tree.structure(state.params[MODEL]) == jax.tree.structure(
+        lora.split(run_.student.params)[1])
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * lora.num_adapter_params(run_.student.config) + sum(
+        x.size for x in jax.tree.leaves(state.params["loss"])) * 2
+    step = jax.jit(run_.train_step(optimizer, optim.make_schedule(cfg.optimizer, cfg.steps)))
+    batches = run_.data_iterator()
+    shard = sharding.batch_sharding(run_.mesh, 2, run_.rules)
+    for _ in range(2):
+        state, metrics = step(state, frozen, global_batch(next(batches), shard, run_.batch_keys))
+        assert np.isfinite(float(metrics["distill/loss"]))
+    batches.close()
+    _assert_bitwise(base_before, _host(frozen[STUDENT_BASE]))
+    moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(adapters_before), jax.tree.leaves(state.params[MODEL]))]
+    assert all(moved), "every adapter (A and B) receives gradient"
+
+
+def _hf_base(tmp_path) -> Path:
+    """A tiny llama HF directory the LoRA student starts from (the run's vocabulary)."""
+    cfg = M.ModelConfig.tiny(vocab_size=259, num_layers=2, hidden_size=32, intermediate_size=64,
+                             num_heads=2, num_kv_heads=1)
+    base = M.Model(cfg, jax.tree.map(jnp.asarray, M.numpy_params(
+        cfg, np.random.default_rng(5), 0.05)))
+    return M.save_hf(base, tmp_path / "base")
+
+
+def _hf_run(tmp_path, run_dir, *extra):
+    return load_run_config(TINY, [f"run_dir={run_dir}", *COMMON, *LORA, "steps=4",
+                                  "student.init=hf", f"student.hf_path={tmp_path / 'base'}",
+                                  "student.preset=null", "student.overrides={}", *extra])
+
+
+def test_interrupted_and_resumed_equals_straight_and_a_new_base_is_refused(tmp_path):
+    _hf_base(tmp_path)
+    run(_hf_run(tmp_path, tmp_path / "straight"))
+    run(_hf_run(tmp_path, tmp_path / "resumed"), max_steps_this_call=2)
+    assert checkpoint.latest_step(tmp_path / "resumed" / "checkpoints") == 2
+    run(_hf_run(tmp_path, tmp_path / "resumed"))
+    straight = checkpoint.load_state_dict(tmp_path / "straight" / "checkpoints", 4)
+    resumed = checkpoint.load_state_dict(tmp_path / "resumed" / "checkpoints", 4)
+    _assert_bitwise(straight, resumed)  # adapters, optimiser state, step and RNG (dropout)
+    # checkpoints hold the adapters only, and the base's fingerprint
+    assert all(k.endswith(lora.SUFFIXES) for p in jax.tree_util.tree_flatten_with_path(
+        straight["params"][MODEL])[0] for k in [p[0][-1].key])
+    assert checkpoint.saved_base_fingerprint(tmp_path / "straight" / "checkpoints", 4)
+    # the same base directory with other weights: resuming is refused, nothing is moved
+    other = M.load_hf(tmp_path / "base")
+    other = other.replace(params={**other.params, "embed": other.params["embed"] * 1.5})
+    M.save_hf(other, tmp_path / "base", overwrite=True)
+    with pytest.raises(checkpoint.BaseMismatchError) as e:
+        run(_hf_run(tmp_path, tmp_path / "resumed", "steps=6"))
+    message = str(e.value)
+    assert "trained on another base model" in message and "\n" not in message
+    assert checkpoint.latest_step(tmp_path / "resumed" / "checkpoints") == 4
+    assert not (tmp_path / "resumed" / "checkpoints_damaged").exists()
+
+
+def test_optimizer_state_is_the_adapters_only_and_smaller(tmp_path):
+    sizes = {}
+    for name, extra in (("full", []), ("lora", list(LORA))):
+        cfg = load_run_config(TINY, [f"run_dir={tmp_path / name}", *COMMON, *extra])
+        run_ = assemble(cfg)
+        state = run_.initial_state(optim.make_optimizer(cfg.optimizer, cfg.steps))
+        sizes[name] = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+    student = M.ModelConfig.tiny(vocab_size=259, num_layers=1, hidden_size=32,
+                                 intermediate_size=64, num_heads=2, num_kv_heads=1)
+    full_params = student.num_params()
+    lora_params = lora.num_adapter_params(student.replace(lora=LoraSpec(rank=2, alpha=4.0)))
+    assert sizes["full"] >= 2 * 4 * full_params  # Adam's two moments, fp32
+    assert sizes["lora"] < 2 * 4 * lora_params + 64  # the moments, plus counters
+    assert sizes["lora"] * 10 < sizes["full"]
+
+
+def test_export_cli_merged_and_peft_adapter_match_the_trained_student(tmp_path):
+    peft = pytest.importorskip("peft")
+    from distill_jax import cli
+    from distill_jax.export import load_student
+    _hf_base(tmp_path)
+    run_dir = tmp_path / "run"
+    run(_hf_run(tmp_path, run_dir))
+    student, _ = load_student(run_dir)
+    assert student.config.lora is not None
+    tokens = _tokens(259, (2, 10))
+    ours = np.asarray(M.forward(student, tokens))
+    assert cli.main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    assert cli.main(["export", str(run_dir), str(tmp_path / "adapter"), "--lora", "adapter"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    np.testing.assert_allclose(_torch_logits(merged, tokens), ours, atol=1e-4, rtol=0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                             dtype=torch.float32).eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_torch_logits(adapted, tokens), ours, atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").absolute())
+    # untargeted weights are the base's, bit for bit
+    from distill_jax.models.hf import SafetensorsDir
+    a, b = SafetensorsDir(tmp_path / "merged"), SafetensorsDir(tmp_path / "base")
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(np.asarray(a.array(key)), np.asarray(b.array(key)))
+
+
+def test_bad_lora_config_and_adapter_export_of_a_whole_student_are_one_line(tmp_path, capsys):
+    from distill_jax import cli
+    for override, message in (("student.lora.rank=0", "lora.rank=0"),
+                              ("student.lora.targets=[qkv]", "no projection 'qkv'"),
+                              ("student.lora.alpha=-1", "set lora.alpha > 0")):
+        code = cli.main(["train", str(TINY), f"run_dir={tmp_path / 'bad'}", override])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    run_dir = tmp_path / "whole"
+    run(load_run_config(TINY, [f"run_dir={run_dir}", *COMMON, "steps=1"]))
+    capsys.readouterr()
+    code = cli.main(["export", str(run_dir), str(tmp_path / "out"), "--lora", "adapter"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not LoRA adapters" in err and len(err.splitlines()) == 1, err
