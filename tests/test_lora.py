@@ -278,3 +278,24 @@ def test_bad_lora_config_and_adapter_export_of_a_whole_student_are_one_line(tmp_
     code = cli.main(["export", str(run_dir), str(tmp_path / "out"), "--lora", "adapter"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not LoRA adapters" in err and len(err.splitlines()) == 1, err
+
+
+def test_dropout_is_on_the_adapter_input_only_and_off_in_evaluation():
+    _, model = _adapted(spec=LoraSpec(rank=4, alpha=8.0, dropout=0.5))
+    no_dropout = model.replace(config=model.config.replace(
+        lora=LoraSpec(rank=4, alpha=8.0, dropout=0.0)))
+    tokens = _tokens(model.config.vocab_size)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), tokens.shape[0]))
+    h_eval = np.asarray(M.hidden_states(model, tokens))
+    np.testing.assert_array_equal(h_eval, np.asarray(M.hidden_states(no_dropout, tokens)))
+    h_train = np.asarray(M.hidden_states(model, tokens, lora_keys=keys))
+    assert np.abs(h_train - h_eval).max() > 1e-3
+    # rows draw their own masks: a row's output depends on its own key only
+    h_row = np.asarray(M.hidden_states(model, tokens[1:], lora_keys=keys[1:]))
+    np.testing.assert_allclose(h_row, h_train[1:], atol=1e-6, rtol=0)
+    # with B = 0 the adapters add nothing, dropout or not: the base path is never dropped
+    zero_b = model.replace(params=jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if p[-1].key.endswith("_lora_b") else x, model.params))
+    plain = M.Model(model.config.replace(lora=None), lora.split(model.params)[0])
+    np.testing.assert_array_equal(np.asarray(M.hidden_states(zero_b, tokens, lora_keys=keys)),
+                                  np.asarray(M.hidden_states(plain, tokens)))
