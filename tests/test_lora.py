@@ -220,12 +220,22 @@ def test_interrupted_and_resumed_equals_straight_and_a_new_base_is_refused(tmp_p
 
 
 def test_optimizer_state_is_the_adapters_only_and_smaller(tmp_path):
-    sizes = {}
+    """... and the first step's loss is the whole student's (B = 0: the adapted student starts
+    as its base, adapter dropout or not)."""
+    sizes, losses = {}, {}
     for name, extra in (("full", []), ("lora", list(LORA))):
         cfg = load_run_config(TINY, [f"run_dir={tmp_path / name}", *COMMON, *extra])
         run_ = assemble(cfg)
-        state = run_.initial_state(optim.make_optimizer(cfg.optimizer, cfg.steps))
+        optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
+        state = run_.initial_state(optimizer)
         sizes[name] = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+        batches = run_.data_iterator()
+        batch = global_batch(next(batches), sharding.batch_sharding(run_.mesh, 2, run_.rules),
+                             run_.batch_keys)
+        batches.close()
+        step = jax.jit(run_.train_step(optimizer, optim.make_schedule(cfg.optimizer, cfg.steps)))
+        losses[name] = float(step(state, run_.teacher_params, batch)[1]["distill/loss"])
+    assert losses["lora"] == pytest.approx(losses["full"], rel=1e-6, abs=0)
     student = M.ModelConfig.tiny(vocab_size=259, num_layers=1, hidden_size=32,
                                  intermediate_size=64, num_heads=2, num_kv_heads=1)
     full_params = student.num_params()
@@ -241,7 +251,9 @@ def test_export_cli_merged_and_peft_adapter_match_the_trained_student(tmp_path):
     from distill_jax.export import load_student
     _hf_base(tmp_path)
     run_dir = tmp_path / "run"
-    run(_hf_run(tmp_path, run_dir))
+    run(_hf_run(tmp_path, run_dir, "eval.every=2", "eval.batches=1"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # held-out loss, adapted
     student, _ = load_student(run_dir)
     assert student.config.lora is not None
     tokens = _tokens(259, (2, 10))

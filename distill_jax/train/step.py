@@ -28,8 +28,8 @@ never in the optimiser, never checkpointed) and everything read from it passes t
 adapters: the state's model params are the adapters only (so gradients, optimiser state and
 checkpoints hold nothing else), and the frozen argument is ``{TEACHER: the teacher's params,
 STUDENT_BASE: the student's base params}`` (:func:`frozen_inputs`); the step joins base and
-adapters for every forward and differentiates with respect to the adapters alone. Metrics are ``terms.summarize`` of the summed terms and counts, for training
-and evaluation alike.
+adapters for every forward and differentiates with respect to the adapters alone. Metrics are
+``terms.summarize`` of the summed terms and counts, for training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def _apply_update(state: TrainState, grads: Any, metrics: dict[str, Array],
     if schedule is not None:
         metrics[LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
 def _accumulate(grad_fn: Callable, params: Any, batch: dict[str, Array], grad_accum: int):
