@@ -311,3 +311,20 @@ def test_dropout_is_on_the_adapter_input_only_and_off_in_evaluation():
     plain = M.Model(model.config.replace(lora=None), lora.split(model.params)[0])
     np.testing.assert_array_equal(np.asarray(M.hidden_states(zero_b, tokens, lora_keys=keys)),
                                   np.asarray(M.hidden_states(plain, tokens)))
+
+
+def test_adapters_follow_the_sharding_rules_and_sharded_equals_unsharded(devices8):
+    from distill_jax.sharding import make_mesh
+    base, model = _adapted()
+    mesh = make_mesh(2, 2, 2, devices8)
+    placed = lora.add_adapters(M.Model(base.config, jax.device_put(
+        base.params, M.param_shardings(base.config, mesh))), model.config.lora, mesh=mesh)
+    specs = jax.tree.map(lambda x: tuple(x.sharding.spec), lora.split(placed.params)[1])
+    assert specs["layers"]["attn"]["q_lora_b"] == (None, None, "tensor", None)  # heads
+    assert specs["layers"]["attn"]["q_lora_a"] == (None, "fsdp", None)  # embed
+    assert specs["layers"]["mlp"]["down_lora_a"] == (None, "tensor", None)  # mlp
+    sharded = placed.replace(params=jax.device_put(model.params,
+                                                   M.param_shardings(model.config, mesh)))
+    tokens = _tokens(model.config.vocab_size, (4, 12))
+    np.testing.assert_allclose(np.asarray(jax.jit(M.forward)(sharded, tokens)),
+                               np.asarray(M.forward(model, tokens)), atol=1e-5, rtol=0)
