@@ -60,7 +60,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_split_join_round_trip():
         "layers", "lora", "heads", "head_dim")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_merged_export_matches_the_adapted_model_in_transformers(tmp_path, family):
     base, model = _adapted(family)
     tokens = _tokens(model.config.vocab_size)
@@ -75,7 +75,7 @@ def test_merged_export_matches_the_adapted_model_in_transformers(tmp_path, famil
     np.testing.assert_allclose(_torch_logits(hm, tokens), ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_peft_adapter_directory_loads_in_peft_and_matches(tmp_path, family):
     peft = pytest.importorskip("peft")
     base, model = _adapted(family, LoraSpec(rank=3, alpha=5.0, targets=("q", "v", "o", "up",
