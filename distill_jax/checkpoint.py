@@ -11,11 +11,17 @@ of its elements' bit patterns (as unsigned integers) times ``2 * index + 1``: ex
 arithmetic, so it does not depend on the sharding, and any single changed bit changes it.
 :meth:`Checkpointer.restore_valid` restores the newest checkpoint that loads, matches its
 digests and holds only finite numbers, and moves the newer damaged ones aside.
+
+A LoRA student's checkpoints hold its adapters only (the state's params), plus the fingerprint
+of the frozen base they were trained on (``base``, a small JSON item): restoring onto another
+base is refused (:class:`BaseMismatchError`), never mistaken for damage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import weakref
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKSUMS = "checksums"  # the digest item of each checkpoint
+BASE = "base"  # a LoRA student's checkpoints: the frozen base's fingerprint
 DAMAGED_SUFFIX = "_damaged"  # damaged checkpoints are moved to <checkpoints>_damaged/<step>
 
 
 class CheckpointRestoreError(ValueError):
     """A run directory has checkpoints but none of them restores intact."""
+
+
+class BaseMismatchError(ValueError):
+    """A LoRA checkpoint's adapters were trained on another base model than the one given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +86,16 @@ def state_digests(state: Any) -> tuple[dict[str, int], list[str]]:
             [k for k, (_, ok) in zip(names, pairs) if not bool(ok)])
 
 
+def params_fingerprint(params: Any) -> str:
+    """A short fingerprint of a params tree (its paths, shapes, dtypes and every leaf's digest,
+    see the module docstring): equal for the same values however they are sharded."""
+    digests, _ = state_digests(params)
+    shapes = [(jax.tree_util.keystr(p), list(x.shape), str(x.dtype))
+              for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raw = json.dumps([sorted(digests.items()), shapes], sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
 def _first_line(e: BaseException) -> str:
     """The innermost cause's first line, without TensorStore's spec dump."""
     while e.__cause__ is not None or e.__context__ is not None:
@@ -85,13 +106,19 @@ def _first_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    """Save and restore ``TrainState`` (and optionally a Grain iterator) under ``directory``."""
+    """Save and restore ``TrainState`` (and optionally a Grain iterator) under ``directory``.
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, with_data: bool = True):
+    ``base_fingerprint``: a LoRA student's frozen base (:func:`params_fingerprint`), recorded
+    in every checkpoint and checked before any is restored."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, with_data: bool = True,
+                 base_fingerprint: str | None = None):
         self.directory = Path(directory).absolute()
         self.with_data = with_data
+        self.base_fingerprint = base_fingerprint
         handlers: dict[str, Any] = {"state": ocp.StandardCheckpointHandler(),
-                                    CHECKSUMS: ocp.JsonCheckpointHandler()}
+                                    CHECKSUMS: ocp.JsonCheckpointHandler(),
+                                    BASE: ocp.JsonCheckpointHandler()}
         if with_data:
             import grain
             handlers["data"] = grain.checkpoint.CheckpointHandler()
@@ -124,6 +151,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state),
                  CHECKSUMS: ocp.args.JsonSave({"digest": "sum(bits * (2i+1)) mod 2**32",
                                                "leaves": digests})}
+        if self.base_fingerprint is not None:
+            items[BASE] = ocp.args.JsonSave({"fingerprint": self.base_fingerprint})
         if self.with_data:
             import grain
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -160,6 +189,8 @@ class Checkpointer:
         the notes naming each newer checkpoint skipped, why, and where it was moved;
         ``(None, [])`` when there is no checkpoint. Raises :class:`CheckpointRestoreError` when
         there are checkpoints but none is intact."""
+        for step in self.all_steps():
+            check_base(self.directory, step, self.base_fingerprint)
         skipped: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
@@ -212,6 +243,37 @@ def close_all() -> None:
     """Finish the saves of, and close, every checkpointer still open (after an error)."""
     for ckpt in list(_OPEN):
         ckpt.close()
+
+
+def saved_base_fingerprint(directory: str | Path, step: int) -> str | None:
+    """The base fingerprint a LoRA checkpoint records (None: not a LoRA checkpoint)."""
+    item = Path(directory) / str(step) / BASE
+    files = sorted(item.iterdir()) if item.is_dir() else []
+    for f in files:
+        try:
+            return json.loads(f.read_text())["fingerprint"]
+        except (ValueError, KeyError, OSError):
+            continue
+    return None
+
+
+def check_base(directory: str | Path, step: int, fingerprint: str | None) -> None:
+    """Raise :class:`BaseMismatchError` unless checkpoint ``step`` was trained on the base with
+    ``fingerprint`` (None: a plain student, whose checkpoints record no base)."""
+    saved = saved_base_fingerprint(directory, step)
+    if saved == fingerprint:
+        return
+    if saved is None:
+        raise BaseMismatchError(f"checkpoint {step} in {directory} holds a whole student, not LoRA "
+                                "adapters: resume it without student.lora, or choose another run_dir")
+    if fingerprint is None:
+        raise BaseMismatchError(f"checkpoint {step} in {directory} holds LoRA adapters only: set "
+                                "the run's student.lora to resume it, or choose another run_dir")
+    raise BaseMismatchError(
+        f"checkpoint {step} in {directory} holds LoRA adapters trained on another base model "
+        f"(base fingerprint {saved}, this run's {fingerprint}): give the student the base it "
+        "was trained on (the same student.hf_path weights, preset and seed), or choose another "
+        "run_dir")
 
 
 def latest_step(directory: str | Path) -> int | None:

@@ -6,6 +6,7 @@
   distill-jax eval CONFIG [key=value ...]      bits per byte, agreement and math exact match of
                                                teacher and student -> RUN_DIR/eval/eval_stepN.json
   distill-jax export RUN_DIR OUT_DIR           the trained student as a Hugging Face directory
+                                               (LoRA: merged, or --lora adapter for PEFT's)
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
   distill-jax convert-gguf GGUF OUT_DIR        GGUF (Llama) -> Hugging Face directory
   distill-jax mathgen --n N --out FILE         synthetic GSM8K-style problems as JSONL
@@ -115,7 +116,7 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from distill_jax.export import export_run
     print(export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
-                     overwrite=args.overwrite))
+                     overwrite=args.overwrite, lora_as=args.lora))
     return 0
 
 
@@ -222,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds a previous export (and nothing else)")
+    e.add_argument("--lora", default="merged", choices=["merged", "adapter"],
+                   help="a LoRA run: 'merged' folds the adapters into a plain Hugging Face "
+                   "directory (default); 'adapter' writes a PEFT adapter directory "
+                   "(adapter_config.json + adapter_model.safetensors) for the student's base")
     e.set_defaults(fn=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text from a Hugging Face checkpoint")

@@ -16,7 +16,7 @@ from distill_jax import configlib
 from distill_jax.checkpoint import CheckpointConfig
 from distill_jax.data import DataConfig, SourceConfig
 from distill_jax.metrics import LoggingConfig
-from distill_jax.models.config import ModelConfig
+from distill_jax.models.config import LoraSpec, ModelConfig
 from distill_jax.onpolicy import signal as onpolicy_signal  # registers sampled_reverse_kl
 from distill_jax.tokenizer import BYTES, NAMED
 
@@ -50,6 +50,9 @@ class ModelSource:
         fields = [f.name for f in dataclasses.fields(ModelConfig)]
         numerics = {"dtype", "param_dtype", "remat"}  # this section's own keys
         for key in self.overrides:
+            if key == "lora":
+                raise configlib.ConfigKeyError(
+                    "overrides.lora: set student.lora (rank, alpha, targets, dropout) instead")
             if key in numerics:
                 raise configlib.ConfigKeyError(
                     f"overrides.{key}: set {key} directly in the model's section, not in overrides")
@@ -94,19 +97,27 @@ class StudentConfig(ModelSource):
     ``teacher_layers`` (copy the teacher, keeping the layers listed in ``layers``; all when
     empty) or ``transfer`` (the same, with the run's tokenizer in place of the teacher's: new
     embeddings initialised by FVT, the mean of the teacher embeddings of each new token's
-    teacher tokenization)."""
+    teacher tokenization).
+
+    ``lora``: train low-rank adapters instead of the whole student (PEFT semantics): ``rank``,
+    ``alpha`` (the adapters' output is scaled by alpha/rank), ``targets`` (some of ``q``, ``k``,
+    ``v``, ``o``, ``gate``, ``up``, ``down``; default all) and ``dropout`` (on the adapters'
+    input, in training only). The student ``init`` makes is the frozen base; only the adapters
+    train, have optimiser state and are checkpointed (with the base's fingerprint)."""
 
     init: Literal["hf", "scratch", "teacher_layers", "transfer"] = "scratch"
     layers: tuple[int, ...] = ()
     quantize: Literal["none", "int8"] = "none"
+    lora: Optional[LoraSpec] = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.quantize != "none":
             raise configlib.ConfigKeyError(
-                f"student.quantize={self.quantize}: a student trained in full cannot have int8 "
-                "weights (they take no gradient); remove student.quantize (quantize the "
-                "frozen teacher with teacher.quantize: int8)")
+                f"student.quantize={self.quantize}: a student's weights cannot be int8 (a student "
+                "trained in full takes gradients in them, and an int8 LoRA base is not "
+                "supported); remove student.quantize (quantize the frozen teacher with "
+                "teacher.quantize: int8)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "lora": None,  # the rank axis of LoRA adapters (small: replicated)
 }
 
 

@@ -8,6 +8,7 @@ reaches the model: it builds a ``ModelConfig`` and hands only that over.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any, Literal
@@ -38,6 +39,58 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+# The Hugging Face module of each LoRA target (PEFT's ``target_modules``).
+LORA_HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                   "down": "mlp.down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the projections ``targets`` (PEFT semantics): each target's output
+    gains ``(alpha / rank) * dropout(x) @ A @ B``, A (in, rank) random, B (rank, out) zero at
+    init, so the adapted model starts equal to its base. ``dropout`` applies to the adapter's
+    input only, in training only. The base weights are frozen; only A and B train."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.targets, (list, str)):
+            object.__setattr__(self, "targets",
+                               (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank}: the adapter rank must be a positive "
+                              "integer, e.g. lora.rank=8")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha={self.alpha}: the scale alpha/rank must be positive; "
+                              "set lora.alpha > 0 (e.g. twice the rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout}: must lie in [0, 1) (0: none)")
+        if not self.targets:
+            raise ConfigError(f"lora.targets is empty: name the projections to adapt, some of "
+                              f"{list(LORA_TARGETS)}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                close = difflib.get_close_matches(t, LORA_TARGETS, n=1)
+                hf = [k for k, v in LORA_HF_MODULES.items() if v.endswith("." + t)]
+                hint = f" (did you mean {(hf or close)[0]!r}?)" if hf or close else ""
+                raise ConfigError(f"lora.targets: the model has no projection {t!r}{hint}; "
+                                  f"choose among {list(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets={list(self.targets)} names a projection twice")
+        # canonical order, so equal specs compare (and hash) equal
+        object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in self.targets))
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor on the adapter's output (PEFT's ``scaling``)."""
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +137,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: RematPolicy = "none"
     init_std: float = 0.02
+    # Low-rank adapters on the projections (None: a plain model); see :class:`LoraSpec`.
+    lora: LoraSpec | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -403,6 +458,9 @@ def _rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
 
 def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     """The Hugging Face ``config.json`` dict (transformers 5 layout) of a :class:`ModelConfig`."""
+    if cfg.lora is not None:
+        raise ConfigError("a model with LoRA adapters has no Hugging Face config of its own: fold "
+                          "the adapters in first (distill_jax.models.lora.merge)")
     f = cfg.family
     expected = family_defaults(f, num_layers=cfg.num_layers)
     for key in ("gemma_norm", "sandwich_norm", "embed_scale"):

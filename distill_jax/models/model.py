@@ -122,14 +122,15 @@ def _defaults(tokens: Array, positions: Array | None, segment_ids: Array | None)
 
 
 def hidden_states(model: Model, tokens: Array, *, positions: Array | None = None,
-                  segment_ids: Array | None = None) -> Array:
+                  segment_ids: Array | None = None, lora_keys: Array | None = None) -> Array:
     """Final hidden states (B, T, D) after the final norm, in the compute dtype.
 
     ``segment_ids`` (B, T) mark packed documents (tokens attend only within their segment;
     0 is conventionally padding). ``positions`` default to restarting at each segment start.
+    ``lora_keys`` (B, 2) key data turn on a LoRA model's adapter dropout (training).
     """
     tokens, positions, segment_ids = _defaults(tokens, positions, segment_ids)
-    h, _ = model.module()(tokens, positions, segment_ids)
+    h, _ = model.module()(tokens, positions, segment_ids, lora_keys=lora_keys)
     return h
 
 

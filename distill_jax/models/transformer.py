@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from distill_jax.models.config import ModelConfig, rope_inv_freq
@@ -57,6 +58,49 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...],
     return nnx.Param(value, axes=axes)
 
 
+def _add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs,
+              shapes: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[int, ...],
+                                      tuple[str, ...]]]) -> None:
+    """LoRA adapters ``{name}_lora_a`` (in dims..., rank) and ``{name}_lora_b`` (rank, out
+    dims...) for each of ``shapes`` (name: in shape, in axes, out shape, out axes) that
+    ``cfg.lora`` targets. A is uniform(+-1/sqrt(fan_in)) (PEFT's default, torch's Linear init),
+    B zero; both float32 whatever the base's param dtype."""
+    if cfg.lora is None:
+        return
+    r = cfg.lora.rank
+    for name, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
+        if name not in cfg.lora.targets:
+            continue
+        bound = 1.0 / float(np.prod(in_shape)) ** 0.5
+        a = jax.random.uniform(rngs.params(), (*in_shape, r), jnp.float32, -bound, bound)
+        setattr(module, f"{name}_lora_a", nnx.Param(a, axes=(*in_axes, "lora")))
+        setattr(module, f"{name}_lora_b", nnx.Param(jnp.zeros((r, *out_shape), jnp.float32),
+                                                    axes=("lora", *out_axes)))
+
+
+def _lora(module: nnx.Module, cfg: ModelConfig, name: str, x: Array, y: Array,
+          keys_B2: Array | None) -> Array:
+    """``y`` plus target ``name``'s adapter output ``scale * dropout(x) @ A @ B`` (``y`` itself
+    when ``name`` is not adapted). ``keys_B2``: per-row dropout keys (None: no dropout, as in
+    evaluation); every target draws its own mask."""
+    spec = cfg.lora
+    if spec is None or name not in spec.targets:
+        return y
+    dt = x.dtype
+    a = getattr(module, f"{name}_lora_a")[...].astype(dt)
+    b = getattr(module, f"{name}_lora_b")[...].astype(dt)
+    if keys_B2 is not None and spec.dropout > 0:
+        salt, rate = spec.targets.index(name), spec.dropout
+
+        def drop(key, x_row):
+            key = jax.random.fold_in(jax.random.wrap_key_data(key), salt)
+            keep = jax.random.bernoulli(key, 1.0 - rate, x_row.shape)
+            return jnp.where(keep, x_row / (1.0 - rate), 0).astype(dt)
+        x = jax.vmap(drop)(keys_B2, x)
+    z = jnp.tensordot(x, a, axes=a.ndim - 1)  # (..., rank)
+    return y + (jnp.tensordot(z, b, axes=1) * jnp.asarray(spec.scale, dt)).astype(y.dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm in fp32; Gemma flavour scales by (1 + w) with w initialised at zero."""
 
@@ -95,14 +139,23 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, "head_dim", cfg)
             self.k_norm = RMSNorm(h, "head_dim", cfg)
+        _add_lora(self, cfg, rngs, {
+            "q": ((d,), ("embed",), (n, h), ("heads", "head_dim")),
+            "k": ((d,), ("embed",), (k, h), ("kv_heads", "head_dim")),
+            "v": ((d,), ("embed",), (k, h), ("kv_heads", "head_dim")),
+            "o": ((n, h), ("heads", "head_dim"), (d,), ("embed",))})
 
     def __call__(self, x_BTD: Array, rope: tuple[Array, Array], mask_BTS: Array,
-                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 lora_keys: Array | None = None):
         cfg = self.cfg
         dt = x_BTD.dtype
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q[...].astype(dt))
         k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k[...].astype(dt))
         v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v[...].astype(dt))
+        q_BTNH = _lora(self, cfg, "q", x_BTD, q_BTNH, lora_keys)
+        k_BTKH = _lora(self, cfg, "k", x_BTD, k_BTKH, lora_keys)
+        v_BTKH = _lora(self, cfg, "v", x_BTD, v_BTKH, lora_keys)
         if cfg.qkv_bias:
             q_BTNH = q_BTNH + self.q_bias[...].astype(dt)
             k_BTKH = k_BTKH + self.k_bias[...].astype(dt)
@@ -134,7 +187,9 @@ class Attention(nnx.Module):
         s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _NEG)
         p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
         o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
-        out_BTD = jnp.einsum("btnh,nhd->btd", o_BTKGH.reshape(b, t, n, h), self.o[...].astype(dt))
+        o_BTNH = o_BTKGH.reshape(b, t, n, h)
+        out_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, self.o[...].astype(dt))
+        out_BTD = _lora(self, cfg, "o", o_BTNH, out_BTD, lora_keys)
         if cfg.out_bias:
             out_BTD = out_BTD + self.o_bias[...].astype(dt)
         return out_BTD, new_cache
@@ -143,6 +198,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, p, s = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype, cfg.init_std
+        self.cfg = cfg
         self.activation = cfg.activation
         self.gate = _param(rngs, (d, f), ("embed", "mlp"), std=s, dtype=p)
         self.up = _param(rngs, (d, f), ("embed", "mlp"), std=s, dtype=p)
@@ -152,17 +208,21 @@ class MLP(nnx.Module):
             self.gate_bias = _param(None, (f,), ("mlp",), std=None, dtype=p)
             self.up_bias = _param(None, (f,), ("mlp",), std=None, dtype=p)
             self.down_bias = _param(None, (d,), ("embed",), std=None, dtype=p)
+        _add_lora(self, cfg, rngs, {"gate": ((d,), ("embed",), (f,), ("mlp",)),
+                                    "up": ((d,), ("embed",), (f,), ("mlp",)),
+                                    "down": ((f,), ("mlp",), (d,), ("embed",))})
 
-    def __call__(self, x_BTD: Array) -> Array:
+    def __call__(self, x_BTD: Array, lora_keys: Array | None = None) -> Array:
         dt = x_BTD.dtype
-        g_BTF = x_BTD @ self.gate[...].astype(dt)
-        u_BTF = x_BTD @ self.up[...].astype(dt)
+        g_BTF = _lora(self, self.cfg, "gate", x_BTD, x_BTD @ self.gate[...].astype(dt), lora_keys)
+        u_BTF = _lora(self, self.cfg, "up", x_BTD, x_BTD @ self.up[...].astype(dt), lora_keys)
         if self.bias:
             g_BTF = g_BTF + self.gate_bias[...].astype(dt)
             u_BTF = u_BTF + self.up_bias[...].astype(dt)
         act = jax.nn.silu if self.activation == "silu" else (
             lambda z: jax.nn.gelu(z, approximate=True))
-        y_BTD = (act(g_BTF) * u_BTF) @ self.down[...].astype(dt)
+        a_BTF = act(g_BTF) * u_BTF
+        y_BTD = _lora(self, self.cfg, "down", a_BTF, a_BTF @ self.down[...].astype(dt), lora_keys)
         if self.bias:
             y_BTD = y_BTD + self.down_bias[...].astype(dt)
         return y_BTD
@@ -182,12 +242,13 @@ class Block(nnx.Module):
             self.post_attn_norm = RMSNorm(d, "embed", cfg)
             self.post_mlp_norm = RMSNorm(d, "embed", cfg)
 
-    def __call__(self, x_BTD, rope, mask_BTS, kv_cache=None, cache_index=None):
-        y_BTD, new_cache = self.attn(self.attn_norm(x_BTD), rope, mask_BTS, kv_cache, cache_index)
+    def __call__(self, x_BTD, rope, mask_BTS, kv_cache=None, cache_index=None, lora_keys=None):
+        y_BTD, new_cache = self.attn(self.attn_norm(x_BTD), rope, mask_BTS, kv_cache, cache_index,
+                                     lora_keys)
         if self.sandwich:
             y_BTD = self.post_attn_norm(y_BTD)
         x_BTD = x_BTD + y_BTD
-        y_BTD = self.mlp(self.mlp_norm(x_BTD))
+        y_BTD = self.mlp(self.mlp_norm(x_BTD), lora_keys)
         if self.sandwich:
             y_BTD = self.post_mlp_norm(y_BTD)
         return x_BTD + y_BTD, new_cache
@@ -227,8 +288,11 @@ class Transformer(nnx.Module):
         return x_BTD
 
     def __call__(self, tokens_BT: Array, positions_BT: Array, segment_ids_BT: Array,
-                 cache: dict[str, Array] | None = None):
+                 cache: dict[str, Array] | None = None, lora_keys: Array | None = None):
         """Final hidden states (after the final norm), and the updated cache when given one.
+
+        ``lora_keys`` (B, 2): per-row key data for the LoRA adapters' dropout (training only;
+        None: no dropout). Each layer and target folds in its own index.
 
         Without a cache, the keys are the queries' own tokens: causal within each segment.
         With a cache (see :func:`distill_jax.models.generate.init_cache`), the new tokens are
@@ -265,7 +329,9 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             mask = jnp.where(sliding, window_mask_BTS, base_mask_BTS)
             rope = tuple(jnp.where(sliding, lo, gl) for lo, gl in zip(rope_local, rope_global))
-            x_BTD, kv = block(x_BTD, rope, mask, None if kv is None else (*kv, layer), index)
+            keys = None if lora_keys is None else jax.vmap(lambda k: jax.random.key_data(
+                jax.random.fold_in(jax.random.wrap_key_data(k), layer)))(lora_keys)
+            x_BTD, kv = block(x_BTD, rope, mask, None if kv is None else (*kv, layer), index, keys)
             return (constrain_batch(x_BTD), kv), None
 
         if cfg.remat != "none":

@@ -23,13 +23,15 @@ from jax.sharding import Mesh
 from pathlib import Path
 
 from distill_jax import data, models as M, onpolicy
+from distill_jax.checkpoint import params_fingerprint
 from distill_jax.config import RunConfig
 from distill_jax.models import quant
 from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
-from distill_jax.train.step import (TrainState, init_loss_params, init_state, make_step,
-                                    rank_sharding)
+from distill_jax.models import lora
+from distill_jax.train.step import (TrainState, frozen_inputs, init_loss_params, init_state,
+                                    make_step, rank_sharding)
 from distill_jax.xtok import transfer
 
 # ``student.init`` values that make the student from the teacher (its weights are needed)
@@ -91,18 +93,20 @@ def student_config(cfg: RunConfig) -> M.ModelConfig:
     ``transfer`` student reads the run's tokenizer for its vocabulary size and special ids)."""
     src = cfg.student
     if src.init not in FROM_TEACHER:
-        return build.model_config(src)
+        return build.model_config(src).replace(lora=src.lora)
     new_tokenizer = load_tokenizer(cfg.tokenizer_path()) if src.init == "transfer" else None
     return transfer.derived_config(build.model_config(cfg.teacher), layers=src.layers,
                                    new_tokenizer=new_tokenizer, dtype=src.dtype,
-                                   param_dtype=src.param_dtype, remat=src.remat, **src.overrides)
+                                   param_dtype=src.param_dtype, remat=src.remat,
+                                   **src.overrides).replace(lora=src.lora)
 
 
 def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
                  tokenizer: Any = None, teacher_tokenizer: Any = None) -> M.Model:
     """The run's student as initialised (step 0): :func:`build_student` from the config, the
     teacher loaded here when the init needs it and none is given; the tokenizers default to
-    the run's."""
+    the run's. With ``student.lora`` that student is the frozen base, and fresh adapters are
+    added (seeded by ``student.seed``)."""
     if cfg.student.init in FROM_TEACHER and teacher is None:
         if cfg.teacher is None:
             raise ValueError(f"student.init={cfg.student.init} needs a teacher section")
@@ -113,7 +117,12 @@ def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
             student_tokenizer=cfg.tokenizer_path() if tokenizer is None else tokenizer,
             teacher_tokenizer=(cfg.teacher_tokenizer_path() if teacher_tokenizer is None
                                else teacher_tokenizer))
-    return build_student(cfg.student, teacher, mesh, rules, **extra)
+    student = build_student(cfg.student, teacher, mesh, rules, **extra)
+    # --- LoRA: the built student is the frozen base; fresh adapters on top
+    if cfg.student.lora is not None:
+        student = lora.add_adapters(student, cfg.student.lora, cfg.student.seed, mesh=mesh,
+                                    rules=rules)
+    return student
 
 
 def global_batch(local: dict[str, np.ndarray], batch_sharding: Any,
@@ -314,16 +323,37 @@ class Run:
 
     @property
     def teacher_params(self) -> Any:
-        return self.teacher.params if self.teacher is not None else None
+        """The step's frozen argument: the teacher's params (None without a teacher), and for a
+        LoRA student its frozen base beside them (``step.frozen_inputs``)."""
+        return self._frozen(self.teacher)
+
+    # --- LoRA: the student's params split into frozen base and trained adapters
+    def _frozen(self, teacher: M.Model | None) -> Any:
+        base = lora.split(self.student.params)[0] if self.student.config.lora else None
+        return frozen_inputs(self.student.config, teacher.params if teacher else None, base)
+
+    @property
+    def trained_params(self) -> Any:
+        """The student params the optimiser trains: all of them, or a LoRA student's adapters."""
+        if self.student.config.lora is None:
+            return self.student.params
+        return lora.split(self.student.params)[1]
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """A LoRA student's frozen base fingerprint (checkpoints record it; None otherwise)."""
+        if self.student.config.lora is None:
+            return None
+        return params_fingerprint(lora.split(self.student.params)[0])
 
     def initial_state(self, optimizer) -> TrainState:
-        """A fresh state: the student's params, the loss terms' params (projectors), the
-        optimiser state and the run's RNG."""
+        """A fresh state: the student's trained params (a LoRA student's adapters only), the
+        loss terms' params (projectors), the optimiser state and the run's RNG."""
         loss_params = {}
         if self.teacher is not None:
             loss_params = init_loss_params(self.spec, self.student.config, self.teacher.config,
                                            self.student.params, self.cfg.seed)
-        return init_state(self.student.params, optimizer, self.cfg.seed, loss_params)
+        return init_state(self.trained_params, optimizer, self.cfg.seed, loss_params)
 
     @property
     def batch_ranks(self) -> dict[str, int]:
@@ -358,7 +388,7 @@ class Run:
             setup = RunSetup(self.cfg, self.spec, self.tokenizer, self.teacher_tokenizer,
                              self.student.config, self.eval_teacher.config, False)
         evaluate = make_evaluator(setup, batch_sharding)
-        teacher_params = self.eval_teacher.params if self.eval_teacher is not None else None
+        teacher_params = self._frozen(self.eval_teacher)
         return lambda params: evaluate(params, teacher_params)
 
 

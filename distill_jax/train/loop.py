@@ -51,7 +51,8 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     state = run_.initial_state(optimizer)
     iterator = run_.data_iterator()
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint,
+                        base_fingerprint=run_.base_fingerprint)
     logger = mlog.MetricsLogger(run_dir, cfg.logging, total_steps=cfg.steps, is_main=is_main)
     stack.callback(logger.close)
     stack.callback(ckpt.close)  # (closed first) waits for an asynchronous save

@@ -24,8 +24,12 @@ goes through the same four stages:
 
 The teacher is frozen by construction: its params are a separate argument (never donated,
 never in the optimiser, never checkpointed) and everything read from it passes through
-``stop_gradient``. Metrics are ``terms.summarize`` of the summed terms and counts, for training
-and evaluation alike.
+``stop_gradient``. A LoRA student (``student_cfg.lora``) is frozen the same way except for its
+adapters: the state's model params are the adapters only (so gradients, optimiser state and
+checkpoints hold nothing else), and the frozen argument is ``{TEACHER: the teacher's params,
+STUDENT_BASE: the student's base params}`` (:func:`frozen_inputs`); the step joins base and
+adapters for every forward and differentiates with respect to the adapters alone. Metrics are
+``terms.summarize`` of the summed terms and counts, for training and evaluation alike.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distill_jax.losses import alm, terms, xtok
-from distill_jax.models import Model, ModelConfig, hidden_states, lm_head, quant
+from distill_jax.models import Model, ModelConfig, hidden_states, lm_head, lora, quant
 
 Array = jax.Array
 BATCH_KEYS, CACHE_KEYS = terms.BATCH_KEYS, terms.CACHE_KEYS
@@ -50,8 +54,12 @@ XTOK_KEYS, XTOK_LIVE_KEYS, XTOK_CACHE_KEYS = \
 # The loss terms' params (the alm_latents projector, DSKD's projectors) are trained and
 # checkpointed with the student but are not part of the model: export and eval read MODEL only.
 MODEL, LOSS = "model", "loss"
+# The frozen argument of a LoRA student's step: the teacher's params and the student's base.
+TEACHER, STUDENT_BASE = "teacher", "student_base"
 # folded into the state's key for the signal's preparation (sampling, say)
 SIGNAL_SALT = 0x5167
+LORA_DROPOUT_SALT = 0x10D5  # ... and for a LoRA student's adapter dropout
+LORA_KEYS = "lora_dropout_keys"  # per-row dropout key data, added to the batch in training
 
 GRAD_NORM = "train/grad_norm"
 LEARNING_RATE = "train/lr"
@@ -142,12 +150,39 @@ class StepContext:
                                    micro_batches=self.micro_batches, keep_hidden=keep_hidden)
 
 
+def frozen_inputs(student_cfg: ModelConfig, teacher_params: Any, student_base: Any = None) -> Any:
+    """The step's frozen argument: ``teacher_params`` itself, or for a LoRA student
+    ``{TEACHER: teacher_params, STUDENT_BASE: student_base}``."""
+    if student_cfg.lora is None:
+        return teacher_params
+    if student_base is None:
+        raise ValueError("a LoRA student's step needs its frozen base params (student_base)")
+    return {TEACHER: teacher_params, STUDENT_BASE: student_base}
+
+
+def _unfreeze(student_cfg: ModelConfig, frozen: Any) -> tuple[Any, Any]:
+    """``(teacher_params, student_base or None)`` from :func:`frozen_inputs`' argument."""
+    if student_cfg.lora is None:
+        return frozen, None
+    return frozen[TEACHER], jax.lax.stop_gradient(frozen[STUDENT_BASE])
+
+
 def _trunk(student_cfg: ModelConfig, model_params: Any, batch: dict[str, Array]):
-    """The student's final hidden states and lm_head."""
+    """The student's final hidden states and lm_head (a LoRA student's adapter dropout is on
+    when the batch carries its keys)."""
     student = Model(student_cfg, model_params)
     h = hidden_states(student, batch["tokens"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"])
+                      segment_ids=batch["segment_ids"], lora_keys=batch.get(LORA_KEYS))
     return h, lm_head(student)
+
+
+def _dropout_keys(student_cfg: ModelConfig, rng: Array, rows: int) -> Array | None:
+    """Per-row key data for a LoRA student's adapter dropout (None: no dropout). One key per
+    global row, so micro-batching does not change the masks."""
+    spec = student_cfg.lora
+    if spec is None or spec.dropout == 0:
+        return None
+    return jax.random.key_data(jax.random.split(jax.random.fold_in(rng, LORA_DROPOUT_SALT), rows))
 
 
 def _check(student_cfg, teacher_cfg, spec, signal, needs, mined_map, student_word_start):
@@ -181,7 +216,9 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
               teacher_word_start: Any = None, mined_map: Any = None) -> Callable:
     """The one step of every run (see the module docstring), unjitted.
 
-    With ``optimizer``: ``step(state, teacher_params, batch) -> (state, metrics)``. Without:
+    With ``optimizer``: ``step(state, teacher_params, batch) -> (state, metrics)`` (for a LoRA
+    student, ``teacher_params`` is :func:`frozen_inputs`' bundle and the state's model params
+    are its adapters). Without:
     ``evaluate(params, teacher_params, batch, rng=None) -> (sums, counts)`` of the same
     objective (``params``: the state's params; :func:`summarize` makes the metrics, after
     adding sums and counts over batches). ``spec``: a ``kd.LossSpec`` or ``xtok.XtokSpec``;
@@ -235,17 +272,23 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
         def evaluate(params, teacher_params, batch, rng=None):
             """``(sums, counts)`` of the batch (:func:`summarize` makes the metrics)."""
             rng = jax.random.key(0) if rng is None else rng
-            batch, norms = prepare(params[MODEL], teacher_params, batch, rng)
-            model_p = params[MODEL]
+            teacher_params, base = _unfreeze(student_cfg, teacher_params)
+            model_p = lora.join(base, params[MODEL])
+            batch, norms = prepare(model_p, teacher_params, batch, rng)
             sums = head_sums(*_trunk(student_cfg, model_p, batch), params[LOSS],
                              model_p["embed"], batch, teacher_parts(teacher_params))
             return sums, norms
         return evaluate
 
     def step(state: TrainState, teacher_params: Any, batch: dict[str, Array]):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), SIGNAL_SALT)
-        batch, norms = prepare(state.params[MODEL], teacher_params, batch, rng)
+        state_rng = jax.random.wrap_key_data(state.rng)
+        rng = jax.random.fold_in(state_rng, SIGNAL_SALT)
+        teacher_params, base = _unfreeze(student_cfg, teacher_params)
+        batch, norms = prepare(lora.join(base, state.params[MODEL]), teacher_params, batch, rng)
         teacher = teacher_parts(teacher_params)
+        keys = _dropout_keys(student_cfg, state_rng, batch["tokens"].shape[0])
+        if keys is not None:
+            batch = {**batch, LORA_KEYS: keys}
 
         def grad_fn(params, mb):
             # Forward once: the trunk (params -> final hidden states and lm_head), then every
@@ -253,9 +296,12 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
             # term with GradMag, which weighs terms by their gradient magnitude at the last
             # layer's output), then the trunk once with the weighted sum. The loss terms'
             # params (alm_latents / DSKD projectors) live in the head region.
+            # (a LoRA student: ``params[MODEL]`` are the adapters, joined with the frozen base)
             model_p, loss_p = params[MODEL], params[LOSS]
-            (h, head), trunk_vjp = jax.vjp(lambda p: _trunk(student_cfg, p, mb), model_p)
-            embed = jax.lax.stop_gradient(model_p["embed"])  # read by DSKD's queries (frozen)
+            (h, head), trunk_vjp = jax.vjp(
+                lambda p: _trunk(student_cfg, lora.join(base, p), mb), model_p)
+            # read by DSKD's queries (frozen)
+            embed = jax.lax.stop_gradient(lora.join(base, model_p)["embed"])
 
             def head_terms(h, head, loss_p):
                 sums = head_sums(h, head, loss_p, embed, mb, teacher)
