@@ -20,8 +20,9 @@ frozen teacher's forward). ``Plan.total`` is that sum; :func:`xla_peak` is the c
 figure it is checked against (``tests/test_plan.py``, README "Memory plan").
 
 When the plan does not fit, :meth:`Plan.proposals` re-plans the run with changes that shrink
-it (remat on, a larger fsdp axis, more micro-batches, a smaller loss chunk, an int8 teacher)
-and one figure marked *planned* for a feature that does not exist yet (a LoRA student).
+it (remat on, a larger fsdp axis, more micro-batches, a smaller loss chunk, an int8 teacher,
+a LoRA student). A ``student.lora`` run is planned with its base frozen and only the adapters
+trained (their optimiser state and gradients).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ _KIND_ALIASES = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v6", "v6e
 # softmax, the logits' cotangent), read off XLA's buffer assignment of the step (CPU); one more
 # under fsdp (see plan_run).
 LOSS_CHUNK_ARRAYS = 4
-LORA_RANK = 16  # the rank a planned LoRA student is costed at
+LORA_RANK = 16  # the rank a proposed LoRA student is planned at
 
 
 class PlanError(ValueError):
@@ -103,12 +104,11 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Proposal:
     """A change that makes the run fit (or shrinks it): the config ``overrides`` (dotted keys),
-    the predicted per-device total, and whether it needs a feature that may not exist yet."""
+    and the predicted per-device total."""
 
     change: str
     overrides: tuple[str, ...]
     total: int
-    planned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +159,13 @@ class Plan:
             lines.append("changes that shrink it (predicted peak per device):")
             for p in self.proposals:
                 fit = "fits" if p.total <= self.memory else "does not fit"
-                tag = " [planned: not implemented yet]" if p.planned else ""
                 over = f"  ({' '.join(p.overrides)})" if p.overrides else ""
-                lines.append(f"  {p.change}: {_gib(p.total)}, {fit}{tag}{over}")
+                lines.append(f"  {p.change}: {_gib(p.total)}, {fit}{over}")
         return "\n".join(lines)
 
     def refusal(self) -> str:
         """The one-line message ``train`` refuses with when the plan does not fit."""
-        fixes = [p for p in self.proposals if p.total <= self.memory and not p.planned]
+        fixes = [p for p in self.proposals if p.total <= self.memory]
         fix = (f"; e.g. {fixes[0].change} ({' '.join(fixes[0].overrides)}) predicts "
                f"{_gib(fixes[0].total)}" if fixes else "")
         return (f"{self.summary()}{fix}; run `distill-jax plan CONFIG` for the table, or set "
@@ -321,6 +320,8 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
         length = max(cfg.onpolicy.prompt_buckets) + cfg.onpolicy.max_new_tokens
 
     items: list[Item] = []
+    lora_spec = cfg.student.lora
+    student_cfg = student_cfg.replace(lora=None)  # the base; adapters are counted apart
     s_local, s_whole = param_bytes(student_cfg, mesh, rules)
     t_local = 0
     if live:
@@ -330,14 +331,23 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
             t_local, t_dtype = t_local // jnp.dtype(teacher_cfg.param_dtype).itemsize, "int8"
         items.append(Item("teacher params", t_local,
                           f"{teacher_cfg.num_params() / 1e9:.2f}B x {t_dtype}"))
-    items.append(Item("student params", s_local,
-                      f"{student_cfg.num_params() / 1e9:.2f}B x {student_cfg.param_dtype}"))
+    trained = param_shapes(student_cfg)
+    share = s_local / s_whole  # the trained params are sharded as the student's
+    detail = f"{student_cfg.num_params() / 1e9:.2f}B x {student_cfg.param_dtype}"
+    if lora_spec is not None:  # a frozen base plus fp32 adapters, the only trained params
+        from distill_jax.models import lora
+        trained = lora.split(param_shapes(student_cfg.replace(lora=lora_spec)))[1]
+        n_adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained))
+        s_local += int(n_adapters * 4 * share)
+        detail += f" frozen + {n_adapters / 1e6:.2f}M LoRA (rank {lora_spec.rank}) x float32"
+    items.append(Item("student params", s_local, detail))
     optimizer = optim.make_optimizer(cfg.optimizer, cfg.steps)
     opt_whole = sum(_nbytes(x.shape, x.dtype) for x in jax.tree.leaves(
-        jax.eval_shape(optimizer.init, {"model": param_shapes(student_cfg)})))
-    items.append(Item("optimizer state", int(opt_whole * s_local / s_whole),
-                      "AdamW moments, sharded as the params"))
-    grads = _nbytes((s_local // jnp.dtype(student_cfg.param_dtype).itemsize,), jnp.float32)
+        jax.eval_shape(optimizer.init, {"model": trained})))
+    items.append(Item("optimizer state", int(opt_whole * share),
+                      "AdamW moments, sharded as the params"
+                      + (" (the adapters')" if lora_spec is not None else "")))
+    grads = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained)) * 4 * share)
     items.append(Item("gradients", grads * (2 if accum > 1 else 1),
                       "fp32" + (", accumulator + one micro-batch's" if accum > 1 else "")))
 
@@ -434,8 +444,7 @@ def _gathered_layer(cfg: ModelConfig, mesh, rules) -> int:
 
 def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
                teacher_cfg: ModelConfig | None, student_cfg: ModelConfig) -> list[Proposal]:
-    """Changes that shrink the plan, each re-planned; a LoRA student (not implemented yet)
-    estimated."""
+    """Changes that shrink the plan, each re-planned."""
     out: list[Proposal] = []
 
     def replan(change: str, **sections: dict[str, Any]) -> None:
@@ -492,26 +501,19 @@ def _proposals(cfg: Any, plan: Plan, *, devices: int, kind: str, memory: int,
     if (teacher_cfg is not None and cfg.teacher.quantize == "none"
             and any(i.name == "teacher params" for i in plan.items)):
         replan("an int8 teacher (per-channel weights)", teacher={"quantize": "int8"})
-    # LoRA: rank-r adapters on every layer matrix; optimizer state and gradients of the
-    # adapters only (frozen base weights, stored in the compute dtype)
-    student = plan.item("student params").bytes
-    adapters = _lora_fraction(student_cfg) * student
-    saved = (plan.item("optimizer state").bytes + plan.item("gradients").bytes) * (
-        1 - _lora_fraction(student_cfg))
-    base = student * (1 - jnp.dtype(student_cfg.dtype).itemsize
-                      / jnp.dtype(student_cfg.param_dtype).itemsize)
-    out.append(Proposal(f"a LoRA student (rank {LORA_RANK})", (),
-                        int(plan.total - saved - base + adapters), planned=True))
+    if cfg.student.lora is None:  # adapters on every projection; only they train
+        from distill_jax.models.config import LoraSpec
+        new = dataclasses.replace(cfg, student=dataclasses.replace(
+            cfg.student, lora=LoraSpec(rank=LORA_RANK)))
+        try:
+            p = plan_run(new, devices=devices, device_kind=kind, memory_gib=memory / GiB,
+                         proposals=False)
+            if p.total < plan.total:
+                out.append(Proposal(f"a LoRA student (rank {LORA_RANK})",
+                                    (f"student.lora.rank={LORA_RANK}",), p.total))
+        except ValueError:
+            pass
     return out
-
-
-def _lora_fraction(cfg: ModelConfig) -> float:
-    """Trainable share of a rank-:data:`LORA_RANK` LoRA student's params."""
-    d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim)
-    r = LORA_RANK
-    per_layer = r * ((d + n * h) * 2 + (d + k * h) * 2 + (d + f) * 3)
-    return min(1.0, cfg.num_layers * per_layer / cfg.num_params())
 
 
 # --- the compiled figure ---------------------------------------------------------------------

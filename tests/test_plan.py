@@ -87,7 +87,7 @@ def test_plan_command_prints_the_table_and_proposals(capsys):
     out = capsys.readouterr().out
     assert "does not fit" in out and "remat the student's layers (full)" in out
     assert "an int8 teacher" in out and "teacher.quantize=int8" in out
-    assert "[planned: not implemented yet]" in out  # the LoRA student
+    assert "a LoRA student (rank 16)" in out and "student.lora.rank=16" in out
     assert cli.main(["plan", TINY, "--device-kind", "tpu9"]) == 2
     assert "unknown device kind 'tpu9'" in capsys.readouterr().err
 
@@ -97,6 +97,19 @@ def test_int8_teacher_is_planned_at_one_byte_a_weight():
     full = PL.plan_run(cfg).item("teacher params").bytes
     int8 = PL.plan_run(load_run_config(TINY, ["teacher.quantize=int8"])).item("teacher params")
     assert int8.bytes == full // 4 and "int8" in int8.note
+
+
+def test_lora_student_plans_adapter_only_optimizer_state_and_gradients():
+    from distill_jax.models import lora
+    from distill_jax.train.build import model_config
+    cfg = load_run_config(TINY, ONE + ["student.lora.rank=4"])
+    plan = PL.plan_run(cfg)
+    adapters = lora.num_adapter_params(model_config(cfg.student).replace(lora=cfg.student.lora))
+    assert plan.item("gradients").bytes == adapters * 4
+    assert 0 <= plan.item("optimizer state").bytes - 2 * adapters * 4 < 64  # moments + counters
+    full = PL.plan_run(load_run_config(TINY, ONE))
+    assert plan.item("optimizer state").bytes < full.item("optimizer state").bytes / 5
+    assert plan.item("student params").bytes == full.item("student params").bytes + adapters * 4
 
 
 def test_train_refuses_a_run_that_does_not_fit(tmp_path, monkeypatch, capsys):
