@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.data.pairs import encode_messages
 from distill_jax.traces.config import TracesConfig
 from distill_jax.traces.store import TracesDir
 from distill_jax.traces.verify import Verifier, make_verifier
@@ -70,22 +71,6 @@ def _split_chat(messages: Sequence[dict], where: str) -> tuple[tuple, str]:
         raise ValueError(f"{where}: a prompt record needs the reference answer as an assistant "
                          "message after the prompt (or prompt/response fields)")
     return tuple(dict(m) for m in messages[:last]), messages[last]["content"]
-
-
-def encode_messages(tokenizer: Any, messages: Sequence[dict], chat_template: bool | None) -> list[int]:
-    """Token ids of a conversation ending before the answer: the tokenizer's chat template with
-    the generation prompt (``chat_template`` None: when it has one), else the messages' text
-    joined by blank lines, with the tokenizer's special tokens."""
-    use_chat = (getattr(tokenizer, "chat_template", None) is not None if chat_template is None
-                else chat_template)
-    if use_chat:
-        enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(enc, "keys"):  # transformers may return a BatchEncoding
-            enc = enc["input_ids"]
-        return [int(t) for t in enc]
-    text = "\n\n".join(m["content"] for m in messages)
-    return [int(t) for t in tokenizer(text)["input_ids"]]
 
 
 def load_prompts(cfg: TracesConfig, tokenizer: Any) -> list[Prompt]:
