@@ -40,6 +40,10 @@ from distill_jax.models.config import ModelConfig
 from distill_jax.models.model import Model, logits_from_hidden
 
 Array = jax.Array
+# Filtered sampling first looks for the nucleus among this many most likely tokens (a partial
+# top-k), sorting the whole vocabulary only when it is not there (the same kept set and draw
+# either way).
+NUCLEUS_CANDIDATES = 1024
 
 
 # ----------------------------------------------------------------------------- cache
@@ -130,14 +134,42 @@ def _sample_with_logprob(logits_BV: Array, key: Array, temperature: Array, top_k
         tok_B = jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
         logp_BV = jax.nn.log_softmax(x_BV, axis=-1)
         return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-    # Sorted descending; equal values keep the lower index first (as argmax does).
-    x_BV, idx_BV = jax.lax.top_k(x_BV, x_BV.shape[-1])
-    keep_BV = jnp.arange(x_BV.shape[-1])[None, :] < top_k
-    x_BV = jnp.where(keep_BV, x_BV, -jnp.inf)
-    p_BV = jax.nn.softmax(x_BV, axis=-1)
-    # Keep the smallest most-likely prefix whose mass reaches top_p (the first always).
-    keep_BV &= (jnp.cumsum(p_BV, axis=-1) - p_BV) < top_p
-    kept_BV = jnp.where(keep_BV, x_BV, -jnp.inf)
+    vocab = x_BV.shape[-1]
+    k = min(vocab, NUCLEUS_CANDIDATES)
+
+    def kept(sorted_BK, idx_BK, logz_B1):
+        """The kept (sorted) logits, -inf elsewhere, padded to (B, V): the array a full sort
+        gives, so the draw below is the same whichever path made it."""
+        keep_BK = jnp.arange(sorted_BK.shape[-1])[None, :] < top_k
+        p_BK = jnp.exp(jnp.where(keep_BK, sorted_BK, -jnp.inf) - logz_B1)
+        # Keep the smallest most-likely prefix whose mass reaches top_p (the first always).
+        keep_BK &= (jnp.cumsum(p_BK, axis=-1) - p_BK) < top_p
+        out_BK = jnp.where(keep_BK, sorted_BK, -jnp.inf)
+        pad = vocab - sorted_BK.shape[-1]
+        return (jnp.pad(out_BK, ((0, 0), (0, pad)), constant_values=-jnp.inf),
+                jnp.pad(idx_BK, ((0, 0), (0, pad))), jnp.all(~keep_BK[:, -1]) | (pad == 0))
+
+    def full(x_BV):
+        # Sorted descending; equal values keep the lower index first (as argmax does).
+        sorted_BV, idx_BV = jax.lax.top_k(x_BV, vocab)
+        ranked_BV = jnp.where(jnp.arange(vocab)[None, :] < top_k, sorted_BV, -jnp.inf)
+        return kept(sorted_BV, idx_BV, jax.nn.logsumexp(ranked_BV, axis=-1, keepdims=True))[:2]
+
+    def candidates(x_BV):
+        # Only the k most likely tokens can be kept when the nucleus ends among them: then
+        # the kept set equals the full sort's, at a fraction of its cost (a partial top-k).
+        # The normaliser needs every token top_k keeps, so this path needs top_k <= k or no
+        # top_k limit; otherwise, or if some row's nucleus reaches past k, the full sort.
+        sorted_BK, idx_BK = jax.lax.top_k(x_BV, k)
+        logz_B1 = jnp.where(top_k >= vocab, jax.nn.logsumexp(x_BV, axis=-1, keepdims=True),
+                            jax.nn.logsumexp(jnp.where(jnp.arange(k)[None, :] < top_k,
+                                                       sorted_BK, -jnp.inf),
+                                             axis=-1, keepdims=True))
+        kept_BV, idx_BV, inside = kept(sorted_BK, idx_BK, logz_B1)
+        ok = inside & ((top_k <= k) | (top_k >= vocab))
+        return jax.lax.cond(ok, lambda: (kept_BV, idx_BV), lambda: full(x_BV))
+
+    kept_BV, idx_BV = full(x_BV) if k == vocab else candidates(x_BV)
     choice_B = jax.random.categorical(key, kept_BV, axis=-1)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(kept_BV, axis=-1), choice_B[:, None],
                                  axis=-1)[:, 0]
