@@ -38,17 +38,16 @@ class PlantedTeacher:
             return f"Step one.\nThe answer is {answer:,}.00"
         return f"Step one.\nStep two, longer.\n#### {answer + 1 + sample % 2}"
 
-    def sample(self, prompts, key):
+    def sample(self, prompts, samples, key):
         out = []
         for ids in prompts:
-            pid, answer = self.prompts[tuple(ids)]
-            s = self.seen.get(pid, 0)
-            self.seen[pid] = s + 1
-            out.append(self.tok(self._text(pid, answer, s))["input_ids"] + [self.tok.eos_token_id])
-        return out, [True] * len(out)
-
-    def mean_logprobs(self, prompts, completions):
-        return [-1.0] * len(prompts)
+            for _ in range(samples):
+                pid, answer = self.prompts[tuple(ids)]
+                s = self.seen.get(pid, 0)
+                self.seen[pid] = s + 1
+                out.append(self.tok(self._text(pid, answer, s))["input_ids"]
+                           + [self.tok.eos_token_id])
+        return out, [True] * len(out), [-1.0] * len(out)
 
 
 def _cfg(out, *overrides):

@@ -226,17 +226,22 @@ class GenerateOutput:
 
 def decode(model: Model, tokens_BP: Array, lengths_B: Array, key: Array, temperature: Array,
            top_k: Array, top_p: Array, eos_V: Array, pad_id: Array, *, max_new_tokens: int,
-           mode: str, cache_dtype: str | None = None):
+           mode: str, cache_dtype: str | None = None, samples: int = 1,
+           model_logprobs: bool = False):
     """Prefill and the decode loop, pure and with fixed shapes (call it inside ``jax.jit``).
 
     ``tokens_BP``/``lengths_B``: left-padded prompts (module docstring); ``temperature``,
     ``top_k``, ``top_p`` and ``mode`` as :func:`sampling_args` returns them; ``eos_V`` a
     (V,) bool mask of EOS ids; ``pad_id`` what follows a row's EOS. Step ``j`` draws with
-    ``fold_in(key, j)``. Returns ``(tokens_BN, logprobs_BN, counts_B, finished_B, steps)``:
-    the generated ids (``pad_id`` after EOS), each one's log-probability under the
-    distribution it was sampled from (0 after EOS), the number of generated tokens per row,
-    whether the row emitted an EOS id, and how many decode steps ran (the loop stops early
-    once every row has finished).
+    ``fold_in(key, j)``. ``samples`` (static): completions per prompt; each prompt is
+    prefilled once and its cache shared by its ``samples`` rows (prompt ``i``'s are rows
+    ``i * samples ...``), as if each prompt were given ``samples`` times. ``model_logprobs``
+    (static): report each generated token's log-probability under the model itself
+    (temperature 1, no filters) instead of under the distribution it was drawn from.
+    Returns ``(tokens_BN, logprobs_BN, counts_B, finished_B, steps)``: the generated ids
+    (``pad_id`` after EOS), each one's log-probability (0 after EOS), the number of generated
+    tokens per row, whether the row emitted an EOS id, and how many decode steps ran (the
+    loop stops early once every row has finished).
     """
     b, p = tokens_BP.shape
     n = max_new_tokens
@@ -245,13 +250,23 @@ def decode(model: Model, tokens_BP: Array, lengths_B: Array, key: Array, tempera
     cache = init_cache(model, b, p + n - 1, cache_dtype)
 
     def pick(logits_BV, step):
-        return _sample_with_logprob(logits_BV, jax.random.fold_in(key, step), temperature,
-                                    top_k, top_p, mode=mode)
+        tok_B, logp_B = _sample_with_logprob(logits_BV, jax.random.fold_in(key, step),
+                                             temperature, top_k, top_p, mode=mode)
+        if model_logprobs:
+            logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+            logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+        return tok_B, logp_B
 
     def is_eos(tok_B):
         return eos_V[jnp.clip(tok_B, 0, vocab - 1)]
 
     logits_BV, cache = prefill(model, tokens_BP, lengths_B, cache)
+    if samples > 1:  # every prompt's rows share its prefill: (layers, batch, ...) caches
+        cache = {name: jnp.repeat(x, samples, axis=1 if name in ("k", "v") else 0) if x.ndim
+                 else x for name, x in cache.items()}
+        logits_BV = jnp.repeat(logits_BV, samples, axis=0)
+        lengths_B = jnp.repeat(jnp.asarray(lengths_B, jnp.int32), samples, axis=0)
+        b *= samples
     tok_B, logp_B = pick(logits_BV, 0)
     out_BN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
     lp_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
