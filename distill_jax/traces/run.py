@@ -306,6 +306,13 @@ def group_records(group: int, prompts: Sequence[Prompt], cfg: TracesConfig, teac
     return records, generated
 
 
+def _barrier(active: bool, name: str) -> None:
+    """Wait for every process of the JAX run (when ``active``)."""
+    if active:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: Any = None,
                stream=None) -> TracesSummary:
     """Sample, verify and write this process's share of the traces ``cfg`` describes (resuming
@@ -318,11 +325,19 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer_path())
     prompts = load_prompts(cfg, tokenizer)
     out = TracesDir(cfg.out)
-    out.open(manifest(cfg, prompts, tokenizer))
-    per = cfg.prompts_per_group
-    num_groups = -(-len(prompts) // per)
     index = jax.process_index() if cfg.process_index is None else cfg.process_index
     count = jax.process_count() if cfg.process_count is None else cfg.process_count
+    # In a multi-process JAX run the processes meet twice: once the first has created the
+    # directory (the others then only check its manifest), and once every group is written
+    # (so the last one to finish is never missed and the data set is written once).
+    together = cfg.process_index is None and count > 1
+    if index == 0 or not together:
+        out.open(manifest(cfg, prompts, tokenizer))
+    _barrier(together, "traces: directory created")
+    if index != 0 and together:
+        out.open(manifest(cfg, prompts, tokenizer))
+    per = cfg.prompts_per_group
+    num_groups = -(-len(prompts) // per)
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if g not in out.done_groups()]
     generated, t0 = 0, time.perf_counter()
@@ -349,11 +364,12 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
                              f"{generated / max(dt, 1e-9):.1f} tokens/s, eta {eta:.0f} s\n")
                 stream.flush()
     wall = time.perf_counter() - t0 if todo else 0.0
+    _barrier(together, "traces: groups written")
     complete = len(out.done_groups() & set(range(num_groups))) == num_groups
     records = [r for g in sorted(out.done_groups()) if g < num_groups for r in out.read_part(g)]
     summary = summarize(records, out=str(cfg.out), complete=complete, generated_tokens=generated,
                         wall_s=wall)
-    if complete:
+    if complete and (index == 0 or not together):
         stats = {k: v for k, v in summary.as_dict().items()
                  if k not in ("generated_tokens", "wall_s", "tokens_per_s", "out")}
         out.finalize(num_groups, stats)
