@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Sequence
 from distill_jax import configlib
 from distill_jax.checkpoint import CheckpointConfig
 from distill_jax.data import DataConfig, SourceConfig
+from distill_jax.losses import redi, xtok
 from distill_jax.metrics import LoggingConfig
 from distill_jax.models.config import LoraSpec, ModelConfig
 from distill_jax.onpolicy import signal as onpolicy_signal  # registers sampled_reverse_kl
@@ -141,6 +142,8 @@ class LossConfig:
     ULD's sorted distributions (null: exact). ``temperature`` applies to the baselines.
     ``balance: gradmag`` reweighs the terms every step by their gradient magnitude at the
     student's last-layer output (GradMag), so each moves it in proportion to its weight.
+    ``redi_alpha``: the weight of the rejected traces in ``redi`` (in [0, 1); pair records,
+    ``data.record: pairs``).
     """
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"forward_kl": 1.0})
@@ -156,12 +159,14 @@ class LossConfig:
     uld_top_k: Optional[int] = None
     balance: Literal["none", "gradmag"] = "none"
     latents_projector: Optional[bool] = None
+    redi_alpha: float = 0.8
 
     def __post_init__(self):
         if not self.terms or not any(w != 0 for w in self.terms.values()):
             raise ValueError(f"loss.terms={self.terms or {}} has no term with a non-zero weight, so "
                              "nothing would be trained; give at least one, e.g. "
                              "loss.terms={forward_kl: 1.0}")
+        redi.check_alpha(self.redi_alpha)
         negative = [f"{k}={w}" for k, w in self.terms.items() if w < 0]
         if negative:
             raise ValueError(f"loss.terms: negative weights ({', '.join(negative)}) would maximise "
@@ -182,7 +187,8 @@ class LossConfig:
                             append_space=self.alm_append_space,
                             merge_threshold=self.alm_merge_threshold,
                             temperature=self.temperature, uld_top_k=self.uld_top_k,
-                            balance=self.balance, latents_projector=self.latents_projector)
+                            balance=self.balance, latents_projector=self.latents_projector,
+                            redi_alpha=self.redi_alpha)
         from distill_jax.losses import LossSpec, terms
         return LossSpec(terms=self.terms, temperature=self.temperature,
                         jsd_beta=self.jsd_beta, skew_alpha=self.skew_alpha,
@@ -375,6 +381,22 @@ class RunConfig:
             raise ValueError("the config needs a data section (data.sources, data.seq_len, ...)")
         if self.onpolicy is not None:
             self._check_onpolicy()
+        self._check_pairs()
+
+    def _check_pairs(self) -> None:
+        """Pair records and the redi term go together, and need no teacher."""
+        pairs, terms = self.data.record == "pairs", set(self.loss.terms)
+        if redi.REDI in terms and not pairs:
+            raise ValueError(f"loss term redi trains on pairs of verified and rejected traces, "
+                             f"but data.record is {self.data.record!r}; set data.record=pairs "
+                             "with records from `distill-jax traces select --policy pairs`")
+        if pairs and redi.REDI not in terms:
+            raise ValueError("data.record=pairs holds REDI's pairs of verified and rejected "
+                             "traces; add the redi term, e.g. loss.terms={redi: 1.0, sft: 0.1}")
+        other = sorted(terms - {redi.REDI, xtok.SFT})
+        if pairs and other:
+            raise ValueError(f"data.record=pairs trains the redi and sft terms (no teacher "
+                             f"runs), not {', '.join(other)}; drop them from loss.terms")
 
     def _check_onpolicy(self) -> None:
         """On-policy needs prompts and a live teacher with the student's tokenizer."""

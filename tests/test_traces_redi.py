@@ -24,27 +24,27 @@ def _pairs(seed=0):
 
 
 def test_packer_weights_and_layout():
-    (batch,), skipped = pack_pairs(_pairs(), rows=2, seq_len=40, alpha=0.8)
+    (batch,), skipped = pack_pairs(_pairs(), rows=2, seq_len=40)
     assert skipped == 0
     w = batch[redi.SEQUENCE_WEIGHT]
-    # every pair's positive weights sum to 1, its negative ones to -alpha
+    # every pair's positive weights sum to 1, its negative ones to -1 (the term applies alpha)
     assert float(np.maximum(w, 0).sum()) == pytest.approx(4.0)
-    assert float(np.minimum(w, 0).sum()) == pytest.approx(-0.8 * 4)
+    assert float(np.minimum(w, 0).sum()) == pytest.approx(-4.0)
     # row 0 holds pairs 0 and 1 (13 + 16 tokens); pairs 2 and 3 (16, 17) go to row 1
     seg = batch["segment_ids"]
     assert seg[0].max() == 4 and seg[1].max() == 4
     # pair 0, chosen: prompt of 3 then 5 completion tokens, predicted from positions 2..6
     np.testing.assert_allclose(w[0, :8], [0, 0, .2, .2, .2, .2, .2, 0], rtol=1e-6)
     assert batch["loss_mask"][0, :8].tolist() == [0, 0, 1, 1, 1, 1, 1, 0]
-    # pair 0, rejected: the next segment, -0.8/2 on its 2 completion targets
-    np.testing.assert_allclose(w[0, 8:13], [0, 0, -.4, -.4, 0], rtol=1e-6)
+    # pair 0, rejected: the next segment, -1/2 on its 2 completion targets
+    np.testing.assert_allclose(w[0, 8:13], [0, 0, -.5, -.5, 0], rtol=1e-6)
     assert batch["positions"][0, 8:13].tolist() == [0, 1, 2, 3, 4]
     assert (batch["targets"][0, :7] == batch["tokens"][0, 1:8]).all()
     # a pair longer than a row is skipped, never truncated
     batches, skipped = pack_pairs(_pairs(), rows=1, seq_len=15)
     assert skipped == 3 and len(batches) == 1
-    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
-        pack_pairs(_pairs(), rows=1, seq_len=40, alpha=1.0)
+    with pytest.raises(ValueError, match=r"redi_alpha must be in \[0, 1\)"):
+        XtokSpec(terms={redi.REDI: 1.0}, redi_alpha=1.0)
 
 
 def _reference(h, head, batch, alpha):
@@ -86,11 +86,11 @@ def _reference(h, head, batch, alpha):
 
 @pytest.mark.parametrize("alpha", [0.8, 0.0, 0.5])
 def test_redi_term_loss_and_gradient_match_float64(alpha):
-    (batch,), _ = pack_pairs(_pairs(1), rows=2, seq_len=40, alpha=alpha)
+    (batch,), _ = pack_pairs(_pairs(1), rows=2, seq_len=40)
     rng = np.random.default_rng(2)
     h = rng.normal(size=(2, 40, D)).astype(np.float32)
     head = rng.normal(size=(D, V)).astype(np.float32)
-    spec = XtokSpec(terms={redi.REDI: 1.0})
+    spec = XtokSpec(terms={redi.REDI: 1.0}, redi_alpha=alpha)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     norms = terms.counts(spec, jbatch)
     assert float(norms[redi.PAIRS]) == 4.0
@@ -114,7 +114,7 @@ def test_redi_term_loss_and_gradient_match_float64(alpha):
     np.testing.assert_allclose(float(same), ref_loss, rtol=1e-5)
     # and the plain function agrees with the term
     logp, _ = inputs.student_token_stats
-    plain, metrics = redi.redi_loss(logp, jbatch[redi.SEQUENCE_WEIGHT])
+    plain, metrics = redi.redi_loss(logp, jbatch[redi.SEQUENCE_WEIGHT], alpha)
     np.testing.assert_allclose(float(plain), ref_loss, rtol=1e-5)
     assert kd.metric_key(redi.REDI) in metrics
 
@@ -154,7 +154,7 @@ def test_redi_steps_on_a_tiny_model_prefer_the_chosen_traces(tmp_path):
                           {"role": "assistant", "content": f"#### {a + b}"}],
              "rejected": f"#### {a + b + 1}"} for a, b in [(2, 3), (4, 4), (7, 1), (5, 6)]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (batch,), skipped = pack_pair_file(str(path), tok, rows=4, seq_len=80, alpha=0.8)
+    (batch,), skipped = pack_pair_file(str(path), tok, rows=4, seq_len=80)
     assert skipped == 0
     cfg = presets.preset("tiny-llama", vocab_size=259, num_layers=1, hidden_size=32,
                          intermediate_size=64, num_heads=2, num_kv_heads=1)
@@ -179,7 +179,7 @@ def test_redi_steps_on_a_tiny_model_prefer_the_chosen_traces(tmp_path):
                                 jnp.zeros((cfg.vocab_size,), bool))
         w = jbatch[redi.SEQUENCE_WEIGHT]
         pos = jnp.sum(jnp.where(w > 0, w * tok_lp, 0.0))
-        neg = jnp.sum(jnp.where(w < 0, -w / 0.8 * tok_lp, 0.0))
+        neg = jnp.sum(jnp.where(w < 0, -w * tok_lp, 0.0))
         return float((pos - neg) / 4)
 
     opt = optax.adam(3e-2)

@@ -38,17 +38,16 @@ class PlantedTeacher:
             return f"Step one.\nThe answer is {answer:,}.00"
         return f"Step one.\nStep two, longer.\n#### {answer + 1 + sample % 2}"
 
-    def sample(self, prompts, key):
+    def sample(self, prompts, samples, key):
         out = []
         for ids in prompts:
-            pid, answer = self.prompts[tuple(ids)]
-            s = self.seen.get(pid, 0)
-            self.seen[pid] = s + 1
-            out.append(self.tok(self._text(pid, answer, s))["input_ids"] + [self.tok.eos_token_id])
-        return out, [True] * len(out)
-
-    def mean_logprobs(self, prompts, completions):
-        return [-1.0] * len(prompts)
+            for _ in range(samples):
+                pid, answer = self.prompts[tuple(ids)]
+                s = self.seen.get(pid, 0)
+                self.seen[pid] = s + 1
+                out.append(self.tok(self._text(pid, answer, s))["input_ids"]
+                           + [self.tok.eos_token_id])
+        return out, [True] * len(out), [-1.0] * len(out)
 
 
 def _cfg(out, *overrides):
@@ -186,6 +185,38 @@ def test_two_processes_write_the_same_set_as_one(tmp_path):
     # another config on the same directory is refused, naming the difference
     with pytest.raises(TracesDirError, match="temperature"):
         run_traces(_cfg(tmp_path / "one", *args, "temperature=0.5"))
+
+
+def test_two_jax_processes_write_the_same_set_as_one(tmp_path):
+    """Two real processes of one multi-process JAX run (jax.distributed on 127.0.0.1, CPU)
+    each sample their own groups into one directory; the data set is the one process's."""
+    import socket
+    args = ["prompts.max_prompts=6", "samples=2", "batch_size=4", "max_new_tokens=8",
+            "progress=false"]
+    one = run_traces(_cfg(tmp_path / "one", *args))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "distill_jax.cli", "traces", str(TINY),
+           f"out={tmp_path / 'two'}", *args]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**_env(tmp_path), "DISTILL_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                                   "DISTILL_JAX_NUM_PROCESSES": "2",
+                                   "DISTILL_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=300)[0])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    assert all("complete: 6 prompts, 12 samples" in o for o in outs), outs
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+    assert parts == [f"group-{g:06d}.jsonl" for g in range(3)]
+    assert one.complete
+    assert ((tmp_path / "two" / "traces.jsonl").read_text()
+            == (tmp_path / "one" / "traces.jsonl").read_text())
 
 
 def test_config_errors_are_one_line(tmp_path):

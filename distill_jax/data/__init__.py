@@ -61,6 +61,9 @@ unused id separates chunks that are not adjacent in the text (something between 
 skipped, or they are in different segments): chunk ``c + 1`` directly follows chunk ``c``
 exactly when id ``c + 1`` is present. Same-tokenizer batches have neither field.
 
+Pair records (``record: pairs``, REDI) give other rows: whole (prompt + chosen, prompt +
+rejected) pairs with a per-token ``sequence_weight`` (:mod:`distill_jax.data.pairs`).
+
 Shuffling, mixing, sharding and resumption: see :mod:`distill_jax.data.records` and
 :mod:`distill_jax.data.pipeline`. The iterator's ``bad_record_count`` (and ``stats``) counts
 skipped bad records for training metrics.
@@ -72,6 +75,7 @@ from distill_jax.data.packing import (ALIGNMENT_FIELDS, STUDENT_FIELDS, TEACHER_
                                       row_segments)
 from distill_jax.data.pipeline import (DocumentPlan, PackedDataset, PackedIterator, make_dataset,
                                        make_iterator)
+from distill_jax.data.pairs import PairIterator, TokenizedPair, make_pair_iterator, pack_pairs, tokenize_pair
 from distill_jax.data.shards import (ShardedIterator, concatenate_rows, make_process_iterator,
                                      process_shards)
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
@@ -86,6 +90,7 @@ __all__ = [
     "DocumentPlan",
     "PackedDataset",
     "PackedIterator",
+    "PairIterator",
     "Record",
     "Records",
     "STUDENT_FIELDS",
@@ -94,6 +99,7 @@ __all__ = [
     "SourceConfig",
     "TEACHER_FIELDS",
     "TokenizedDoc",
+    "TokenizedPair",
     "TokenizerInfo",
     "Tokens",
     "check_records",
@@ -101,12 +107,15 @@ __all__ = [
     "cut_point",
     "make_dataset",
     "make_iterator",
+    "make_pair_iterator",
     "make_process_iterator",
+    "pack_pairs",
     "process_shards",
     "read_records",
     "row_segments",
     "scan_records",
     "tokenize_record",
+    "tokenize_pair",
     "tokenize_records",
     "tokenizer_info",
 ]

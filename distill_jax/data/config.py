@@ -6,7 +6,7 @@ import dataclasses
 from typing import Literal, Optional
 
 Format = Literal["auto", "jsonl", "parquet", "arrow", "saved", "load_dataset"]
-RecordKind = Literal["text", "prompt_response", "chat"]
+RecordKind = Literal["text", "prompt_response", "chat", "pairs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,11 @@ class DataConfig:
         (``prompt_field`` + ``response_field``, concatenated as is), or ``chat``
         (``messages_field``: a list of ``{"role", "content"}``, rendered with the tokenizer's chat
         template; a record without it but with ``prompt_field``/``response_field`` becomes a
-        user/assistant exchange).
+        user/assistant exchange); or ``pairs``: REDI's pair records (``distill-jax traces select
+        --policy pairs``): ``messages_field`` ending with the chosen assistant reply and
+        ``rejected_field`` the rejected completion, packed as whole pairs with per-token
+        ``sequence_weight`` (:mod:`distill_jax.data.pairs`).
+      rejected_field: the rejected completion of a ``pairs`` record.
       loss_on_prompt: also train on prompt / non-assistant tokens.
       seq_len: tokens per packed student row.
       teacher_seq_len: tokens per packed teacher row in cross-tokenizer runs (None = ``seq_len``).
@@ -76,6 +80,7 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    rejected_field: str = "rejected"
     loss_on_prompt: bool = False
     seq_len: int = 512
     teacher_seq_len: Optional[int] = None

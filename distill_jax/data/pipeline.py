@@ -37,7 +37,8 @@ from distill_jax.data.records import BadRecordError, Records, read_records
 from distill_jax.data.tokenize import TokenizedDoc, tokenize_records
 from distill_jax.errors import UserError
 
-__all__ = ["DocumentPlan", "PackedDataset", "PackedIterator", "make_dataset", "make_iterator"]
+__all__ = ["DocumentGroups", "DocumentPlan", "PackedDataset", "PackedIterator", "make_dataset", "make_iterator",
+           "open_groups"]
 
 DOCS_PER_ELEMENT = 32  # documents per Grain element: amortises the transfer from worker processes
 _STATE_KEYS = ("doc_index", "token_offset", "teacher_offset", "bad_records", "dropped_docs", "batches",
@@ -76,7 +77,7 @@ class DocumentPlan:
         return epoch, int(perm[g])
 
 
-class _Groups(Sequence):
+class DocumentGroups(Sequence):
     """Grain source: element ``g`` is the local document indices ``[g * k, (g + 1) * k)``."""
 
     def __init__(self, total: int | None):
@@ -124,6 +125,19 @@ def _init_worker(index: int, count: int) -> None:
     """In each Grain worker: one tokenizer thread (the workers are the parallelism)."""
     del index, count
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def open_groups(docs: grain.MapDataset, doc_index: int, workers: int = 0):
+    """An iterator over the elements (document groups) of ``docs`` from the one holding local
+    document ``doc_index`` on, read in ``workers`` Grain worker processes when > 0 (in order);
+    and how many documents of its first element to skip."""
+    group, skip = divmod(doc_index, DOCS_PER_ELEMENT)
+    ds = docs[group:].to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if workers > 0:
+        _ensure_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=4),
+                            worker_init_fn=_init_worker)
+    return iter(ds), skip
 
 
 class PackedDataset(grain.IterDataset):
@@ -215,15 +229,7 @@ class PackedIterator(grain.DatasetIterator):
         self._buffer.clear()
 
     def _open_upstream(self) -> None:
-        group, skip = divmod(self._cursor, DOCS_PER_ELEMENT)
-        ds = self._ds.docs[group:].to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        workers = self._ds.config.workers
-        if workers > 0:
-            _ensure_absl_flags()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=4),
-                                worker_init_fn=_init_worker)
-        self._upstream = iter(ds)
-        self._skip = skip
+        self._upstream, self._skip = open_groups(self._ds.docs, self._cursor, self._ds.config.workers)
 
     def _fetch(self) -> tuple[int, TokenizedDoc | BadRecordError] | None:
         if self._upstream is None:
@@ -369,6 +375,9 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0, proce
       A Grain ``IterDataset`` of batches, each a dict of numpy arrays of shape
       ``(batch_size // process_count, seq_len)`` (see the ``distill_jax.data`` batch contract).
     """
+    if config.record == "pairs":
+        raise ValueError("pair records (data.record=pairs) pack as whole pairs: use "
+                         "distill_jax.data.pairs.make_pair_iterator (make_process_iterator picks it)")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if config.batch_size % process_count:
@@ -376,7 +385,7 @@ def make_dataset(config: DataConfig, tokenizer, *, process_index: int = 0, proce
                          f"use a multiple of {process_count}")
     records = read_records(config) if records is None else records
     plan = DocumentPlan(len(records), config, process_index, process_count)
-    docs = grain.MapDataset.source(_Groups(plan.total)).map(
+    docs = grain.MapDataset.source(DocumentGroups(plan.total)).map(
         _ReadTokenize(records, plan, config, tokenizer, teacher_tokenizer))
     return PackedDataset(config, records, docs, plan, with_teacher=teacher_tokenizer is not None,
                          process_index=process_index, process_count=process_count)

@@ -141,6 +141,12 @@ def validate_row(row: Any, config: DataConfig) -> dict[str, Any]:
         m["role"] = _as_str(_field(m, "role"), f"{config.messages_field}[{i}].role")
         m["content"] = _as_str(_field(m, "content"), f"{config.messages_field}[{i}].content")
         out.append(m)
+    if kind == "pairs":
+        if out[-1]["role"] != "assistant" or len(out) < 2:
+            raise BadRow(f"a pair record's {config.messages_field!r} must end with the chosen "
+                         "assistant reply after the prompt")
+        return {"messages": out,
+                "rejected": _as_str(_field(row, config.rejected_field), config.rejected_field)}
     return {"messages": out}
 
 
@@ -149,6 +155,8 @@ def _needed_fields(config: DataConfig) -> list[str]:
         return [config.text_field]
     if config.record == "prompt_response":
         return [config.prompt_field, config.response_field]
+    if config.record == "pairs":
+        return [config.messages_field, config.rejected_field]
     return [config.messages_field, config.prompt_field, config.response_field]
 
 

@@ -15,6 +15,7 @@ import grain
 import numpy as np
 
 from distill_jax.data.config import DataConfig
+from distill_jax.data.pairs import PAIRS, make_pair_iterator
 from distill_jax.data.pipeline import make_iterator
 
 
@@ -79,8 +80,13 @@ def process_shards(config: DataConfig, process_index: int, process_count: int
 
 def make_process_iterator(config: DataConfig, tokenizer, *, process_index: int = 0,
                           process_count: int = 1, teacher_tokenizer=None) -> ShardedIterator:
-    """The iterator of this process's rows of every global batch."""
+    """The iterator of this process's rows of every global batch (pair records, ``data.record:
+    pairs``, packed as whole pairs: :mod:`distill_jax.data.pairs`; they have no teacher
+    tokenization)."""
     local, shards = process_shards(config, process_index, process_count)
+    if config.record == PAIRS:
+        return ShardedIterator({s: make_pair_iterator(config, tokenizer, process_index=s,
+                                                      process_count=shards) for s in local})
     return ShardedIterator({
         s: make_iterator(config, tokenizer, process_index=s, process_count=shards,
                          teacher_tokenizer=teacher_tokenizer)

@@ -10,11 +10,13 @@ raised, the negative's lowered with a smaller weight, which keeps the unbounded 
 from dominating (alpha = 0 is SFT on the positives, length-normalised per sequence).
 
 Per token this is a weighted cross-entropy. The packer of pair records
-(:func:`distill_jax.traces.pack.pack_pairs`) writes a batch key ``sequence_weight``, aligned
-with ``targets`` like ``loss_mask``: ``+1/|y+|`` on the tokens of ``y+``, ``-alpha/|y-|`` on those
-of ``y-``, 0 elsewhere (prompts, padding). Then
+(:mod:`distill_jax.data.pairs`, ``data.record: pairs``) writes a batch key ``sequence_weight``,
+aligned with ``targets`` like ``loss_mask``: ``+1/|y+|`` on the tokens of ``y+``, ``-1/|y-|`` on
+those of ``y-``, 0 elsewhere (prompts, padding): the length normalisation and which side a token
+is on. The term applies ``alpha`` (``loss.redi_alpha``), so the data never holds a loss
+setting. Then, with ``a_t = w_t`` where ``w_t > 0`` and ``alpha * w_t`` where ``w_t < 0``,
 
-    sum   = sum_t w_t * (-log p_S(target_t))          (:func:`redi_sums`)
+    sum   = sum_t a_t * (-log p_S(target_t))          (:func:`redi_sums`)
     pairs = round(sum_t max(w_t, 0))                   (:func:`pair_count`)
 
 and ``L = sum / pairs``: each whole positive completion contributes exactly 1 to the count, so
@@ -41,25 +43,27 @@ def check_alpha(alpha: float) -> float:
     """``alpha`` as a float, refused outside ``[0, 1)`` with the fix."""
     alpha = float(alpha)
     if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"redi alpha must be in [0, 1) (default {DEFAULT_ALPHA}): the negative "
+        raise ValueError(f"loss.redi_alpha must be in [0, 1) (default {DEFAULT_ALPHA}): the negative "
                          f"trace's weight must stay below the positive's; got {alpha}")
     return alpha
 
 
-def pair_weights(positive_len: int, negative_len: int, alpha: float = DEFAULT_ALPHA
-                 ) -> tuple[float, float]:
-    """The per-token weights of one pair: ``(1/|y+|, -alpha/|y-|)``."""
+def pair_weights(positive_len: int, negative_len: int) -> tuple[float, float]:
+    """The per-token sequence weights of one pair: ``(1/|y+|, -1/|y-|)`` (the term scales the
+    negative side by ``alpha``)."""
     if positive_len < 1 or negative_len < 1:
         raise ValueError(f"a REDI pair needs non-empty completions, got lengths "
                          f"{positive_len} and {negative_len}")
-    return 1.0 / positive_len, -check_alpha(alpha) / negative_len
+    return 1.0 / positive_len, -1.0 / negative_len
 
 
-def redi_sums(logp_x: Array, sequence_weight_x: Array) -> Array:
-    """``sum_t w_t * (-logp_t)`` over tokens with a non-zero weight (fp32; other positions are
-    inert, also when their log-prob is not finite)."""
+def redi_sums(logp_x: Array, sequence_weight_x: Array, alpha: float = DEFAULT_ALPHA) -> Array:
+    """``sum_t a_t * (-logp_t)`` with ``a_t = w_t`` on positive weights and ``alpha * w_t`` on
+    negative ones, over tokens with a non-zero weight (fp32; other positions are inert, also
+    when their log-prob is not finite)."""
     w = sequence_weight_x.astype(jnp.float32)
-    return -jnp.sum(jnp.where(w != 0, w * logp_x.astype(jnp.float32), 0.0))
+    a = jnp.where(w > 0, w, check_alpha(alpha) * w)
+    return -jnp.sum(jnp.where(w != 0, a * logp_x.astype(jnp.float32), 0.0))
 
 
 def pair_count(sequence_weight_x: Array) -> Array:
@@ -68,10 +72,11 @@ def pair_count(sequence_weight_x: Array) -> Array:
     return jnp.round(jnp.sum(jnp.maximum(sequence_weight_x.astype(jnp.float32), 0.0)))
 
 
-def redi_loss(logp_x: Array, sequence_weight_x: Array) -> tuple[Array, dict[str, Array]]:
+def redi_loss(logp_x: Array, sequence_weight_x: Array, alpha: float = DEFAULT_ALPHA
+              ) -> tuple[Array, dict[str, Array]]:
     """The REDI loss of one batch from the student's per-target log-probs and the packer's
-    weights: ``(loss, metrics)``."""
-    total = redi_sums(logp_x, sequence_weight_x)
+    sequence weights: ``(loss, metrics)``."""
+    total = redi_sums(logp_x, sequence_weight_x, alpha)
     pairs = pair_count(sequence_weight_x)
     loss = total / jnp.maximum(pairs, 1.0)
     return loss, {kd.metric_key(REDI): loss, kd.sum_key(REDI): total, PAIRS: pairs}

@@ -155,6 +155,9 @@ CACHED_SCALARS = Signal("a teacher cache (two numbers per teacher token)",
                         BATCH_KEYS + XTOK_KEYS + XTOK_CACHE_KEYS, True, ALIGNED,
                         _prepare_cached_scalars)
 SIGNALS = (LIVE_SAME, LIVE_ALIGNED, CACHED_TOPK, CACHED_SCALARS)
+# Pair records of a teacher's verified and rejected traces (``data.record: pairs``, written by
+# ``distill-jax traces``): the teacher's signal is in the data itself, so no teacher runs.
+TRACES = Signal("teacher traces (pair records)", frozenset(), BATCH_KEYS, False, ALIGNED)
 
 
 def signal_for(vocabulary: str, cached: bool) -> Signal:
@@ -437,7 +440,8 @@ def _redi_sums(x: HeadInputs) -> dict[str, Array]:
         none_V = jnp.zeros((x.student_head.shape[-1],), bool)
         logp, _ = alm.token_stats(x.student_h, x.student_head, x.batch["targets"], none_V,
                                   softcap=x.student_softcap, chunk_size=x.chunk_size)
-    return {kd.sum_key(redi.REDI): redi.redi_sums(logp, x.batch[redi.SEQUENCE_WEIGHT])}
+    return {kd.sum_key(redi.REDI): redi.redi_sums(logp, x.batch[redi.SEQUENCE_WEIGHT],
+                                                  x.spec.redi_alpha)}
 
 
 def _redi_counts(spec, batch) -> dict[str, Array]:

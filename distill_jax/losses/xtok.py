@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import alm, kd
+from distill_jax.losses import alm, kd, redi
 
 Array = jax.Array
 
@@ -80,6 +80,8 @@ class XtokSpec:
       latents_projector: for ``alm_latents``, whether the student's hidden states pass through a
         trained linear projector to the teacher's width: None (only when the widths differ),
         True (always), False (never; the widths must be equal).
+      redi_alpha: REDI's weight of the rejected traces, in ``[0, 1)``
+        (:mod:`distill_jax.losses.redi`).
     """
 
     terms: Any = ((ALM, 1.0),)
@@ -91,6 +93,7 @@ class XtokSpec:
     uld_top_k: int | None = None
     balance: str = "none"
     latents_projector: bool | None = None
+    redi_alpha: float = redi.DEFAULT_ALPHA
 
     def __post_init__(self):
         items = self.terms.items() if isinstance(self.terms, Mapping) else self.terms
@@ -110,6 +113,7 @@ class XtokSpec:
         object.__setattr__(self, "terms", terms)
         object.__setattr__(self, "tau", float(self.tau))
         object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "redi_alpha", redi.check_alpha(self.redi_alpha))
 
     @property
     def weights(self) -> dict[str, float]:

@@ -40,6 +40,10 @@ from distill_jax.models.config import ModelConfig
 from distill_jax.models.model import Model, logits_from_hidden
 
 Array = jax.Array
+# Filtered sampling first looks for the nucleus among this many most likely tokens (a partial
+# top-k), sorting the whole vocabulary only when it is not there (the same kept set and draw
+# either way).
+NUCLEUS_CANDIDATES = 1024
 
 
 # ----------------------------------------------------------------------------- cache
@@ -130,14 +134,42 @@ def _sample_with_logprob(logits_BV: Array, key: Array, temperature: Array, top_k
         tok_B = jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
         logp_BV = jax.nn.log_softmax(x_BV, axis=-1)
         return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-    # Sorted descending; equal values keep the lower index first (as argmax does).
-    x_BV, idx_BV = jax.lax.top_k(x_BV, x_BV.shape[-1])
-    keep_BV = jnp.arange(x_BV.shape[-1])[None, :] < top_k
-    x_BV = jnp.where(keep_BV, x_BV, -jnp.inf)
-    p_BV = jax.nn.softmax(x_BV, axis=-1)
-    # Keep the smallest most-likely prefix whose mass reaches top_p (the first always).
-    keep_BV &= (jnp.cumsum(p_BV, axis=-1) - p_BV) < top_p
-    kept_BV = jnp.where(keep_BV, x_BV, -jnp.inf)
+    vocab = x_BV.shape[-1]
+    k = min(vocab, NUCLEUS_CANDIDATES)
+
+    def kept(sorted_BK, idx_BK, logz_B1):
+        """The kept (sorted) logits, -inf elsewhere, padded to (B, V): the array a full sort
+        gives, so the draw below is the same whichever path made it."""
+        keep_BK = jnp.arange(sorted_BK.shape[-1])[None, :] < top_k
+        p_BK = jnp.exp(jnp.where(keep_BK, sorted_BK, -jnp.inf) - logz_B1)
+        # Keep the smallest most-likely prefix whose mass reaches top_p (the first always).
+        keep_BK &= (jnp.cumsum(p_BK, axis=-1) - p_BK) < top_p
+        out_BK = jnp.where(keep_BK, sorted_BK, -jnp.inf)
+        pad = vocab - sorted_BK.shape[-1]
+        return (jnp.pad(out_BK, ((0, 0), (0, pad)), constant_values=-jnp.inf),
+                jnp.pad(idx_BK, ((0, 0), (0, pad))), jnp.all(~keep_BK[:, -1]) | (pad == 0))
+
+    def full(x_BV):
+        # Sorted descending; equal values keep the lower index first (as argmax does).
+        sorted_BV, idx_BV = jax.lax.top_k(x_BV, vocab)
+        ranked_BV = jnp.where(jnp.arange(vocab)[None, :] < top_k, sorted_BV, -jnp.inf)
+        return kept(sorted_BV, idx_BV, jax.nn.logsumexp(ranked_BV, axis=-1, keepdims=True))[:2]
+
+    def candidates(x_BV):
+        # Only the k most likely tokens can be kept when the nucleus ends among them: then
+        # the kept set equals the full sort's, at a fraction of its cost (a partial top-k).
+        # The normaliser needs every token top_k keeps, so this path needs top_k <= k or no
+        # top_k limit; otherwise, or if some row's nucleus reaches past k, the full sort.
+        sorted_BK, idx_BK = jax.lax.top_k(x_BV, k)
+        logz_B1 = jnp.where(top_k >= vocab, jax.nn.logsumexp(x_BV, axis=-1, keepdims=True),
+                            jax.nn.logsumexp(jnp.where(jnp.arange(k)[None, :] < top_k,
+                                                       sorted_BK, -jnp.inf),
+                                             axis=-1, keepdims=True))
+        kept_BV, idx_BV, inside = kept(sorted_BK, idx_BK, logz_B1)
+        ok = inside & ((top_k <= k) | (top_k >= vocab))
+        return jax.lax.cond(ok, lambda: (kept_BV, idx_BV), lambda: full(x_BV))
+
+    kept_BV, idx_BV = full(x_BV) if k == vocab else candidates(x_BV)
     choice_B = jax.random.categorical(key, kept_BV, axis=-1)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(kept_BV, axis=-1), choice_B[:, None],
                                  axis=-1)[:, 0]
@@ -194,17 +226,22 @@ class GenerateOutput:
 
 def decode(model: Model, tokens_BP: Array, lengths_B: Array, key: Array, temperature: Array,
            top_k: Array, top_p: Array, eos_V: Array, pad_id: Array, *, max_new_tokens: int,
-           mode: str, cache_dtype: str | None = None):
+           mode: str, cache_dtype: str | None = None, samples: int = 1,
+           model_logprobs: bool = False):
     """Prefill and the decode loop, pure and with fixed shapes (call it inside ``jax.jit``).
 
     ``tokens_BP``/``lengths_B``: left-padded prompts (module docstring); ``temperature``,
     ``top_k``, ``top_p`` and ``mode`` as :func:`sampling_args` returns them; ``eos_V`` a
     (V,) bool mask of EOS ids; ``pad_id`` what follows a row's EOS. Step ``j`` draws with
-    ``fold_in(key, j)``. Returns ``(tokens_BN, logprobs_BN, counts_B, finished_B, steps)``:
-    the generated ids (``pad_id`` after EOS), each one's log-probability under the
-    distribution it was sampled from (0 after EOS), the number of generated tokens per row,
-    whether the row emitted an EOS id, and how many decode steps ran (the loop stops early
-    once every row has finished).
+    ``fold_in(key, j)``. ``samples`` (static): completions per prompt; each prompt is
+    prefilled once and its cache shared by its ``samples`` rows (prompt ``i``'s are rows
+    ``i * samples ...``), as if each prompt were given ``samples`` times. ``model_logprobs``
+    (static): report each generated token's log-probability under the model itself
+    (temperature 1, no filters) instead of under the distribution it was drawn from.
+    Returns ``(tokens_BN, logprobs_BN, counts_B, finished_B, steps)``: the generated ids
+    (``pad_id`` after EOS), each one's log-probability (0 after EOS), the number of generated
+    tokens per row, whether the row emitted an EOS id, and how many decode steps ran (the
+    loop stops early once every row has finished).
     """
     b, p = tokens_BP.shape
     n = max_new_tokens
@@ -213,13 +250,23 @@ def decode(model: Model, tokens_BP: Array, lengths_B: Array, key: Array, tempera
     cache = init_cache(model, b, p + n - 1, cache_dtype)
 
     def pick(logits_BV, step):
-        return _sample_with_logprob(logits_BV, jax.random.fold_in(key, step), temperature,
-                                    top_k, top_p, mode=mode)
+        tok_B, logp_B = _sample_with_logprob(logits_BV, jax.random.fold_in(key, step),
+                                             temperature, top_k, top_p, mode=mode)
+        if model_logprobs:
+            logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+            logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+        return tok_B, logp_B
 
     def is_eos(tok_B):
         return eos_V[jnp.clip(tok_B, 0, vocab - 1)]
 
     logits_BV, cache = prefill(model, tokens_BP, lengths_B, cache)
+    if samples > 1:  # every prompt's rows share its prefill: (layers, batch, ...) caches
+        cache = {name: jnp.repeat(x, samples, axis=1 if name in ("k", "v") else 0) if x.ndim
+                 else x for name, x in cache.items()}
+        logits_BV = jnp.repeat(logits_BV, samples, axis=0)
+        lengths_B = jnp.repeat(jnp.asarray(lengths_B, jnp.int32), samples, axis=0)
+        b *= samples
     tok_B, logp_B = pick(logits_BV, 0)
     out_BN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
     lp_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)

@@ -1,13 +1,13 @@
 """``distill-jax traces``: sample a teacher on prompts, verify every sample, write them once.
 
-Every prompt gets ``samples`` completions from the teacher (KV-cache generation,
-:func:`distill_jax.models.generate.generate`, batched ``batch_size`` sequences per call with one
-padded prompt length for the whole prompt set, so one compilation serves the run; the teacher's
-params are sharded on the config's mesh over this process's devices). Each completion is
-scored by the teacher (its mean log-prob per completion token at temperature 1, by a separate
-forward pass over prompt + completion) and judged by the verifier against the prompt's
-reference. The records go to the output directory in committed groups
-(:mod:`distill_jax.traces.store`); one record per sample::
+Every prompt gets ``samples`` completions from the teacher (KV-cache decoding,
+:func:`distill_jax.models.generate.decode`, ``batch_size`` sequences per jitted call with one
+padded prompt length for the whole prompt set, so one compilation serves the run; each prompt
+is prefilled once for all its samples; the teacher's params are sharded on the config's mesh
+over this process's devices). Each completion is scored by the teacher as it is sampled (its
+mean log-prob per completion token at temperature 1, read from the logits each token was drawn
+from) and judged by the verifier against the prompt's reference. The records go to the output
+directory in committed groups (:mod:`distill_jax.traces.store`); one record per sample::
 
     {"prompt_id": 7, "sample": 0, "messages": [{"role": "user", "content": "..."}],
      "prompt": "...", "reference": "... #### 72", "completion": "...", "answer": "72",
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.data.pairs import encode_messages
 from distill_jax.traces.config import TracesConfig
 from distill_jax.traces.store import TracesDir
 from distill_jax.traces.verify import Verifier, make_verifier
@@ -70,22 +71,6 @@ def _split_chat(messages: Sequence[dict], where: str) -> tuple[tuple, str]:
         raise ValueError(f"{where}: a prompt record needs the reference answer as an assistant "
                          "message after the prompt (or prompt/response fields)")
     return tuple(dict(m) for m in messages[:last]), messages[last]["content"]
-
-
-def encode_messages(tokenizer: Any, messages: Sequence[dict], chat_template: bool | None) -> list[int]:
-    """Token ids of a conversation ending before the answer: the tokenizer's chat template with
-    the generation prompt (``chat_template`` None: when it has one), else the messages' text
-    joined by blank lines, with the tokenizer's special tokens."""
-    use_chat = (getattr(tokenizer, "chat_template", None) is not None if chat_template is None
-                else chat_template)
-    if use_chat:
-        enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(enc, "keys"):  # transformers may return a BatchEncoding
-            enc = enc["input_ids"]
-        return [int(t) for t in enc]
-    text = "\n\n".join(m["content"] for m in messages)
-    return [int(t) for t in tokenizer(text)["input_ids"]]
 
 
 def load_prompts(cfg: TracesConfig, tokenizer: Any) -> list[Prompt]:
@@ -125,67 +110,60 @@ def prompts_fingerprint(prompts: Sequence[Prompt]) -> str:
 class Teacher(Protocol):
     """What the traces run needs from a teacher (a model, or a test's planted one)."""
 
-    def sample(self, prompts: list[list[int]], key: jax.Array) -> tuple[list[list[int]], list[bool]]:
-        """Per prompt the generated token ids and whether generation stopped at an EOS."""
+    def sample(self, prompts: list[list[int]], samples: int, key: jax.Array
+               ) -> tuple[list[list[int]], list[bool], list[float]]:
+        """``samples`` completions of each prompt (prompt-major: prompt ``i``'s are rows
+        ``i * samples ...``): per row the generated token ids, whether generation stopped at an
+        EOS, and the teacher's mean log-prob per generated token at temperature 1."""
 
-    def mean_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
-        """Per row the teacher's mean log-prob per completion token."""
 
-
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _logprob_sums(model, tokens_BL, positions_BL, segment_ids_BL, targets_BL, mask_BL,
-                  *, chunk_size: int):
-    from distill_jax.losses.alm import token_stats
-    from distill_jax.models import hidden_states, lm_head
-    h = hidden_states(model, tokens_BL, positions=positions_BL, segment_ids=segment_ids_BL)
-    none_V = jnp.zeros((model.config.vocab_size,), bool)
-    logp, _ = token_stats(h, lm_head(model), targets_BL, none_V,
-                          softcap=model.config.final_logit_softcap, chunk_size=chunk_size)
-    return jnp.sum(jnp.where(mask_BL, logp, 0.0), axis=-1)
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "mode", "samples"))
+def _sample_scored(model, tokens_BP, lengths_B, key, temperature, top_k, top_p, eos_V, pad_id,
+                   *, max_new_tokens: int, mode: str, samples: int):
+    """:func:`distill_jax.models.generate.decode` with shared prompt prefills, returning per
+    row the generated ids, the sum of their temperature-1 log-probs, counts and EOS flags."""
+    from distill_jax.models.generate import decode
+    out_BN, lp_BN, count_B, done_B, _ = decode(
+        model, tokens_BP, lengths_B, key, temperature, top_k, top_p, eos_V, pad_id,
+        max_new_tokens=max_new_tokens, mode=mode, samples=samples, model_logprobs=True)
+    return out_BN, jnp.sum(lp_BN, axis=-1), count_B, done_B
 
 
 class ModelTeacher:
-    """A model sampled with :func:`distill_jax.models.generate.generate` and scored by a forward
-    pass. ``prompt_bucket``: the one padded prompt length (a multiple of 64 covering every
-    prompt of the run)."""
+    """A model sampled by KV-cache decoding (:func:`distill_jax.models.generate.decode`, one
+    jitted call per batch: each prompt prefilled once for all its samples, and each sampled
+    token's temperature-1 log-prob read from the logits it was drawn from, so no second pass
+    scores the completions). ``prompt_bucket``: the one padded prompt length (a multiple of 64
+    covering every prompt of the run), so one compilation serves the run."""
 
     def __init__(self, model: Any, *, max_new_tokens: int, temperature: float,
                  top_k: int | None, top_p: float | None, eos_ids: Sequence[int], pad_id: int,
                  prompt_bucket: int):
+        from distill_jax.models.generate import sampling_args
         self.model = model
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.top_k, self.top_p = top_k, top_p
         self.eos_ids, self.pad_id, self.prompt_bucket = tuple(eos_ids), pad_id, prompt_bucket
+        vocab = model.config.vocab_size
+        self._sampling = sampling_args(temperature, top_k, top_p, vocab)
+        self._eos_V = np.zeros((vocab,), bool)
+        self._eos_V[[int(e) for e in self.eos_ids if 0 <= int(e) < vocab]] = True
 
-    def sample(self, prompts, key):
-        from distill_jax.models.generate import generate
-        out = generate(self.model, prompts, max_new_tokens=self.max_new_tokens,
-                       temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                       eos_ids=self.eos_ids, pad_id=self.pad_id, seed=key,
-                       prompt_bucket=self.prompt_bucket)
-        return out.sequences, [bool(f) for f in out.finished]
-
-    def mean_logprobs(self, prompts, completions):
-        b = len(prompts)
-        total = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        # one shape for the run (prompts fit the bucket, completions max_new_tokens): one compile
-        length = max(self.prompt_bucket + self.max_new_tokens, total)
-        tokens = np.zeros((b, length), np.int32)
-        targets = np.zeros((b, length), np.int32)
-        mask = np.zeros((b, length), bool)
-        seg = np.zeros((b, length), np.int32)
-        pos = np.zeros((b, length), np.int32)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            row = list(p) + list(c)
-            n = len(row)
-            tokens[i, :n] = row
-            targets[i, :n - 1] = row[1:]
-            mask[i, len(p) - 1:n - 1] = True  # positions predicting the completion's tokens
-            seg[i, :n] = 1
-            pos[i, :n] = np.arange(n)
-        sums = np.asarray(_logprob_sums(self.model, tokens, pos, seg, targets, mask,
-                                        chunk_size=512))
-        return [float(s) / max(len(c), 1) for s, c in zip(sums, completions)]
+    def sample(self, prompts, samples, key):
+        lengths = np.asarray([len(p) for p in prompts], np.int32)
+        width = max(self.prompt_bucket, -(-int(lengths.max()) // 64) * 64)
+        tokens = np.zeros((len(prompts), width), np.int32)  # left-padded (token 0: masked)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = p
+        mode, temperature, top_k, top_p = self._sampling
+        out, lp_sum, count, done = _sample_scored(
+            self.model, tokens, lengths, key, temperature, top_k, top_p, self._eos_V,
+            jnp.int32(self.pad_id), max_new_tokens=self.max_new_tokens, mode=mode,
+            samples=int(samples))
+        out, lp_sum, count, done = (np.asarray(a) for a in (out, lp_sum, count, done))
+        seqs = [out[i, :count[i]].tolist() for i in range(len(out))]
+        return (seqs, [bool(f) for f in done],
+                [float(s) / max(int(n), 1) for s, n in zip(lp_sum, count)])
 
 
 def load_teacher(cfg: TracesConfig, tokenizer: Any, prompt_bucket: int) -> ModelTeacher:
@@ -294,27 +272,45 @@ def manifest(cfg: TracesConfig, prompts: Sequence[Prompt], tokenizer: Any) -> di
 
 def group_records(group: int, prompts: Sequence[Prompt], cfg: TracesConfig, teacher: Teacher,
                   tokenizer: Any, verifier: Verifier) -> tuple[list[dict], int]:
-    """Sample, score and verify every completion of one group; (records, generated tokens)."""
-    rows = [(p, s) for p in prompts for s in range(cfg.samples)]
+    """Sample, score and verify every completion of one group; (records, generated tokens).
+
+    With ``samples <= batch_size`` one call samples every prompt of the group ``samples``
+    times (each prompt prefilled once); otherwise each call samples ``batch_size`` completions
+    of the group's one prompt. Calls always have the same shape (a short group repeats its
+    first prompt): one compilation for the run."""
     key = jax.random.fold_in(jax.random.key(cfg.seed), group)
+    if cfg.samples <= cfg.batch_size:
+        per, samples_per_call, calls = cfg.batch_size // cfg.samples, cfg.samples, 1
+    else:
+        per, samples_per_call = 1, cfg.batch_size
+        calls = -(-cfg.samples // cfg.batch_size)
+    rows: list[tuple[Prompt, int, list[int], bool, float]] = []
+    for c in range(calls):
+        ids = [list(p.tokens) for p in prompts] + [list(prompts[0].tokens)] * (per - len(prompts))
+        seqs, finished, logps = teacher.sample(ids, samples_per_call, jax.random.fold_in(key, c))
+        for i, p in enumerate(prompts):
+            for j in range(samples_per_call):
+                s = c * samples_per_call + j
+                if s < cfg.samples:
+                    r = i * samples_per_call + j
+                    rows.append((p, s, seqs[r], finished[r], logps[r]))
     records, generated = [], 0
-    for c, start in enumerate(range(0, len(rows), cfg.batch_size)):
-        chunk = rows[start:start + cfg.batch_size]
-        # full calls only (repeating the first row): one compiled shape for the whole run
-        ids = [list(p.tokens) for p, _ in chunk]
-        ids += [ids[0]] * (cfg.batch_size - len(chunk))
-        seqs, finished = teacher.sample(ids, jax.random.fold_in(key, c))
-        seqs, finished = seqs[:len(chunk)], finished[:len(chunk)]
-        logps = teacher.mean_logprobs(ids[:len(chunk)], seqs)
-        for (p, s), seq, fin, lp in zip(chunk, seqs, finished, logps):
-            text = tokenizer.decode(seq, skip_special_tokens=True)
-            records.append({
-                "prompt_id": p.id, "sample": s, "messages": list(p.messages),
-                "prompt": p.text, "reference": p.reference, "completion": text,
-                "answer": verifier.answer(text), "verdict": verifier(text, p.reference),
-                "mean_logprob": lp, "length": len(seq), "finished": fin})
-            generated += len(seq)
+    for p, s, seq, fin, lp in rows:
+        text = tokenizer.decode(seq, skip_special_tokens=True)
+        records.append({
+            "prompt_id": p.id, "sample": s, "messages": list(p.messages),
+            "prompt": p.text, "reference": p.reference, "completion": text,
+            "answer": verifier.answer(text), "verdict": verifier(text, p.reference),
+            "mean_logprob": lp, "length": len(seq), "finished": fin})
+        generated += len(seq)
     return records, generated
+
+
+def _barrier(active: bool, name: str) -> None:
+    """Wait for every process of the JAX run (when ``active``)."""
+    if active:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: Any = None,
@@ -329,11 +325,19 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer_path())
     prompts = load_prompts(cfg, tokenizer)
     out = TracesDir(cfg.out)
-    out.open(manifest(cfg, prompts, tokenizer))
-    per = cfg.prompts_per_group
-    num_groups = -(-len(prompts) // per)
     index = jax.process_index() if cfg.process_index is None else cfg.process_index
     count = jax.process_count() if cfg.process_count is None else cfg.process_count
+    # In a multi-process JAX run the processes meet twice: once the first has created the
+    # directory (the others then only check its manifest), and once every group is written
+    # (so the last one to finish is never missed and the data set is written once).
+    together = cfg.process_index is None and count > 1
+    if index == 0 or not together:
+        out.open(manifest(cfg, prompts, tokenizer))
+    _barrier(together, "traces: directory created")
+    if index != 0 and together:
+        out.open(manifest(cfg, prompts, tokenizer))
+    per = cfg.prompts_per_group
+    num_groups = -(-len(prompts) // per)
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if g not in out.done_groups()]
     generated, t0 = 0, time.perf_counter()
@@ -360,11 +364,12 @@ def run_traces(cfg: TracesConfig, *, teacher: Teacher | None = None, tokenizer: 
                              f"{generated / max(dt, 1e-9):.1f} tokens/s, eta {eta:.0f} s\n")
                 stream.flush()
     wall = time.perf_counter() - t0 if todo else 0.0
+    _barrier(together, "traces: groups written")
     complete = len(out.done_groups() & set(range(num_groups))) == num_groups
     records = [r for g in sorted(out.done_groups()) if g < num_groups for r in out.read_part(g)]
     summary = summarize(records, out=str(cfg.out), complete=complete, generated_tokens=generated,
                         wall_s=wall)
-    if complete:
+    if complete and (index == 0 or not together):
         stats = {k: v for k, v in summary.as_dict().items()
                  if k not in ("generated_tokens", "wall_s", "tokens_per_s", "out")}
         out.finalize(num_groups, stats)

@@ -224,9 +224,15 @@ class RunSetup:
     def eval_step(self):
         """``(params, teacher_params, batch) -> (sums, counts)`` with the live teacher (held-out
         data is never cached); :meth:`means` finishes."""
-        return make_step(self.student_cfg, self.teacher_cfg, self.spec,
-                         terms.signal_for(self.vocabulary, False),
+        return make_step(self.student_cfg, self.teacher_cfg, self.spec, self.eval_signal,
                          chunk_size=self.cfg.loss.chunk_size, **self.xtok_args)
+
+    @property
+    def eval_signal(self) -> terms.Signal:
+        """Held-out data's signal: the run's traces, else its terms' live teacher."""
+        if self.signal is terms.TRACES:
+            return self.signal
+        return terms.signal_for(self.vocabulary, False)
 
     def means(self, sums, counts):
         """Metrics (means, sums, counts) from sums and counts added over batches."""
@@ -243,6 +249,8 @@ def run_signal(cfg: RunConfig, cached: bool, tokenizer=None) -> terms.Signal:
         return onpolicy.onpolicy_signal(
             cfg.onpolicy.settings(tokenizer) if tokenizer is not None
             else onpolicy.OnPolicySettings())
+    if cfg.data.record == data.pairs.PAIRS:
+        return terms.TRACES
     vocabulary = terms.ALIGNED if cfg.loss.cross_tokenizer else terms.SHARED
     return terms.signal_for(vocabulary, cached)
 
@@ -260,7 +268,7 @@ def make_evaluator(setup: RunSetup, batch_sharding):
     eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
                                     num_epochs=None, workers=0)
     step = jax.jit(setup.eval_step())
-    keys = terms.batch_keys(terms.signal_for(setup.vocabulary, False), cfg.loss.terms)
+    keys = terms.batch_keys(setup.eval_signal, cfg.loss.terms)
 
     def evaluate(params, teacher_params) -> dict[str, float]:
         iterator = setup.data_iterator(eval_data)
