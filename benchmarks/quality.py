@@ -7,8 +7,9 @@ randomness). Every method trains the same student for the same steps on the same
 
   same tokenizer (configs/demo.yaml):  ce (baseline), fkl_live, fkl_cache_k8, fkl_cache_k64,
                                        rkl, jsd (each divergence + the recipe's CE weight)
-  Mistral tokenizer, FVT embeddings    sft (baseline), alm, alm_sft, uld, mined, dskd (each
-  (configs/demo_xtok.yaml):            + sft but alm), ALM from the teacher cache, the others live
+  Mistral tokenizer, FVT embeddings    sft (baseline), alm, alm_sft, uld, mined, mined_exact,
+  (configs/demo_xtok.yaml):            dskd (each + sft but alm), ALM from the teacher cache,
+                                       the others live
 
 ``--transfer``: tokenizer transfer instead -- all 30 layers moved to the Mistral tokenizer by
 FVT, then ALM self-distillation (alm + sft) vs sft alone; reports the share of the
@@ -48,13 +49,15 @@ SPREAD_FILE = demo.SPREAD_FILE
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training recipe: the demo recipe it starts from, its loss terms (``divergence``
-    weighted 1, plus the recipe's CE / sft weight when ``mix``), and whether the teacher comes
-    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher)."""
+    weighted 1, plus the recipe's CE / sft weight when ``mix``), whether the teacher comes
+    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher), and any further
+    config ``overrides`` (``key=value``)."""
 
     recipe: str  # "same" or "xtok"
     terms: dict[str, float]
     k: int | None
     label: str
+    overrides: tuple[str, ...] = ()
 
 
 def methods(mix: float) -> dict[str, Method]:
@@ -75,6 +78,9 @@ def methods(mix: float) -> dict[str, Method]:
         "uld": Method("xtok", {"uld": 1.0, "sft": 1.0}, None, "ULD + sft, live teacher"),
         "mined": Method("xtok", {"mined": 1.0, "sft": 1.0}, None, "MinED + sft, live teacher"),
         "dskd": Method("xtok", {"dskd": 1.0, "sft": 1.0}, None, "DSKD + sft, live teacher"),
+        "mined_exact": Method("xtok", {"mined": 1.0, "sft": 1.0}, None,
+                              "exact-match KD + sft (same-bytes tokens, rest bucketed), live "
+                              "teacher", ("loss.mined_mapping=exact",)),
     }
 
 
@@ -199,7 +205,7 @@ class Bench:
         m = self.table[method]
         recipe = demo.SAME_CONFIG if m.recipe == "same" else demo.XTOK_CONFIG
         cache = None if not m.k else self.run_dir / f"teacher_cache_k{m.k}"
-        extra = [f"loss.terms={json.dumps(m.terms)}"] + self.extra
+        extra = [f"loss.terms={json.dumps(m.terms)}", *m.overrides] + self.extra
         extra += [f"cache.k={m.k}"] if m.k else []
         return demo.run_config(recipe, self.run_dir / method / f"seed{seed}", self.data, cache,
                                seed=seed, steps=self.steps, eval_split=eval_split, extra=extra)

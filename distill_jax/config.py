@@ -139,7 +139,10 @@ class LossConfig:
     (``binary_ce``, ``abs``, ``reverse_binary_kl``), ``alm_tau`` (binarisation temperature),
     ``alm_append_space`` (boundary debias), ``alm_merge_threshold`` (merge chunks until the
     teacher's word-boundary probability exceeds it; null: no merging). ``uld_top_k`` truncates
-    ULD's sorted distributions (null: exact). ``temperature`` applies to the baselines.
+    ULD's sorted distributions (null: exact). ``mined_mapping``: ``nearest`` (MinED: every
+    student token to the teacher token nearest in edit distance, renormalised) or ``exact``
+    (only tokens with the same bytes on both sides, and one bucket for each side's other
+    mass). ``temperature`` applies to the baselines.
     ``balance: gradmag`` reweighs the terms every step by their gradient magnitude at the
     student's last-layer output (GradMag), so each moves it in proportion to its weight.
     ``redi_alpha``: the weight of the rejected traces in ``redi`` (in [0, 1); pair records,
@@ -157,6 +160,7 @@ class LossConfig:
     alm_append_space: bool = True
     alm_merge_threshold: Optional[float] = 0.1
     uld_top_k: Optional[int] = None
+    mined_mapping: Literal["nearest", "exact"] = "nearest"
     balance: Literal["none", "gradmag"] = "none"
     latents_projector: Optional[bool] = None
     redi_alpha: float = 0.8
@@ -187,6 +191,7 @@ class LossConfig:
                             append_space=self.alm_append_space,
                             merge_threshold=self.alm_merge_threshold,
                             temperature=self.temperature, uld_top_k=self.uld_top_k,
+                            mined_exact=self.mined_mapping == "exact",
                             balance=self.balance, latents_projector=self.latents_projector,
                             redi_alpha=self.redi_alpha)
         from distill_jax.losses import LossSpec, terms

@@ -265,6 +265,64 @@ def test_mined_masking_and_gradients():
     assert bool(jnp.all(g_t == 0))
 
 
+def _ref_mined_bucket(zs, zt, mapping, w, temperature=1.0):
+    """float64: per pair, KL over (each matched student id's teacher/student probability, and
+    one bucket with each side's remaining mass), times T^2, weighted."""
+    total, count = 0.0, 0.0
+    live = mapping >= 0
+    for idx in np.ndindex(w.shape):
+        if w[idx] <= 0:
+            continue
+        pt, ps = _softmax64(zt[idx], temperature), _softmax64(zs[idx], temperature)
+        p = np.append(pt[mapping[live]], 1.0 - pt[mapping[live]].sum())
+        q = np.append(ps[live], 1.0 - ps[live].sum())
+        kl = sum(a * (np.log(a) - np.log(b)) for a, b in zip(p, q) if a > 0)
+        total += w[idx] * temperature ** 2 * kl
+        count += w[idx]
+    return total, count
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_mined_exact_bucket_matches_numpy(temperature):
+    zs, zt, w = _pairs(12, 29, 41)
+    rng = np.random.default_rng(13)
+    mapping = np.full(29, -1, np.int32)
+    ids = rng.choice(29, 18, replace=False)
+    mapping[ids] = rng.choice(41, 18, replace=False)        # injective, 11 unmatched ids
+    fn = jax.jit(functools.partial(X.mined_sums, temperature=temperature, bucket=True))
+    out = fn(zs, zt, mapping, w)
+    ref_sum, ref_count = _ref_mined_bucket(zs, zt, mapping, w, temperature)
+    np.testing.assert_allclose(out["sum"], ref_sum, rtol=3e-6)
+    np.testing.assert_allclose(out["count"], ref_count, rtol=1e-6)
+    # Gradients: finite, zero at masked pairs, and equal to float64 finite differences.
+    g = jax.grad(lambda a: fn(a, zt, mapping, w)["sum"])(zs)
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(g[0, 1] == 0))
+    eps = 1e-3
+    for idx in [(1, 2, 0), (2, 0, int(ids[0])), (1, 1, int(np.flatnonzero(mapping < 0)[0]))]:
+        a, b = zs.astype(np.float64).copy(), zs.astype(np.float64).copy()
+        a[idx] += eps
+        b[idx] -= eps
+        fd = (_ref_mined_bucket(a, zt, mapping, w, temperature)[0]
+              - _ref_mined_bucket(b, zt, mapping, w, temperature)[0]) / (2 * eps)
+        assert float(g[idx]) == pytest.approx(fd, rel=1e-3, abs=1e-5)
+
+
+def test_mined_exact_bucket_is_forward_kl_for_the_identity_map():
+    zs, zt, w = _pairs(14, 33, 33)
+    out = X.mined_sums(zs, zt, np.arange(33, dtype=np.int32), w, temperature=1.3, bucket=True)
+    _, metrics = kd.forward_kl(zs, zt, w, temperature=1.3)
+    np.testing.assert_allclose(out["sum"], metrics[kd.sum_key(kd.FORWARD_KL)], rtol=1e-5)
+
+
+def test_mined_mapping_exact_keeps_only_same_bytes_and_is_injective():
+    sp, bl = _tiny_tokenizers()
+    mapping = X.mined_mapping(sp, bl, student_vocab_size=13, exact=True)
+    # as the nearest map, but "s", "▁dogs" and "▁" (no same-bytes teacher token) map to -1
+    assert mapping.tolist() == [-1, 1, 0, 3, 4, 2, 5, -1, -1, -1, 8, -1, -1]
+    live = mapping[mapping >= 0]
+    assert len(set(live.tolist())) == len(live)
+
+
 def test_mined_checks_the_mapping():
     zs, zt, w = _pairs(9, 10, 12)
     with pytest.raises(ValueError, match="student_vocab_size=10"):

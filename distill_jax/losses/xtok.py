@@ -74,6 +74,8 @@ class XtokSpec:
         this (None: no merging).
       temperature: softmax temperature of the baselines' distributions.
       uld_top_k: truncate ULD's sorted probability vectors to their top k (None: exact).
+      mined_exact: ``mined`` through the exact-match map with a rest bucket on each side
+        (``xtok_baselines.mined_sums(..., bucket=True)``) instead of MinED's nearest-token map.
       balance: ``none`` (the configured weights) or ``gradmag`` (weights set every step so each
         term's gradient at the last layer's output has a size proportional to its weight;
         see :func:`balance_weights`).
@@ -91,6 +93,7 @@ class XtokSpec:
     merge_threshold: float | None = 0.1
     temperature: float = 1.0
     uld_top_k: int | None = None
+    mined_exact: bool = False
     balance: str = "none"
     latents_projector: bool | None = None
     redi_alpha: float = redi.DEFAULT_ALPHA
@@ -252,7 +255,8 @@ def pair_sums(spec: XtokSpec, name: str, hs_BCD: Array, head_s: Array, ht_BCD: A
             out = xtok_baselines.uld_sums(zs, zt, c["w"], temperature=spec.temperature,
                                           top_k=spec.uld_top_k)
         else:
-            out = xtok_baselines.mined_sums(zs, zt, mined_map, c["w"], temperature=spec.temperature)
+            out = xtok_baselines.mined_sums(zs, zt, mined_map, c["w"], temperature=spec.temperature,
+                                            bucket=spec.mined_exact)
         return out["sum"]
 
     return chunked_sums(pair_sum, jnp.zeros((), jnp.float32), xs, chunk_size)

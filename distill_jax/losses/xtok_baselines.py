@@ -236,7 +236,7 @@ def project_teacher_logits(teacher_logits_xW: Array, mapping_V: Array) -> Array:
 
 
 def mined_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Array, w_x: Array,
-               *, temperature: float = 1.0) -> dict[str, Array]:
+               *, temperature: float = 1.0, bucket: bool = False) -> dict[str, Array]:
     """Masked sum and count of ``T^2 KL(p_T projected || p_S)`` through a MinED mapping.
 
     Args:
@@ -246,11 +246,19 @@ def mined_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Ar
         least one entry must be >= 0. Every entry must be < W.
       w_x: (...) bool or float pair weights.
       temperature: T > 0; both sides use ``softmax(logits / T)`` and the KL is scaled by T^2.
+      bucket: the exact-match form (``mined_mapping(..., exact=True)``, an injective map):
+        no renormalisation; each side's distribution over the matched tokens plus one bucket
+        holding the rest of its own mass (the teacher's on tokens outside the map's image,
+        the student's on unmatched ids), and the KL over those outcomes, as the cache's tail
+        bucket does for a top-k teacher.
 
     Returns:
       ``{"sum": ..., "count": ...}`` fp32 scalars.
     """
     kd.check_temperature(temperature)
+    if bucket:
+        return _mined_bucket_sums(student_logits_xV, teacher_logits_xW, mapping_V, w_x,
+                                  temperature)
     w_x = _pair_weights(student_logits_xV, teacher_logits_xW, w_x)
     if jnp.shape(mapping_V) != (student_logits_xV.shape[-1],):
         raise ValueError(f"mapping has shape {jnp.shape(mapping_V)} but the student vocabulary "
@@ -267,6 +275,33 @@ def mined_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Ar
         zt_xV = zt_xV / temperature
     logt_xV = jax.nn.log_softmax(zt_xV, axis=-1)
     per_pair = kd.kl_divergence(logt_xV, logs_xV) * temperature ** 2
+    return _sums(per_pair, w_x)
+
+
+def _mined_bucket_sums(student_logits_xV: Array, teacher_logits_xW: Array, mapping_V: Array,
+                       w_x: Array, temperature: float) -> dict[str, Array]:
+    from distill_jax.losses.sparse import safe_logsumexp
+    w_x = _pair_weights(student_logits_xV, teacher_logits_xW, w_x)
+    mapping_V = jnp.asarray(mapping_V).astype(jnp.int32)
+    if mapping_V.shape != (student_logits_xV.shape[-1],):
+        raise ValueError(f"mapping has shape {mapping_V.shape} but the student vocabulary is "
+                         f"{student_logits_xV.shape[-1]}; build it with mined_mapping(..., "
+                         f"exact=True, student_vocab_size={student_logits_xV.shape[-1]})")
+    matched_V = mapping_V >= 0
+    width = teacher_logits_xW.shape[-1]
+    in_image_W = jnp.zeros((width,), bool).at[jnp.where(matched_V, mapping_V, width)].set(
+        True, mode="drop")
+    logs_xV = kd.log_probs(student_logits_xV, w_x, temperature)
+    zt_xW = kd.masked_logits(jax.lax.stop_gradient(teacher_logits_xW), w_x)
+    logt_xW = jax.nn.log_softmax(zt_xW.astype(jnp.float32) / temperature, axis=-1)
+    logt_xV = jnp.where(matched_V, jnp.take(logt_xW, jnp.maximum(mapping_V, 0), axis=-1),
+                        -jnp.inf)
+    logs_m_xV = jnp.where(matched_V, logs_xV, -jnp.inf)
+    rest_t = safe_logsumexp(jnp.where(in_image_W, -jnp.inf, logt_xW))
+    rest_s = safe_logsumexp(jnp.where(matched_V, -jnp.inf, logs_xV))
+    logp = jnp.concatenate([logt_xV, rest_t[..., None]], axis=-1)
+    logq = jnp.concatenate([logs_m_xV, rest_s[..., None]], axis=-1)
+    per_pair = kd.kl_divergence(logp, logq) * temperature ** 2
     return _sums(per_pair, w_x)
 
 
@@ -302,7 +337,7 @@ def token_byte_strings(tokenizer) -> tuple[list[bytes | None], frozenset[int]]:
 
 
 def mined_mapping(student_tokenizer, teacher_tokenizer, *,
-                  student_vocab_size: int | None = None) -> np.ndarray:
+                  student_vocab_size: int | None = None, exact: bool = False) -> np.ndarray:
     """The MinED map: for every student id, the teacher id of the closest token (see module doc).
 
     Regular tokens: an exact byte match, else minimal Levenshtein distance over bytes, ties to the
@@ -314,6 +349,9 @@ def mined_mapping(student_tokenizer, teacher_tokenizer, *,
         ``distill_jax.tokenizer.load_tokenizer`` returns).
       student_vocab_size: the student's logit width V when it is padded beyond the tokenizer;
         ids without a token map to -1. Default: the tokenizer's size.
+      exact: only exact byte matches (and special tokens by content or role); every other
+        student id maps to -1, and the map is made injective (of several student ids with the
+        same teacher id, the lowest keeps it), as ``mined_sums(..., bucket=True)`` needs.
 
     Returns:
       (V,) int32 teacher ids, -1 where a student id has no counterpart.
@@ -327,7 +365,7 @@ def mined_mapping(student_tokenizer, teacher_tokenizer, *,
     mapping = np.full((size,), NO_MATCH, np.int32)
     s_regular = [None if i in s_special else b for i, b in enumerate(s_bytes)]
     t_regular = [None if i in t_special else b for i, b in enumerate(t_bytes)]
-    mapping[:len(s_bytes)] = nearest_tokens(s_regular, t_regular)
+    mapping[:len(s_bytes)] = nearest_tokens(s_regular, t_regular, exact_only=exact)
     t_by_content = {}
     for i in sorted(t_special):
         t_by_content.setdefault(t_bytes[i], i)
@@ -340,15 +378,23 @@ def mined_mapping(student_tokenizer, teacher_tokenizer, *,
                     target = t_role
                     break
         mapping[i] = target
+    if exact:  # injective: the first student id keeps a shared teacher id
+        seen: set[int] = set()
+        for i, t in enumerate(mapping.tolist()):
+            if t >= 0:
+                if t in seen:
+                    mapping[i] = NO_MATCH
+                seen.add(t)
     return mapping
 
 
 def nearest_tokens(student_tokens: Sequence[bytes | None],
-                   teacher_tokens: Sequence[bytes | None]) -> np.ndarray:
+                   teacher_tokens: Sequence[bytes | None], *, exact_only: bool = False
+                   ) -> np.ndarray:
     """For each student byte string, the index of the nearest teacher byte string.
 
     Exact matches first; otherwise minimal Levenshtein distance (unit-cost insertion, deletion and
-    substitution of bytes), ties broken by the lowest teacher index. None entries are not tokens:
+    substitution of bytes), ties broken by the lowest teacher index (``exact_only``: -1 instead). None entries are not tokens:
     a None student entry maps to -1 and a None teacher entry is never chosen.
 
     Returns:
@@ -373,7 +419,7 @@ def nearest_tokens(student_tokens: Sequence[bytes | None],
         else:
             queries.append(bytes(b))
             query_rows.append(row)
-    if queries:
+    if queries and not exact_only:
         out[np.array(query_rows)] = cand_ids[_nearest_by_edit_distance(queries, cands)]
     return out
 

@@ -191,7 +191,8 @@ class RunSetup:
             if terms.VOCAB_MAP in terms.needs(spec.weights):
                 from distill_jax.losses.xtok_baselines import mined_mapping
                 args["mined_map"] = mined_mapping(tokenizer, teacher_tokenizer,
-                                                 student_vocab_size=student_cfg.vocab_size)
+                                                 student_vocab_size=student_cfg.vocab_size,
+                                                 exact=spec.mined_exact)
             self.xtok_args = args
 
     @property
