@@ -152,3 +152,29 @@ def test_cli_trains_the_tiny_config(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "teacher_logprob=" in err and "cut_tokens=" in err
     assert checkpoint.latest_step(tmp_path / "run" / "checkpoints") == 2
+
+
+def test_mixing_draws():
+    """The draws: mix=batch one per step for the whole batch, mix=row one per row of the global
+    batch (two processes' rows are the one-process run's halves), lmbda 0 never and 1 always,
+    the share of sampled rows near lmbda, and the same draws for the same seed and step."""
+    def batches(lmbda, mix, p=0, n=1, rows=8, seed=0):
+        return onpolicy.XtokBatches(None, None, lmbda=lmbda, mix=mix, seed=seed, rows=rows,
+                                    sample=None, student_tokenizer=None, teacher_tokenizer=None,
+                                    config=None, process_index=p, process_count=n)
+    one = batches(0.5, "row")
+    halves = [batches(0.5, "row", p, 2, rows=4) for p in (0, 1)]
+    for step in range(20):
+        np.testing.assert_array_equal(one.draws(step), np.concatenate(
+            [h.draws(step) for h in halves]))
+        b = batches(0.5, "batch").draws(step)
+        assert b.all() or not b.any()
+    rows = np.concatenate([one.draws(s) for s in range(500)])
+    assert abs(rows.mean() - 0.5) < 0.03
+    steps = np.asarray([batches(0.3, "batch").draws(s)[0] for s in range(1000)])
+    assert abs(steps.mean() - 0.3) < 0.05
+    for mix in ("batch", "row"):
+        assert not any(batches(0.0, mix).draws(s).any() for s in range(50))
+        assert all(batches(1.0, mix).draws(s).all() for s in range(50))
+    assert not np.array_equal(np.concatenate([one.draws(s) for s in range(5)]), np.concatenate(
+        [batches(0.5, "row", seed=1).draws(s) for s in range(5)]))

@@ -19,9 +19,9 @@ Mixing (``lmbda``, GKD's meaning): the share of rows that are the student's samp
 rows are the off-policy pipeline's own packed cross-tokenizer rows of the same data (a second,
 independent stream over the records). ``mix="batch"`` draws once per step (the whole batch is
 sampled with probability ``lmbda``: GKD's Algorithm 1, TRL's ``GKDTrainer``), ``mix="row"``
-once per row. The draws are made on the host from ``(seed, step)`` (and the process for
-``row``), so every process agrees on a batch draw, no device value is waited for, and a
-resumed run draws what the uninterrupted one did. A stream is read only on a step that uses
+once per row of the global batch. The draws are made on the host from ``(seed, step)``, so
+every process agrees on them (the global batch does not depend on the process count), no
+device value is waited for, and a resumed run draws what the uninterrupted one did. A stream is read only on a step that uses
 it: ``lmbda = 0`` reads only the pipeline, exactly as the off-policy run does (same batches,
 same step, same updates), ``lmbda = 1`` only prompts. Both streams' positions are checkpointed
 (:class:`XtokBatches` state).
@@ -137,13 +137,15 @@ class XtokBatches(grain.DatasetIterator):
     ``prompts``: the prompt stream (None when ``lmbda`` is 0); ``data``: the off-policy
     pipeline's cross-tokenizer batches (None when ``lmbda`` is 1); ``sample``: phase 1
     (:func:`make_sampler`); the tokenizers, ``config`` (the data config: row lengths, record
-    kind) and ``stop_ids`` (the rollout's stop ids besides the student's EOS) are phase 2's.
+    kind) and ``stop_ids`` (the rollout's stop ids besides the student's EOS) are phase 2's;
+    ``rows`` is this process's share of the global batch (process ``process_index`` of
+    ``process_count``).
     :meth:`next_batch` makes step ``step``'s batch; ``get_state``/``set_state`` hold both
     streams' positions."""
 
     def __init__(self, prompts, data, *, lmbda: float, mix: str, seed: int, rows: int,
                  sample: Callable, student_tokenizer, teacher_tokenizer, config: DataConfig,
-                 stop_ids=(), process_index: int = 0):
+                 stop_ids=(), process_index: int = 0, process_count: int = 1):
         super().__init__()
         if mix not in ("batch", "row"):
             raise ValueError(f"onpolicy.mix must be 'batch' or 'row', got {mix!r}")
@@ -151,7 +153,7 @@ class XtokBatches(grain.DatasetIterator):
         self.lmbda, self.mix, self.seed, self.rows = float(lmbda), mix, int(seed), int(rows)
         self.sample, self.config, self.stop_ids = sample, config, tuple(stop_ids)
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
-        self.process_index = process_index
+        self.process_index, self.process_count = process_index, process_count
         self.seconds = {TIME_ROLLOUT: 0.0, TIME_RETOKENIZE: 0.0}
 
     def draws(self, step: int) -> np.ndarray:
@@ -159,8 +161,12 @@ class XtokBatches(grain.DatasetIterator):
         if self.mix == "batch":
             u = np.random.default_rng([self.seed, MIX_SALT, step]).random()
             return np.full(self.rows, u < self.lmbda)
-        rng = np.random.default_rng([self.seed, MIX_SALT, step, 1 + self.process_index])
-        return rng.random(self.rows) < self.lmbda
+        # one draw per row of the global batch, this process's rows sliced out (its shards'
+        # rows are rows process_index * rows ... of the global batch), so the batch does not
+        # depend on the process count
+        u = np.random.default_rng([self.seed, MIX_SALT, step]).random(
+            self.rows * self.process_count)
+        return u[self.process_index * self.rows:(self.process_index + 1) * self.rows] < self.lmbda
 
     def next_batch(self, step: int, params: Any, rng: Any) -> dict[str, np.ndarray]:
         """Step ``step``'s batch (this process's rows): samples of the student with ``params``

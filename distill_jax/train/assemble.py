@@ -367,7 +367,7 @@ class Run:
                                            ndim), SIGNAL_SALT),
             student_tokenizer=self.tokenizer, teacher_tokenizer=self.teacher_tokenizer,
             config=data_cfg, stop_ids=tuple(e for e in s.eos_ids if e != eos),
-            process_index=jax.process_index())
+            process_index=jax.process_index(), process_count=jax.process_count())
 
     def next_batch(self, iterator, state: TrainState, step: int) -> dict[str, np.ndarray]:
         """This process's batch for step ``step`` (0-based) from ``iterator``
