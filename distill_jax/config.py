@@ -268,13 +268,15 @@ class OnPolicyConfig:
     teacher, ``distill_jax.onpolicy.xtok_train``).
 
     ``lmbda`` (GKD's name and meaning): the share of rows filled with the student's samples
-    instead of the dataset's reference completion; ``mix``: ``batch`` (one draw per step: the
-    whole batch is sampled with probability lmbda, as GKD and TRL) or ``row`` (one draw per
-    row). The rollout: up to ``max_new_tokens`` tokens at ``temperature`` (0: greedy), with
+    instead of the dataset's reference completion (across tokenizers: instead of the
+    off-policy pipeline's packed rows); ``mix``: ``batch`` (one draw per step: the whole batch
+    is sampled with probability lmbda, as GKD and TRL) or ``row`` (one draw per row). The
+    rollout: up to ``max_new_tokens`` tokens at ``temperature`` (0: greedy), with
     ``top_p``/``top_k`` filters (null: none), stopping at ``eos_ids`` (null: the tokenizer's
     EOS and its chat template's end-of-turn token). Prompts are left-padded to the smallest of
     ``prompt_buckets`` that holds them (one compilation per bucket); a training row is
-    ``bucket + max_new_tokens`` tokens."""
+    ``bucket + max_new_tokens`` tokens (across tokenizers: ``data.seq_len`` and
+    ``data.teacher_seq_len``, which should hold a prompt and its completion)."""
 
     lmbda: float = 0.5
     mix: Literal["batch", "row"] = "batch"
