@@ -296,19 +296,22 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OnPolicyConfig:
-    """On-policy distillation (same tokenizer; see ``distill_jax.onpolicy``): each step the
-    student completes the batch's prompts and the live teacher grades its samples through the
-    loss terms (``reverse_kl`` is GKD's on-policy objective, ``sampled_reverse_kl`` the
-    one-sample estimate).
+    """On-policy distillation (see ``distill_jax.onpolicy``): each step the student completes
+    the batch's prompts and the live teacher grades its samples through the loss terms
+    (``reverse_kl`` is GKD's on-policy objective, ``sampled_reverse_kl`` the one-sample
+    estimate; across tokenizers, ``alm`` (+ ``sft``) on the samples re-tokenized for the
+    teacher, ``distill_jax.onpolicy.xtok_train``).
 
     ``lmbda`` (GKD's name and meaning): the share of rows filled with the student's samples
-    instead of the dataset's reference completion; ``mix``: ``batch`` (one draw per step: the
-    whole batch is sampled with probability lmbda, as GKD and TRL) or ``row`` (one draw per
-    row). The rollout: up to ``max_new_tokens`` tokens at ``temperature`` (0: greedy), with
+    instead of the dataset's reference completion (across tokenizers: instead of the
+    off-policy pipeline's packed rows); ``mix``: ``batch`` (one draw per step: the whole batch
+    is sampled with probability lmbda, as GKD and TRL) or ``row`` (one draw per row). The
+    rollout: up to ``max_new_tokens`` tokens at ``temperature`` (0: greedy), with
     ``top_p``/``top_k`` filters (null: none), stopping at ``eos_ids`` (null: the tokenizer's
     EOS and its chat template's end-of-turn token). Prompts are left-padded to the smallest of
     ``prompt_buckets`` that holds them (one compilation per bucket); a training row is
-    ``bucket + max_new_tokens`` tokens."""
+    ``bucket + max_new_tokens`` tokens (across tokenizers: ``data.seq_len`` and
+    ``data.teacher_seq_len``, which should hold a prompt and its completion)."""
 
     lmbda: float = 0.5
     mix: Literal["batch", "row"] = "batch"
@@ -404,27 +407,27 @@ class RunConfig:
                              f"runs), not {', '.join(other)}; drop them from loss.terms")
 
     def _check_onpolicy(self) -> None:
-        """On-policy needs prompts and a live teacher with the student's tokenizer."""
+        """On-policy needs prompts and a live teacher (with the student's tokenizer for
+        same-vocabulary terms; any tokenizer for the cross-tokenizer ones)."""
         from distill_jax.losses import terms
         if self.data.record not in ("chat", "prompt_response"):
             raise ValueError(f"onpolicy needs prompts, but data.record is {self.data.record!r}; "
                              "set data.record to chat or prompt_response")
         if self.data.loss_on_prompt:
             raise ValueError("onpolicy trains on completions only; set data.loss_on_prompt=false")
-        if self.loss.cross_tokenizer:
-            raise ValueError(f"onpolicy uses same-tokenizer terms, not the cross-tokenizer "
-                             f"{sorted(self.loss.terms)}; use e.g. loss.terms={{reverse_kl: 1.0}}")
+        example = "{alm: 1.0, sft: 0.1}" if self.loss.cross_tokenizer else "{reverse_kl: 1.0}"
         if self.teacher is None or not terms.needs_teacher(self.loss.terms):
             raise ValueError("onpolicy needs a live teacher to grade the student's samples: add "
                              "a teacher section and a distillation term, e.g. "
-                             "loss.terms={reverse_kl: 1.0}")
+                             f"loss.terms={example}")
         if self.teacher.cache:
             raise ValueError("onpolicy grades the student's own samples, which no cache holds; "
                              "unset teacher.cache (the teacher runs live)")
-        if self.teacher.tokenizer and self.teacher.tokenizer != self.tokenizer_path():
-            raise ValueError("onpolicy needs the teacher to use the student's tokenizer; unset "
-                             "teacher.tokenizer (or train off-policy with the cross-tokenizer "
-                             "terms)")
+        if (not self.loss.cross_tokenizer and self.teacher.tokenizer
+                and self.teacher.tokenizer != self.tokenizer_path()):
+            raise ValueError("onpolicy with same-vocabulary terms needs the teacher to use the "
+                             "student's tokenizer; unset teacher.tokenizer, or use the "
+                             "cross-tokenizer terms, e.g. loss.terms={alm: 1.0, sft: 0.1}")
 
     def tokenizer_path(self) -> str:
         for candidate in (self.tokenizer, self.student.hf_path,

@@ -20,6 +20,8 @@ T = TypeVar("T")
 TOKENS_PER_SEC = "perf/tokens_per_sec"
 STEP_TIME = "perf/step_time_s"
 MFU = "perf/mfu"
+# further metrics the progress line shows when a run reports them (on-policy samples' quality)
+PROGRESS_EXTRA = ("onpolicy/teacher_logprob", "onpolicy/cut_tokens")
 
 # Dense bf16 peak FLOP/s per device (chip) by ``jax.Device.device_kind`` prefix.
 PEAK_FLOPS = {
@@ -144,8 +146,8 @@ class MetricsLogger:
         t0, s0 = self._start
         rate = (step - s0) / (now - t0) if now > t0 and step > s0 else float("nan")
         eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
-        keys = [k for k in ("distill/loss", "train/grad_norm", "train/lr", TOKENS_PER_SEC, MFU)
-                if k in record]
+        keys = [k for k in ("distill/loss", "train/grad_norm", "train/lr", TOKENS_PER_SEC, MFU,
+                            *PROGRESS_EXTRA) if k in record]
         parts = [f"step {step}/{self.total}"] + [
             f"{k.split('/')[-1]}={record[k]:.4g}" for k in keys] + [f"eta {format_eta(eta)}"]
         line = "  ".join(parts)

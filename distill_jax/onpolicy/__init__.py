@@ -13,6 +13,9 @@
   one step factory, and the ``sampled_reverse_kl`` loss term (registered on import).
 * :mod:`~distill_jax.onpolicy.xtok`: across tokenizers, the student's samples as the data
   pipeline's cross-tokenizer batch of the same text (host side), for the ALM step.
+* :mod:`~distill_jax.onpolicy.xtok_train`: across tokenizers as a configured run: the jitted
+  rollout, the host conversion and ``lmbda`` mixing with the pipeline's rows
+  (:class:`XtokBatches`), and the signal of the step (:func:`xtok_onpolicy_signal`).
 """
 
 from distill_jax.onpolicy.objective import (
@@ -32,6 +35,7 @@ from distill_jax.onpolicy.stream import PromptIterator, combine_prompt_batches, 
 from distill_jax.onpolicy.xtok import (
     teacher_prompt, teacher_turn_end, xtok_onpolicy_batch, xtok_rollout_metrics, xtok_rows,
 )
+from distill_jax.onpolicy.xtok_train import XtokBatches, make_sampler, xtok_onpolicy_signal
 
 __all__ = [
     "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
@@ -40,6 +44,6 @@ __all__ = [
     "onpolicy_signal", "settings_from", "pack_rows", "prompt_batch", "prompt_from_record",
     "prompt_length_bucket", "rollout", "rollout_metrics", "sampled_token_chunk_sums",
     "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "teacher_prompt",
-    "teacher_turn_end", "token_logprobs", "xtok_onpolicy_batch", "xtok_rollout_metrics",
-    "xtok_rows",
+    "teacher_turn_end", "token_logprobs", "XtokBatches", "make_sampler",
+    "xtok_onpolicy_batch", "xtok_onpolicy_signal", "xtok_rollout_metrics", "xtok_rows",
 ]

@@ -158,6 +158,23 @@ def sampled_token_chunk_sums(student_logits: Array, teacher: Mapping[str, Array]
     return jnp.sum(sampled_token_per_token(logs, logt, w))
 
 
+def hidden_logprobs(h_ND: Array, head: Array, targets_N: Array, *, softcap: float | None = None,
+                    chunk_size: int = 512) -> Array:
+    """(N,) fp32 ``log p(targets)`` from final hidden states ``h_ND`` and the lm_head ``head``
+    (D, V), in token chunks so (N, V) logits never exist whole."""
+    n = h_ND.shape[0]
+    xs = {"h": h_ND, "y": jnp.asarray(targets_N, jnp.int32)}
+
+    def step(carry, c):
+        z = chunked.logits_from_hidden(c["h"], head, softcap)
+        logp = jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
+        y = jnp.clip(c["y"], 0, z.shape[-1] - 1)
+        return carry, jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+    _, ys = chunked.chunked_scan(step, None, xs, chunk_size)
+    return chunked.unchunk(ys, n)
+
+
 def token_logprobs(cfg: ModelConfig, params: Any, batch: Mapping[str, Array], *,
                    chunk_size: int = 512) -> Array:
     """(B, L) fp32 ``log p(targets)`` of a model over a packed batch (``tokens``, ``positions``,
@@ -166,17 +183,8 @@ def token_logprobs(cfg: ModelConfig, params: Any, batch: Mapping[str, Array], *,
     model = Model(cfg, params)
     h = hidden_states(model, batch["tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"])
-    head = lm_head(model)
     b, length = batch["tokens"].shape
-    n = b * length
-    xs = {"h": h.reshape(n, -1), "y": jnp.asarray(batch["targets"], jnp.int32).reshape(n)}
-
-    def step(carry, c):
-        z = chunked.logits_from_hidden(c["h"], head, cfg.final_logit_softcap)
-        logp = jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
-        y = jnp.clip(c["y"], 0, z.shape[-1] - 1)
-        return carry, jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-
-    _, ys = chunked.chunked_scan(step, None, xs, chunk_size)
-    out = chunked.unchunk(ys, n).reshape(b, length)
-    return jnp.where(jnp.asarray(batch["loss_mask"]) > 0, out, 0.0)
+    out = hidden_logprobs(h.reshape(b * length, -1), lm_head(model),
+                          jnp.asarray(batch["targets"]).reshape(b * length),
+                          softcap=cfg.final_logit_softcap, chunk_size=chunk_size)
+    return jnp.where(jnp.asarray(batch["loss_mask"]) > 0, out.reshape(b, length), 0.0)

@@ -7,7 +7,10 @@
   teacher's final hidden states over those rows exactly as the live same-tokenizer teacher does.
   Any shared-vocabulary term then trains on them (``reverse_kl`` is GKD's on-policy reverse KL;
   ``sampled_reverse_kl`` the one-sample estimate). Its ``metrics`` are the rollout's
-  (:func:`~distill_jax.onpolicy.rows.rollout_metrics`).
+  (:func:`~distill_jax.onpolicy.rows.rollout_metrics`), ``onpolicy/teacher_logprob`` included:
+  the teacher's mean log-prob of the sampled tokens, read from its hidden states over the rows
+  through its lm_head at the ``B x max_new_tokens`` completion slots only (skipped on a step
+  that sampled no row).
 * ``sampled_reverse_kl`` (:data:`~distill_jax.onpolicy.objective.SAMPLED_REVERSE_KL`): the
   sampled-token objective, registered in the term registry when this module is imported
   (``distill_jax.config`` imports it, so configs know the name).
@@ -18,10 +21,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+
 from distill_jax.losses import terms
-from distill_jax.onpolicy.objective import SAMPLED_REVERSE_KL, sampled_token_chunk_sums
+from distill_jax.models import Model, lm_head
+from distill_jax.onpolicy.objective import (SAMPLED_REVERSE_KL, hidden_logprobs,
+                                            sampled_token_chunk_sums)
 from distill_jax.onpolicy.prompts import DEFAULT_BUCKETS, PROMPT_KEYS
-from distill_jax.onpolicy.rows import onpolicy_batch, rollout_metrics
+from distill_jax.onpolicy.rows import SAMPLED, TEACHER_LOGPROBS, onpolicy_batch, rollout_metrics
 
 __all__ = ["OnPolicySettings", "SAMPLED_TERM", "default_eos_ids", "onpolicy_signal"]
 
@@ -65,6 +73,34 @@ def default_eos_ids(tokenizer) -> tuple[int, ...]:
 BATCH_RANKS = (("prompt_lengths", 1), ("reference_lengths", 1))
 
 
+def completion_teacher_logprobs(ctx, teacher_params, rows, prompt_lengths_B, max_new_tokens: int):
+    """(B, L) the teacher's log-prob of each sampled completion token, at the slot that predicts
+    it (0 elsewhere and on dataset rows), from ``rows["teacher_hidden"]``: the teacher's lm_head
+    runs over the ``B x max_new_tokens`` completion slots only, and not at all when no row holds
+    a sample."""
+    h_BLD = rows["teacher_hidden"]
+    b, length, d = h_BLD.shape
+    n = int(max_new_tokens)
+    plen_B1 = jnp.asarray(prompt_lengths_B, jnp.int32)[:, None]
+    slot_BN = jnp.clip(plen_B1 - 1 + jnp.arange(n, dtype=jnp.int32)[None, :], 0, length - 1)
+    sampled_B = jnp.asarray(rows[SAMPLED], bool)
+    teacher = Model(ctx.teacher_cfg, jax.lax.stop_gradient(teacher_params))
+    head = jax.lax.stop_gradient(lm_head(teacher))
+
+    def score(_):
+        h_ND = jnp.take_along_axis(h_BLD, slot_BN[..., None], axis=1).reshape(b * n, d)
+        y_N = jnp.take_along_axis(rows["targets"], slot_BN, axis=1).reshape(b * n)
+        return hidden_logprobs(h_ND, head, y_N, softcap=ctx.teacher_cfg.final_logit_softcap,
+                               chunk_size=ctx.chunk_size).reshape(b, n)
+
+    lp_BN = jax.lax.cond(jnp.any(sampled_B), score, lambda _: jnp.zeros((b, n), jnp.float32),
+                         None)
+    j_BL = jnp.arange(length, dtype=jnp.int32)[None, :] - plen_B1 + 1
+    keep = (j_BL >= 0) & (j_BL < n) & (rows["loss_mask"] > 0) & sampled_B[:, None]
+    lp_BL = jnp.take_along_axis(lp_BN, jnp.clip(j_BL, 0, n - 1), axis=1)
+    return jax.lax.stop_gradient(jnp.where(keep, lp_BL, 0.0))
+
+
 def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
     """The signal "the student's own samples" with ``settings`` (see the module docstring)."""
     s = settings
@@ -75,7 +111,11 @@ def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
             ctx.student_cfg, student_params, batch, rng, lmbda=s.lmbda,
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, eos_ids=s.eos_ids, mix=s.mix)
-        return terms.LIVE_SAME.prepare(ctx, student_params, teacher_params, rows, rng)
+        out = dict(terms.LIVE_SAME.prepare(ctx, student_params, teacher_params, rows, rng))
+        if "teacher_hidden" in out:
+            out[TEACHER_LOGPROBS] = completion_teacher_logprobs(
+                ctx, teacher_params, out, batch["prompt_lengths"], s.max_new_tokens)
+        return out
 
     return terms.Signal("the student's own samples",
                         frozenset({terms.TOKEN_DIST, terms.TEACHER_LOGITS, terms.TEACHER_HIDDEN}),

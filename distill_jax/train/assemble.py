@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from pathlib import Path
 
-from distill_jax import data, models as M, onpolicy
+from distill_jax import data, models as M, onpolicy, sharding
 from distill_jax.checkpoint import params_fingerprint
 from distill_jax.config import RunConfig
 from distill_jax.models import quant
@@ -30,8 +30,8 @@ from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
 from distill_jax.models import lora
-from distill_jax.train.step import (TrainState, frozen_inputs, init_loss_params, init_state,
-                                    make_step, rank_sharding)
+from distill_jax.train.step import (MODEL, SIGNAL_SALT, TrainState, frozen_inputs,
+                                    init_loss_params, init_state, make_step, rank_sharding)
 from distill_jax.xtok import transfer
 
 # ``student.init`` values that make the student from the teacher (its weights are needed)
@@ -242,11 +242,14 @@ class RunSetup:
 
 def run_signal(cfg: RunConfig, cached: bool, tokenizer=None) -> terms.Signal:
     """The run's teacher signal: the student's own samples when ``cfg.onpolicy`` is set (its
-    rollout settings resolved against ``tokenizer``), else the built-in signal of its terms'
+    rollout settings resolved against ``tokenizer``; across tokenizers the samples arrive
+    converted, :mod:`distill_jax.onpolicy.xtok_train`), else the built-in signal of its terms'
     vocabulary, live or ``cached``."""
     if cfg.onpolicy is not None:
         if cached:  # config validation refuses this; a guard for hand-built configs
             raise ValueError("onpolicy needs a live teacher; unset teacher.cache")
+        if cfg.loss.cross_tokenizer:
+            return onpolicy.xtok_onpolicy_signal()
         return onpolicy.onpolicy_signal(
             cfg.onpolicy.settings(tokenizer) if tokenizer is not None
             else onpolicy.OnPolicySettings())
@@ -373,18 +376,49 @@ class Run:
         """Token slots one step trains on (the throughput metrics' numerator): the global
         batch's rows times their length (on-policy: the prompt bucket plus
         ``max_new_tokens``)."""
-        if self.cfg.onpolicy is not None:
+        if self.cfg.onpolicy is not None and not self.setup.xtok:
             length = np.shape(local_batch["prompt_tokens"])[1] + self.cfg.onpolicy.max_new_tokens
         else:
             length = self.cfg.data.seq_len
         return self.cfg.data.batch_size * int(length)
 
     def data_iterator(self):
-        """The training batches: prompt batches for an on-policy run, else packed rows (joined
-        with the cache's rows when the signal is cached)."""
+        """The training batches: prompt batches for an on-policy run (across tokenizers, the
+        two-phase batches of :meth:`next_batch`), else packed rows (joined with the cache's
+        rows when the signal is cached)."""
+        if self.cfg.onpolicy is not None and self.setup.xtok:
+            return self._xtok_onpolicy_batches()
         if self.cfg.onpolicy is not None:
             return self.setup.prompt_iterator(self.cfg.data)
         return self.setup.data_iterator(self.cfg.data, self.reader)
+
+    # -- on-policy across tokenizers (distill_jax.onpolicy.xtok_train) ------------------------
+    def _xtok_onpolicy_batches(self):
+        s, data_cfg = self.setup.onpolicy, self.cfg.data
+        eos = self.tokenizer.eos_token_id
+        return onpolicy.XtokBatches(
+            self.setup.prompt_iterator(data_cfg) if s.lmbda > 0 else None,
+            self.setup.data_iterator(data_cfg) if s.lmbda < 1 else None,
+            lmbda=s.lmbda, mix=s.mix, seed=self.cfg.seed,
+            rows=data_cfg.batch_size // jax.process_count(),
+            sample=onpolicy.make_sampler(
+                self.student.config, s,
+                lambda ndim: rank_sharding(sharding.batch_sharding(self.mesh, 2, self.rules),
+                                           ndim), SIGNAL_SALT),
+            student_tokenizer=self.tokenizer, teacher_tokenizer=self.teacher_tokenizer,
+            config=data_cfg, stop_ids=tuple(e for e in s.eos_ids if e != eos),
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+    def next_batch(self, iterator, state: TrainState, step: int) -> dict[str, np.ndarray]:
+        """This process's batch for step ``step`` (0-based) from ``iterator``
+        (:meth:`data_iterator`'s): its next batch, or for an on-policy cross-tokenizer run the
+        student's samples under ``state`` converted for the teacher, mixed with the data."""
+        if isinstance(iterator, onpolicy.XtokBatches):
+            params = state.params[MODEL]
+            if self.student.config.lora is not None:  # the adapters, on the frozen base
+                params = lora.join(lora.split(self.student.params)[0], params)
+            return iterator.next_batch(step, params, state.rng)
+        return next(iterator)
 
     def train_step(self, optimizer, schedule):
         """The unjitted step ``(state, teacher_params, batch) -> (state, metrics)``."""

@@ -110,7 +110,7 @@ def _train(cfg: RunConfig, run_dir: Path, is_main: bool, stack: contextlib.ExitS
         return host
 
     for step in range(start, end):
-        local = next(iterator)
+        local = run_.next_batch(iterator, state, step)
         batch = global_batch(local, batch_sharding, run_.batch_keys)
         state, step_metrics = step_fn(state, teacher_params, batch)
         if pending is not None:
