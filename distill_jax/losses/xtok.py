@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from distill_jax.losses import alm, kd, redi
+from distill_jax.losses import kd, redi
 
 Array = jax.Array
 
