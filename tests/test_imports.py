@@ -21,7 +21,7 @@ LAYERS = (
     ("cache",),
     ("config",),
     ("train",),
-    ("export",),
+    ("export", "plan"),
     ("eval",),
     ("traces",),
     ("demo",),
