@@ -21,6 +21,7 @@ BENCHMARKS = {
     "alignment_throughput": [],
     "cache_write": [],
     "alm_step": ["--steps", "3"],
+    "on_policy": [],
 }
 
 
