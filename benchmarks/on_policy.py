@@ -12,10 +12,12 @@ Reference pair of train_throughput.py (teacher d512/8 layers, student d256/4 lay
 * on-policy step: the engine's step with the "student's own samples" signal at lmbda = 1
   (rollout, teacher, loss and update in one jitted call).
 
-The share of wall time generating is rollout / on-policy step; at lmbda = 0.5 (``mix: batch``,
-half the steps sample) a run spends rollout / (on-policy + train) of its time generating.
+The three are called in turn, ``--steps`` rounds after compiling; each one's fastest call is
+reported (robust to load spikes on a shared machine; the medians are in the JSON). The share of
+wall time generating is rollout / on-policy step; at lmbda = 0.5 (``mix: batch``, half the
+steps sample) a run spends rollout / (on-policy + train) of its time generating.
 
-    python benchmarks/on_policy.py [--buckets 64 256] [--max-new-tokens 128] [--steps 3]
+    python benchmarks/on_policy.py [--buckets 64 256] [--max-new-tokens 128] [--steps 4]
                                    [--out results.json]
 """
 
@@ -38,22 +40,12 @@ from distill_jax.train import optim
 from distill_jax.train.step import init_state, make_step
 
 
-def _time(fn, *args, steps: int, state=None) -> tuple[float, float]:
-    """(mean seconds per call over ``steps`` calls, seconds of the first call: compiling).
-    With ``state``, ``fn(state, *args) -> (state, out)`` is threaded as a train step."""
-    def call(s):
-        if s is None:
-            return None, fn(*args)
-        return fn(s, *args)
+def _timed(fn, *args) -> tuple[float, object]:
+    """Seconds of one call of ``fn(*args)`` (until its outputs are ready) and its outputs."""
     t = time.perf_counter()
-    state, out = call(state)
+    out = fn(*args)
     jax.block_until_ready(out)
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, out = call(state)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / steps, compile_s
+    return time.perf_counter() - t, out
 
 
 def _committed(tree):
@@ -84,7 +76,7 @@ def bench(bucket: int, max_new_tokens: int, steps: int, dtype: str) -> dict:
         sc, params, pr["prompt_tokens"], pr["prompt_lengths"], key, max_new_tokens=n,
         temperature=1.0, eos_ids=()))
     key = jax.random.key(0)
-    gen_s, gen_compile_s = _time(sample, student_params, prompts, key, steps=steps)
+    compile_s = {"rollout": _timed(sample, student_params, prompts, key)[0]}
     r = sample(student_params, prompts, key)
     assert int(np.min(np.asarray(r.lengths))) == n, "every row generates max_new_tokens"
 
@@ -94,16 +86,28 @@ def bench(bucket: int, max_new_tokens: int, steps: int, dtype: str) -> dict:
     rows = _committed({k: np.asarray(rows[k]) for k in terms.BATCH_KEYS})
     train = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=512),
                     donate_argnums=(0,))
-    train_s, train_compile_s = _time(train, teacher_params, rows, steps=steps,
-                                     state=_committed(init_state(M.init(sc, 1).params, opt)))
+    train_state = _committed(init_state(M.init(sc, 1).params, opt))
+    compile_s["train"], (train_state, _) = _timed(train, train_state, teacher_params, rows)
 
     # 3. the on-policy step (lmbda = 1: every step samples)
     settings = onpolicy.OnPolicySettings(lmbda=1.0, max_new_tokens=n, eos_ids=(),
                                          prompt_buckets=(p,))
     step = jax.jit(make_step(sc, tc, spec, onpolicy.onpolicy_signal(settings), opt,
                              chunk_size=512), donate_argnums=(0,))
-    on_s, on_compile_s = _time(step, teacher_params, prompts, steps=steps,
-                               state=_committed(init_state(M.init(sc, 1).params, opt)))
+    on_state = _committed(init_state(M.init(sc, 1).params, opt))
+    compile_s["onpolicy"], (on_state, _) = _timed(step, on_state, teacher_params, prompts)
+
+    # Interleaved rounds, so a load spike on a shared machine hits all three alike; the
+    # fastest call of each is reported (and the median).
+    times: dict[str, list[float]] = {"rollout": [], "train": [], "onpolicy": []}
+    for _ in range(steps):
+        dt, _ = _timed(sample, student_params, prompts, key)
+        times["rollout"].append(dt)
+        dt, (train_state, _) = _timed(train, train_state, teacher_params, rows)
+        times["train"].append(dt)
+        dt, (on_state, _) = _timed(step, on_state, teacher_params, prompts)
+        times["onpolicy"].append(dt)
+    gen_s, train_s, on_s = (min(times[k]) for k in ("rollout", "train", "onpolicy"))
     row_tokens = b * (p + n)
     return dict(bucket=p, max_new_tokens=n, batch=b, dtype=dtype,
                 rollout_s=gen_s, train_step_s=train_s, onpolicy_step_s=on_s,
@@ -111,8 +115,8 @@ def bench(bucket: int, max_new_tokens: int, steps: int, dtype: str) -> dict:
                 onpolicy_tokens_per_s=row_tokens / on_s,
                 generation_share=gen_s / on_s,
                 generation_share_lmbda_half=gen_s / (on_s + train_s),
-                compile_s=dict(rollout=gen_compile_s, train=train_compile_s,
-                               onpolicy=on_compile_s))
+                median_s={k: float(np.median(v)) for k, v in times.items()},
+                compile_s=compile_s)
 
 
 def main(argv=None) -> int:
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", type=int, nargs="+", default=[64, 256],
                    help="prompt lengths (each a prompt bucket: one compilation each)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed calls of each function")
+    p.add_argument("--steps", type=int, default=4, help="timed rounds (one call of each)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
