@@ -206,8 +206,8 @@ PAIRS = (("kd", "ce"), ("alm", "sft"))
 # The on-policy recipe (``--recipe on-policy``): one on-policy student beside the default
 # recipe's CE baseline (the same run directory, so a finished one is reused).
 ONPOLICY_RUNS: dict[str, tuple[Path, str | None, str]] = {
-    "onpolicy": (SAME_CONFIG, ONPOLICY_TERMS, "distilled: on-policy reverse KL (GKD, lmbda "
-                 f"{ONPOLICY_LMBDA}), live teacher, teacher's tokenizer"),
+    "onpolicy": (SAME_CONFIG, ONPOLICY_TERMS,
+                 f"distilled: on-policy reverse KL, lmbda {ONPOLICY_LMBDA}, live teacher"),
     "ce": RUNS["ce"],
 }
 ONPOLICY_PAIRS = (("onpolicy", "ce"),)
