@@ -58,8 +58,10 @@ SPREAD_FILE = demo.SPREAD_FILE
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One training recipe: the demo recipe it starts from, its loss terms (``divergence``
-    weighted 1, plus the recipe's CE / sft weight when ``mix``), and whether the teacher comes
-    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher)."""
+    weighted 1, plus the recipe's CE / sft weight when ``mix``), whether the teacher comes
+    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher), and for
+    on-policy rows the share ``lmbda`` of steps on the student's samples (None: packed text
+    rows, off-policy)."""
 
     recipe: str  # "same" or "xtok"
     terms: dict[str, float]
