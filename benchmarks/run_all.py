@@ -23,6 +23,7 @@ BENCHMARKS = {
     "alm_step": ["--steps", "3"],
     "int8_teacher": [],
     "plan_recipes": ["--agreement"],
+    "on_policy": [],
 }
 
 

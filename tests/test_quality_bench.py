@@ -101,3 +101,16 @@ def test_methods_share_the_recipe_mix_and_spread_record(quality):
     rec = quality.spread_record(summary, cfg)
     assert rec["setting"] == demo.setting_key(cfg)
     assert set(rec["bits_per_byte"]) == {"kd", "ce", "alm", "sft"}
+
+
+def test_onpolicy_methods_share_rows_and_differ_in_lmbda_only(quality):
+    table = quality.methods(0.5)
+    rows = {n: table[n] for n in ("prompt_rkl", "onpolicy_rkl", "onpolicy_rkl_l1")}
+    assert {n: m.lmbda for n, m in rows.items()} == {"prompt_rkl": 0.0, "onpolicy_rkl": 0.5,
+                                                     "onpolicy_rkl_l1": 1.0}
+    assert all(m.terms == {"reverse_kl": 1.0} and m.k is None and m.recipe == "same"
+               for m in rows.values())
+    assert table["rkl"].lmbda is None
+    results = {"cells": {}}
+    expected = quality.SECONDS_PER_STEP["same_onpolicy"] * 10 + quality.OVERHEAD_S
+    assert quality.estimate_s([("onpolicy_rkl", 0)], table, 10, results) == pytest.approx(expected)
