@@ -98,7 +98,7 @@ def methods(mix: float) -> dict[str, Method]:
         "dskd": Method("xtok", {"dskd": 1.0, "sft": 1.0}, None, "DSKD + sft, live teacher"),
         "mined_exact": Method("xtok", {"mined": 1.0, "sft": 1.0}, None,
                               "exact-match KD + sft (same-bytes tokens, rest bucketed), live "
-                              "teacher", ("loss.mined_mapping=exact",)),
+                              "teacher", overrides=("loss.mined_mapping=exact",)),
     }
 
 
