@@ -109,7 +109,8 @@ TRANSFER_METHODS = {
 }
 BASELINE = {"same": "ce", "xtok": "sft"}
 # The demo's runs as benchmark methods (the demo's cache k is the recipe's cache.k).
-DEMO_METHODS = {"ce": "ce", "sft": "sft", "alm": "alm_sft", "onpolicy": "onpolicy_rkl"}
+DEMO_METHODS = {"ce": "ce", "sft": "sft", "alm": "alm_sft", "xkd": "mined_exact",
+                "onpolicy": "onpolicy_rkl"}
 # Seconds per training step on 2 idle CPU cores, estimated from runs measured on a loaded
 # 2-core machine (see README); a finished cell's own time replaces them.
 SECONDS_PER_STEP = {"same_cached": 3.5, "same_live": 7.0, "xtok_cached": 3.5, "xtok_live": 8.0,

@@ -119,24 +119,24 @@ def test_read_spread(tmp_path):
         "kd": row, "ce": {"mean": 2.5, "std": 0.02, "n": 3}}}))
     assert demo.read_spread(path, key, "kd", "ce")[0] == {"baseline_std": 0.02,
                                                          "distilled_std": 0.01, "seeds": 3}
-    assert demo.read_spread(path, key, "alm", "sft")[0] is None
+    assert demo.read_spread(path, key, "xkd", "sft")[0] is None
 
 
 def test_report_prints_gaps_check_and_verdicts(tmp_path, capsys):
     cfgs = {name: load_run_config(cfg) for name, (cfg, _, _) in demo.RUNS.items()}
-    bpb = {"heldout_plays": {"teacher": 1.8, "kd": 2.2, "ce": 2.6, "alm": 2.9, "sft": 2.8},
-           "heldout_poems": {"teacher": 1.9, "kd": 2.3, "ce": 2.7, "alm": 2.95, "sft": 2.85},
-           "heldout_milton": {"teacher": 2.0, "kd": 2.5, "ce": 3.0, "alm": 3.1, "sft": 3.2}}
+    bpb = {"heldout_plays": {"teacher": 1.8, "kd": 2.2, "ce": 2.6, "xkd": 2.9, "sft": 2.8},
+           "heldout_poems": {"teacher": 1.9, "kd": 2.3, "ce": 2.7, "xkd": 2.95, "sft": 2.85},
+           "heldout_milton": {"teacher": 2.0, "kd": 2.5, "ce": 3.0, "xkd": 3.1, "sft": 3.2}}
     params = {n: 50_000_000 for n in ("teacher", *demo.RUNS)}
     info = {n: {"train_s": 10.0, "reused": False, "tokens_per_s": 100.0} for n in demo.RUNS}
     timings = {"total_s": 1.0, "cache_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
     out = demo.report(bpb, params, info, cfgs, timings, seed=0,
                       spread_file=tmp_path / "missing.json")
     assert out["gap_recovered"]["kd"]["heldout_plays"] == pytest.approx(0.5)
-    assert out["gap_recovered"]["alm"]["heldout_milton"] == pytest.approx(0.1 / 1.2)
+    assert out["gap_recovered"]["xkd"]["heldout_milton"] == pytest.approx(0.1 / 1.2)
     assert out["teacher_check"]["ok"]
     assert "kd vs ce: the distilled student beats its baseline by 0.4000" in out["verdicts"][0]
-    assert "alm vs sft: the distilled student does NOT beat" in out["verdicts"][1]
+    assert "xkd vs sft: the distilled student does NOT beat" in out["verdicts"][1]
     printed = capsys.readouterr().out
     assert "heldout_plays 50%" in printed and "not yet measured" in printed
 
@@ -150,6 +150,19 @@ def test_the_two_recipes_share_data_budget_and_student_layers():
                 lambda c: c.eval, lambda c: c.cache.k, lambda c: c.teacher.cache):
         assert get(same) == get(xtok)
     assert xtok.data.teacher_len == same.data.seq_len  # one cache (its windows) serves both
+
+
+def test_default_recipe_runs_kd_from_the_cache_and_exact_match_kd_live(tmp_path):
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("train", *demo.HELDOUT)}
+    cfgs = demo.default_configs(tmp_path / "seed0", data, tmp_path / "cache", seed=3, steps=7)
+    assert set(cfgs) == {"kd", "ce", "xkd", "sft"}
+    assert cfgs["kd"].teacher.cache == str(tmp_path / "cache")
+    x = cfgs["xkd"]
+    assert x.teacher.cache is None and x.loss.cross_tokenizer
+    assert dict(x.loss.terms) == {"mined": 1.0, "sft": 1.0} and x.loss.mined_mapping == "exact"
+    assert dict(cfgs["sft"].loss.terms) == {"sft": 1.0} and cfgs["ce"].loss.mined_mapping == "nearest"
+    for c in cfgs.values():
+        assert (c.steps, c.seed, c.student.layers) == (7, 3, cfgs["kd"].student.layers)
 
 
 # ----------------------------------------------------------------------------- on-policy prompts
