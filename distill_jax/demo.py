@@ -474,17 +474,7 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     timings["train_s"] = time.perf_counter() - t
 
     t = _stage(5, "evaluate the teacher and the students on both held-out sets; export the KD student")
-    bpb: dict[str, dict[str, float]] = {}
-    params: dict[str, int] = {}
-    for split in HELDOUT:
-        split_cfgs = configs(split)
-        res = heldout_bpb(split_cfgs["kd"], "teacher", run_dir / "teacher_eval" / f"{split}.json")
-        row = {"teacher": res["bits_per_byte"]}
-        params["teacher"] = res["params"]
-        for name, cfg in split_cfgs.items():
-            res = heldout_bpb(cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{split}.json")
-            row[name], params[name] = res["bits_per_byte"], res["params"]
-        bpb[split] = row
+    bpb, params = evaluate_heldout(configs, run_dir, "kd")
     export_dir = export_run(cfgs["kd"].run_dir, seed_dir / "kd_hf", overwrite=True)
     timings["eval_s"] = time.perf_counter() - t
 
@@ -502,6 +492,28 @@ def main(run_dir: str | Path = "runs/demo", *, steps: int | None = None, seed: i
     _write(seed_dir / "results.md", out["text"])
     _write(seed_dir / "results.json", json.dumps(out, indent=2))
     return out
+
+
+def evaluate_heldout(configs: Any, run_dir: Path, teacher_from: str
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Held-out bits per byte of the teacher and of every run, per held-out set, and their
+    param counts. ``configs(split)``: the runs' configs evaluating on ``split``; the teacher
+    is evaluated through run ``teacher_from``'s config (its teacher section), once per set,
+    into ``run_dir/teacher_eval``; each student into its run directory's ``demo_eval``
+    (finished evaluations are reused)."""
+    bpb: dict[str, dict[str, float]] = {}
+    params: dict[str, int] = {}
+    for split in HELDOUT:
+        split_cfgs = configs(split)
+        res = heldout_bpb(split_cfgs[teacher_from], "teacher",
+                          run_dir / "teacher_eval" / f"{split}.json")
+        row = {"teacher": res["bits_per_byte"]}
+        params["teacher"] = res["params"]
+        for name, cfg in split_cfgs.items():
+            res = heldout_bpb(cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{split}.json")
+            row[name], params[name] = res["bits_per_byte"], res["params"]
+        bpb[split] = row
+    return bpb, params
 
 
 def default_configs(seed_dir: Path, data: dict[str, Path], cache_dir: Path, *, seed: int = 0,
@@ -584,17 +596,7 @@ def main_onpolicy(run_dir: str | Path = "runs/demo", *, steps: int | None = None
     timings["train_s"] = time.perf_counter() - t
 
     t = _stage(4, "evaluate the teacher and both students on the held-out sets", stages)
-    bpb: dict[str, dict[str, float]] = {}
-    params: dict[str, int] = {}
-    for split in HELDOUT:
-        split_cfgs = configs(split, train=False)
-        res = heldout_bpb(split_cfgs["ce"], "teacher", run_dir / "teacher_eval" / f"{split}.json")
-        row = {"teacher": res["bits_per_byte"]}
-        params["teacher"] = res["params"]
-        for name, cfg in split_cfgs.items():
-            res = heldout_bpb(cfg, "student", Path(cfg.run_dir) / "demo_eval" / f"{split}.json")
-            row[name], params[name] = res["bits_per_byte"], res["params"]
-        bpb[split] = row
+    bpb, params = evaluate_heldout(lambda split: configs(split, train=False), run_dir, "ce")
     timings["eval_s"] = time.perf_counter() - t
 
     _stage(5, "results", stages)
@@ -613,7 +615,7 @@ def main_onpolicy(run_dir: str | Path = "runs/demo", *, steps: int | None = None
 
 def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
            train_info: dict[str, dict[str, Any]], cfgs: dict[str, RunConfig],
-           timings: dict[str, float], *, seed: int, spread_file: Path = SPREAD_FILE,
+           timings: dict[str, float], *, seed: int, spread_file: Path | None = None,
            runs: dict[str, tuple[Path, str | None, str]] = RUNS,
            pairs: Sequence[tuple[str, str]] = PAIRS, key_cfg: RunConfig | None = None) -> dict:
     """The results table, gaps recovered, the teacher check and the verdicts, printed; returns
@@ -624,6 +626,7 @@ def report(bpb: dict[str, dict[str, float]], params: dict[str, int],
     label = {"teacher": "teacher: SmolLM2-135M-Instruct, all 30 layers",
              **{k: v[2] for k, v in runs.items()}}
     key_cfg = cfgs["kd"] if key_cfg is None else key_cfg
+    spread_file = SPREAD_FILE if spread_file is None else spread_file  # read at call time
     head = (f"| {'model':<62} | params | " + " | ".join(f"{s} bits/byte" for s in HELDOUT)
             + " | train s | train tok/s |")
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]

@@ -44,7 +44,7 @@ import grain
 import numpy as np
 
 from distill_jax.data.config import DataConfig
-from distill_jax.data.pipeline import DocumentGroups, DocumentPlan, open_groups
+from distill_jax.data.pipeline import DocumentGroups, DocumentPlan, upstream_close, upstream_fetch
 from distill_jax.data.records import BadRecordError, Record, Records, read_records
 from distill_jax.errors import UserError
 from distill_jax.losses.redi import SEQUENCE_WEIGHT, pair_weights
@@ -301,26 +301,8 @@ class PairIterator(grain.DatasetIterator):
         self._reset(state["doc_index"], state["bad_records"], state["skipped_pairs"],
                     state["batches"])
 
-    def _close_upstream(self) -> None:
-        if self._upstream is not None:
-            self._upstream.close()
-        self._upstream = None
-        self._buffer.clear()
-
-    def _fetch(self) -> tuple[int, TokenizedPair | BadRecordError] | None:
-        if self._upstream is None:
-            self._upstream, self._skip = open_groups(self._ds.docs, self._cursor,
-                                                     self._ds.config.workers)
-        while not self._buffer:
-            try:
-                items = next(self._upstream)
-            except StopIteration:
-                return None
-            self._buffer.extend(items[self._skip:])
-            self._skip = 0
-        index = self._cursor
-        self._cursor += 1
-        return index, self._buffer.popleft()
+    _close_upstream = upstream_close
+    _fetch = upstream_fetch
 
     def _next_pending(self) -> bool:
         """Load the next usable pair into ``_pending``; False at the end of the stream."""

@@ -38,7 +38,7 @@ from distill_jax.data.tokenize import TokenizedDoc, tokenize_records
 from distill_jax.errors import UserError
 
 __all__ = ["DocumentGroups", "DocumentPlan", "PackedDataset", "PackedIterator", "make_dataset", "make_iterator",
-           "open_groups"]
+           "open_groups", "upstream_close", "upstream_fetch"]
 
 DOCS_PER_ELEMENT = 32  # documents per Grain element: amortises the transfer from worker processes
 _STATE_KEYS = ("doc_index", "token_offset", "teacher_offset", "bad_records", "dropped_docs", "batches",
@@ -168,6 +168,33 @@ class PackedDataset(grain.IterDataset):
                 f"process={self.process_index}/{self.process_count})")
 
 
+def upstream_close(it: Any) -> None:
+    """Close an iterator's upstream reader (``it._upstream``) and drop its buffered items.
+    Shared by the pipeline's iterators, which keep ``_ds`` (``docs``, ``config.workers``),
+    ``_cursor`` (the next item's index), ``_upstream``, ``_skip`` and ``_buffer`` (a deque)."""
+    if it._upstream is not None:
+        it._upstream.close()
+    it._upstream = None
+    it._buffer.clear()
+
+
+def upstream_fetch(it: Any) -> tuple[int, Any] | None:
+    """The next ``(index, item)`` of an iterator's upstream (a tokenized item or its
+    ``BadRecordError``), opening it at ``it._cursor`` when closed; None at the end."""
+    if it._upstream is None:
+        it._upstream, it._skip = open_groups(it._ds.docs, it._cursor, it._ds.config.workers)
+    while not it._buffer:
+        try:
+            items = next(it._upstream)
+        except StopIteration:
+            return None
+        it._buffer.extend(items[it._skip:])
+        it._skip = 0
+    index = it._cursor
+    it._cursor += 1
+    return index, it._buffer.popleft()
+
+
 class PackedIterator(grain.DatasetIterator):
     """Yields packed numpy batches; ``get_state``/``set_state`` resume exactly.
 
@@ -222,28 +249,8 @@ class PackedIterator(grain.DatasetIterator):
 
     # -- upstream -----------------------------------------------------------------------------
 
-    def _close_upstream(self) -> None:
-        if self._upstream is not None:
-            self._upstream.close()
-        self._upstream = None
-        self._buffer.clear()
-
-    def _open_upstream(self) -> None:
-        self._upstream, self._skip = open_groups(self._ds.docs, self._cursor, self._ds.config.workers)
-
-    def _fetch(self) -> tuple[int, TokenizedDoc | BadRecordError] | None:
-        if self._upstream is None:
-            self._open_upstream()
-        while not self._buffer:
-            try:
-                items = next(self._upstream)
-            except StopIteration:
-                return None
-            self._buffer.extend(items[self._skip:])
-            self._skip = 0
-        index = self._cursor
-        self._cursor += 1
-        return index, self._buffer.popleft()
+    _close_upstream = upstream_close
+    _fetch = upstream_fetch
 
     def _next_pending(self) -> bool:
         """Load the next usable document into ``_pending``; False at the end of the stream."""
