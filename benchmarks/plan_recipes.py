@@ -59,6 +59,9 @@ SETTINGS = (
     ("reference pair", "8 devices, fsdp=8, remat none", REFERENCE + FSDP8),
     ("reference pair", "8 devices, fsdp=8, remat full", REFERENCE + FSDP8
      + ["student.remat=full"]),
+    ("reference pair", "1 device, LoRA rank 16", REFERENCE + ONE + ["student.lora.rank=16"]),
+    ("reference pair", "8 devices, fsdp=8, LoRA rank 16", REFERENCE + FSDP8
+     + ["student.lora.rank=16"]),
 )
 
 

@@ -527,13 +527,15 @@ def xla_peak(cfg: Any) -> dict[str, int]:
     from distill_jax.train import optim
     from distill_jax.train.assemble import RunSetup, teacher_tokenizer
     from distill_jax.train.build import make_mesh
-    from distill_jax.train.step import MODEL, LOSS, TrainState, jit_train_step, rank_sharding
+    from distill_jax.models import lora
+    from distill_jax.train.step import (MODEL, LOSS, TrainState, frozen_inputs, jit_train_step,
+                                        rank_sharding)
     from distill_jax.tokenizer import load_tokenizer
 
     mesh, rules = make_mesh(cfg.mesh)
     notes: list[str] = []
     teacher_cfg = _model_config(cfg.teacher, notes, "teacher") if cfg.teacher else None
-    student_cfg = _student_config(cfg, teacher_cfg, notes)
+    student_cfg = _student_config(cfg, teacher_cfg, notes).replace(lora=cfg.student.lora)
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     cached = bool(cfg.teacher is not None and cfg.teacher.cache)
     setup = RunSetup(cfg, cfg.loss.spec(), tokenizer, teacher_tokenizer(cfg, tokenizer),
@@ -547,7 +549,10 @@ def xla_peak(cfg: Any) -> dict[str, int]:
                             M.param_shapes(mcfg), sh)
 
     replicated = NamedSharding(mesh, P())
+    base = None
     params = {MODEL: abstract(student_cfg), LOSS: {}}
+    if student_cfg.lora is not None:  # the adapters train; the base is a frozen input
+        base, params[MODEL] = lora.split(params[MODEL])
     by_path = {jax.tree_util.keystr(p): x.sharding
                for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -561,6 +566,7 @@ def xla_peak(cfg: Any) -> dict[str, int]:
                        params=params, opt_state=opt_state,
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
     teacher = abstract(teacher_cfg) if setup.signal.prepare is not None and teacher_cfg else None
+    teacher = frozen_inputs(student_cfg, teacher, base)
     batch_sh = shd.batch_sharding(mesh, 2, rules)
     rows, length = cfg.data.batch_size, cfg.data.seq_len
     batch = {}

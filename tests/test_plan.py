@@ -130,6 +130,7 @@ def test_train_refuses_a_run_that_does_not_fit(tmp_path, monkeypatch, capsys):
     ("reference, no remat", REFERENCE + ONE),
     ("reference, remat full", REFERENCE + ONE + ["student.remat=full"]),
     ("reference, data=8", REFERENCE + ["data.batch_size=8", "mesh.data=8"]),
+    ("reference, LoRA rank 16", REFERENCE + ONE + ["student.lora.rank=16"]),
 ])
 def test_plan_agrees_with_xla_within_10_percent(name, overrides, devices8):
     """The planned peak against XLA's for the compiled step (argument + output - alias + temp,
