@@ -104,7 +104,9 @@ class StudentConfig(ModelSource):
     ``alpha`` (the adapters' output is scaled by alpha/rank), ``targets`` (some of ``q``, ``k``,
     ``v``, ``o``, ``gate``, ``up``, ``down``; default all) and ``dropout`` (on the adapters'
     input, in training only). The student ``init`` makes is the frozen base; only the adapters
-    train, have optimiser state and are checkpointed (with the base's fingerprint)."""
+    train, have optimiser state and are checkpointed (with the base's fingerprint).
+    ``quantize: int8`` (with ``lora`` only): the frozen base's matmul weights int8 per output
+    channel (:mod:`distill_jax.models.quant`), the adapters fp32."""
 
     init: Literal["hf", "scratch", "teacher_layers", "transfer"] = "scratch"
     layers: tuple[int, ...] = ()
@@ -113,12 +115,12 @@ class StudentConfig(ModelSource):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.quantize != "none":
+        if self.quantize != "none" and self.lora is None:
             raise configlib.ConfigKeyError(
-                f"student.quantize={self.quantize}: a student's weights cannot be int8 (a student "
-                "trained in full takes gradients in them, and an int8 LoRA base is not "
-                "supported); remove student.quantize (quantize the frozen teacher with "
-                "teacher.quantize: int8)")
+                f"student.quantize={self.quantize}: a student trained in full cannot have int8 "
+                "weights (they take no gradient); remove student.quantize, or train LoRA "
+                "adapters on an int8 base (set student.lora), or quantize the frozen teacher "
+                "with teacher.quantize: int8")
 
 
 @dataclasses.dataclass(frozen=True)

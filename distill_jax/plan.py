@@ -338,6 +338,9 @@ def plan_run(cfg: Any, *, devices: int | None = None, device_kind: str | None = 
         from distill_jax.models import lora
         trained = lora.split(param_shapes(student_cfg.replace(lora=lora_spec)))[1]
         n_adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained))
+        if cfg.student.quantize == "int8":  # one byte a base weight
+            s_local //= jnp.dtype(student_cfg.param_dtype).itemsize
+            detail = detail.replace(f"x {student_cfg.param_dtype}", "x int8")
         s_local += int(n_adapters * 4 * share)
         detail += f" frozen + {n_adapters / 1e6:.2f}M LoRA (rank {lora_spec.rank}) x float32"
     items.append(Item("student params", s_local, detail))

@@ -276,6 +276,33 @@ def test_export_cli_merged_and_peft_adapter_match_the_trained_student(tmp_path):
         np.testing.assert_array_equal(np.asarray(a.array(key)), np.asarray(b.array(key)))
 
 
+def test_lora_on_an_int8_base_trains_and_exports_the_trained_model(tmp_path):
+    """``student.quantize: int8`` with LoRA: the frozen base holds int8 weights (a quarter of
+    the fp32 base's bytes), the adapters train, and the merged export (the int8 base read back,
+    plus the adapters) matches the trained student in transformers."""
+    from distill_jax import cli
+    from distill_jax.export import load_student
+    from distill_jax.models import quant
+    _hf_base(tmp_path)
+    run_dir = tmp_path / "run"
+    cfg = _hf_run(tmp_path, run_dir, "student.quantize=int8")
+    run_ = assemble(cfg)
+    base = run_.teacher_params[STUDENT_BASE]
+    assert quant.is_quantized(base)
+    full = assemble(_hf_run(tmp_path, tmp_path / "full")).teacher_params[STUDENT_BASE]
+    assert quant.param_bytes(base) < 0.4 * quant.param_bytes(full)
+    last = run(cfg)
+    assert np.isfinite(last["distill/loss"])
+    student, _ = load_student(run_dir)
+    assert quant.is_quantized(lora.split(student.params)[0])
+    tokens = _tokens(259, (2, 10))
+    ours = np.asarray(M.forward(student, tokens))
+    assert cli.main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                               dtype=torch.float32).eval()
+    np.testing.assert_allclose(_torch_logits(merged, tokens), ours, atol=1e-4, rtol=0)
+
+
 def test_bad_lora_config_and_adapter_export_of_a_whole_student_are_one_line(tmp_path, capsys):
     from distill_jax import cli
     for override, message in (("student.lora.rank=0", "lora.rank=0"),

@@ -110,6 +110,8 @@ def test_lora_student_plans_adapter_only_optimizer_state_and_gradients():
     full = PL.plan_run(load_run_config(TINY, ONE))
     assert plan.item("optimizer state").bytes < full.item("optimizer state").bytes / 5
     assert plan.item("student params").bytes == full.item("student params").bytes + adapters * 4
+    int8 = PL.plan_run(load_run_config(TINY, ONE + ["student.lora.rank=4", "student.quantize=int8"]))
+    assert int8.item("student params").bytes == full.item("student params").bytes // 4 + adapters * 4
 
 
 def test_train_refuses_a_run_that_does_not_fit(tmp_path, monkeypatch, capsys):

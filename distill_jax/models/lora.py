@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from distill_jax import fsutil
 from distill_jax.models.config import LORA_HF_MODULES, LoraSpec
 from distill_jax.models.hf import write_safetensors
+from distill_jax.models import quant
 from distill_jax.models.model import Model, param_shardings, param_shapes
 
 SUFFIXES = ("_lora_a", "_lora_b")
@@ -117,6 +118,7 @@ def merge(model: Model) -> Model:
     spec = model.config.lora
     if spec is None:
         return model
+    model = quant.dequantize(model)  # an int8 base: its weights as trained, in param dtype
     base, adapters = split(model.params)
     layers = dict(base["layers"])
     for target in spec.targets:

@@ -122,6 +122,8 @@ def init_student(cfg: RunConfig, mesh, rules, *, teacher: M.Model | None = None,
     if cfg.student.lora is not None:
         student = lora.add_adapters(student, cfg.student.lora, cfg.student.seed, mesh=mesh,
                                     rules=rules)
+        # an int8 base (the adapters are not matmul weights of the table: they stay fp32)
+        student = quant.quantize(student, cfg.student.quantize, mesh=mesh, rules=rules)
     return student
 
 
