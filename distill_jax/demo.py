@@ -203,7 +203,7 @@ RUNS: dict[str, tuple[Path, str | None, str]] = {
     "kd": (SAME_CONFIG, None, "distilled: forward KL + CE from the cache, teacher's tokenizer"),
     "ce": (SAME_CONFIG, "{cross_entropy: 1.0}", "baseline: CE only, teacher's tokenizer"),
     "xkd": (XTOK_CONFIG, "{mined: 1.0, sft: 1.0}",
-            "distilled: exact-match KD + sft, live teacher, Mistral tokenizer"),
+            "distilled: exact-match KD + sft (live), Mistral tokenizer"),
     "sft": (XTOK_CONFIG, "{sft: 1.0}", "baseline: sft only, Mistral tokenizer"),
 }
 PAIRS = (("kd", "ce"), ("xkd", "sft"))
