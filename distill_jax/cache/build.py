@@ -632,9 +632,12 @@ def build_cache(path: str | Path, teacher, data_cfg, cache_cfg, *, tokenizer,
                          process_count=pc, flush_tokens=flush_tokens or spec.shard_rows,
                          owned_doc_ids=owned if explicit else None)
     try:
-        return _run_build(teacher, mesh, chunk_tokens, writer, owned, records, data_cfg,
-                          tokenizer, teacher_tok, window, commit_every_s, progress_every_s,
-                          queue_batches, max_batches, t0)
+        # the mesh is ambient while the teacher step is traced, as in training: the model keeps
+        # its activations batch-sharded (``models.transformer.constrain_batch``)
+        with jax.set_mesh(mesh[0]):
+            return _run_build(teacher, mesh, chunk_tokens, writer, owned, records, data_cfg,
+                              tokenizer, teacher_tok, window, commit_every_s, progress_every_s,
+                              queue_batches, max_batches, t0)
     finally:
         writer.close()
 
