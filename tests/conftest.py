@@ -60,3 +60,23 @@ def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str
 def make_packed_batch():
     """The :func:`packed_batch` factory, for tests that need a batch of their own shape."""
     return packed_batch
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    """A training run's ``metrics.jsonl`` records, in order."""
+    import json
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_params(run_dir: Path):
+    """The params of a training run's latest checkpoint."""
+    from distill_jax import checkpoint
+    return checkpoint.load_state_dict(run_dir / "checkpoints")["params"]
+
+
+def step_metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> the run's logged training metrics at that step, without the ones that vary from
+    run to run of the same computation (wall times, throughput, data-loader counters)."""
+    skip = ("time", "perf/", "data/")
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(skip)}
+            for r in logged_rows(run_dir) if "distill/loss" in r}

@@ -16,6 +16,7 @@ from distill_jax.train import optim
 from distill_jax.train.assemble import assemble, global_batch
 from distill_jax.train.loop import run
 from distill_jax.train.step import MODEL, jit_train_step, make_step
+from tests.conftest import logged_rows, saved_params, step_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "onpolicy_tiny.yaml"
@@ -29,21 +30,13 @@ def _cfg(run_dir, *overrides: str):
                                     *overrides])
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _params(run_dir: Path):
-    return checkpoint.load_state_dict(run_dir / "checkpoints")["params"]
-
-
 def test_lmbda_zero_reproduces_the_off_policy_run(tmp_path):
     """lmbda = 0: the configured on-policy run's losses and params are, step for step, those of
     the live-teacher off-policy step on the dataset rows of the same prompt batches."""
     cfg = _cfg(tmp_path / "on", "steps=3", "onpolicy.lmbda=0.0")
     run(cfg)
-    logged = [r["distill/loss"] for r in _rows(tmp_path / "on") if "distill/loss" in r]
-    assert len(logged) == 3 and all(r["onpolicy/sampled_rows"] == 0 for r in _rows(tmp_path / "on")
+    logged = [r["distill/loss"] for r in logged_rows(tmp_path / "on") if "distill/loss" in r]
+    assert len(logged) == 3 and all(r["onpolicy/sampled_rows"] == 0 for r in logged_rows(tmp_path / "on")
                                     if "onpolicy/sampled_rows" in r)
 
     r = assemble(cfg)
@@ -69,7 +62,7 @@ def test_lmbda_zero_reproduces_the_off_policy_run(tmp_path):
         losses.append(float(metrics["distill/loss"]))
     assert losses[0] > 0
     np.testing.assert_array_equal(np.asarray(logged), np.asarray(losses, np.float64))
-    for a, b in zip(jax.tree.leaves(_params(tmp_path / "on")[MODEL]),
+    for a, b in zip(jax.tree.leaves(saved_params(tmp_path / "on")[MODEL]),
                     jax.tree.leaves(state.params[MODEL]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -81,7 +74,7 @@ def test_configured_tiny_run_trains_and_logs_the_rollout(tmp_path, term):
     logged step, a checkpoint at the end."""
     run_dir = tmp_path / "run"
     run(_cfg(run_dir, "steps=3", "onpolicy.lmbda=1.0", f"loss.terms={{{term}: 1.0}}"))
-    rows = [r for r in _rows(run_dir) if "distill/loss" in r]
+    rows = [r for r in logged_rows(run_dir) if "distill/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert np.isfinite(r["distill/loss"]) and f"distill/{term}" in r
@@ -107,17 +100,12 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert checkpoint.latest_step(tmp_path / "parts" / "checkpoints") == 2
     run(_cfg(tmp_path / "parts", *over))
 
-    def metrics(run_dir):
-        skip = ("time", "perf/", "data/")
-        return {r["step"]: {k: v for k, v in r.items() if not k.startswith(skip)}
-                for r in _rows(run_dir) if "distill/loss" in r}
-
-    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    whole, parts = step_metrics(tmp_path / "whole"), step_metrics(tmp_path / "parts")
     assert sorted(whole) == sorted(parts) == [1, 2, 3, 4, 5]
     assert whole == parts
     assert sum(whole[s]["onpolicy/sampled_rows"] for s in whole) > 0  # it did sample
-    for a, b in zip(jax.tree.leaves(_params(tmp_path / "whole")),
-                    jax.tree.leaves(_params(tmp_path / "parts")), strict=True):
+    for a, b in zip(jax.tree.leaves(saved_params(tmp_path / "whole")),
+                    jax.tree.leaves(saved_params(tmp_path / "parts")), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -2,7 +2,6 @@
 terms): the jitted rollout, the host conversion, lmbda mixing with the pipeline's rows and the
 unchanged cross-tokenizer step; lmbda 0 = the off-policy run, exact resume, one compilation."""
 
-import json
 from pathlib import Path
 
 import jax
@@ -16,7 +15,8 @@ from distill_jax.onpolicy import xtok_train as XT
 from distill_jax.train import optim
 from distill_jax.train.assemble import assemble, global_batch
 from distill_jax.train.loop import run
-from distill_jax.train.step import MODEL, jit_train_step
+from distill_jax.train.step import jit_train_step
+from tests.conftest import logged_rows, saved_params, step_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "onpolicy_xtok_tiny.yaml"
@@ -31,29 +31,21 @@ def _cfg(run_dir, *overrides: str):
                                     "onpolicy.prompt_buckets=[448]", *overrides])
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _params(run_dir: Path):
-    return checkpoint.load_state_dict(run_dir / "checkpoints")["params"]
-
-
 def test_lmbda_zero_is_the_off_policy_run(tmp_path):
     """lmbda = 0: the on-policy cross-tokenizer run trains exactly as the same config without
     its onpolicy section (the off-policy ALM run): the same losses step for step and the same
     final params, bit for bit; no row is sampled."""
     run(_cfg(tmp_path / "on", "steps=2", "onpolicy.lmbda=0.0"))
     run(_cfg(tmp_path / "off", "steps=2", "onpolicy=null"))
-    on, off = _rows(tmp_path / "on"), _rows(tmp_path / "off")
+    on, off = logged_rows(tmp_path / "on"), logged_rows(tmp_path / "off")
     assert [r["step"] for r in on] == [r["step"] for r in off] == [1, 2]
     for a, b in zip(on, off):
         assert a["distill/loss"] > 0 and a["onpolicy/sampled_rows"] == 0
         for k in b:
             if k.startswith("distill/"):
                 assert a[k] == b[k], k
-    for a, b in zip(jax.tree.leaves(_params(tmp_path / "on")),
-                    jax.tree.leaves(_params(tmp_path / "off")), strict=True):
+    for a, b in zip(jax.tree.leaves(saved_params(tmp_path / "on")),
+                    jax.tree.leaves(saved_params(tmp_path / "off")), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -67,18 +59,13 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert checkpoint.latest_step(tmp_path / "parts" / "checkpoints") == 2
     run(_cfg(tmp_path / "parts", *over))
 
-    def metrics(run_dir):
-        skip = ("time", "perf/", "data/")
-        return {r["step"]: {k: v for k, v in r.items() if not k.startswith(skip)}
-                for r in _rows(run_dir) if "distill/loss" in r}
-
-    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    whole, parts = step_metrics(tmp_path / "whole"), step_metrics(tmp_path / "parts")
     assert sorted(whole) == sorted(parts) == [1, 2, 3, 4]
     assert whole == parts
     sampled = [whole[s]["onpolicy/sampled_rows"] for s in whole]
     assert 0 < sum(sampled) < 4 * 8  # rows of both kinds
-    for a, b in zip(jax.tree.leaves(_params(tmp_path / "whole")),
-                    jax.tree.leaves(_params(tmp_path / "parts")), strict=True):
+    for a, b in zip(jax.tree.leaves(saved_params(tmp_path / "whole")),
+                    jax.tree.leaves(saved_params(tmp_path / "parts")), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -143,7 +130,7 @@ def test_cli_trains_the_tiny_config(tmp_path, monkeypatch, capsys):
                    "onpolicy.max_new_tokens=8", "onpolicy.prompt_buckets=[448]",
                    "data.max_records=16"])
     assert rc == 0
-    rows = _rows(tmp_path / "run")
+    rows = logged_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert all(k in r for k in SAMPLE_METRICS)
