@@ -3,7 +3,9 @@
 The step measured is ``value_and_grad`` of the loss with respect to the student's final hidden
 states and lm_head, from (student hidden, student head, teacher hidden, teacher head, labels,
 mask) — what the train step differentiates. "naive" computes (B, T, V) logits for both models and
-calls ``combined_loss``; "chunked" is ``chunked_loss``. Figures come from XLA's buffer assignment
+calls ``combined_loss``; "chunked" is ``chunked_loss`` (each chunk recomputed in the backward
+pass); "fused" is ``chunked_loss`` with the cotangent announced, as the training step runs it
+(each chunk's backward in the forward scan, no recomputation). Figures come from XLA's buffer assignment
 (``jax.jit(f).lower(...).compile().memory_analysis()``), so nothing is allocated and the full
 Qwen2.5-sized case compiles on a laptop CPU. ``--execute`` also runs every variant on the
 current device and reports the allocator's peak where the backend exposes it (GPU/TPU), and the
@@ -40,6 +42,9 @@ def _parse_terms(text: str) -> dict[str, float]:
 
 
 def _step(kind: str, spec: L.LossSpec, chunk_size: int, softcap: float | None):
+    if kind == "fused":
+        return _fused_step(spec, chunk_size, softcap)
+
     def loss(hs, ws, ht, wt, labels, mask):
         if kind == "naive":
             zs = L.logits_from_hidden(hs, ws, softcap)
@@ -49,6 +54,27 @@ def _step(kind: str, spec: L.LossSpec, chunk_size: int, softcap: float | None):
                               student_softcap=softcap, teacher_softcap=softcap)
 
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+
+def _fused_step(spec: L.LossSpec, chunk_size: int, softcap: float | None):
+    """The training step's form: the cotangent of every term's sum (weight / token count) is
+    announced, so each chunk's backward runs in the forward scan (no recomputation)."""
+    names = [n for n, _ in spec.terms]
+
+    def step(hs, ws, ht, wt, labels, mask):
+        tokens = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+        ct = {n: jnp.float32(w) / tokens for n, w in spec.terms}
+
+        def sums(hs, ws):
+            _, m = L.chunked_loss(hs, ws, ht, wt, labels, mask, spec=spec, chunk_size=chunk_size,
+                                  student_softcap=softcap, teacher_softcap=softcap, cotangent=ct)
+            return {n: m[L.kd.sum_key(n)] for n in names}
+
+        s, vjp = jax.vjp(sums, hs, ws)
+        loss = sum(s[n] * ct[n] for n in names)
+        return (loss, s), vjp(ct)
+
+    return step
 
 
 def _shapes(a):
@@ -81,7 +107,7 @@ def measure(a, kind: str, chunk_size: int) -> dict:
     compiled = fn.lower(*_shapes(a)).compile()
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
-    row = dict(variant=kind if kind == "naive" else f"chunked/{chunk_size}",
+    row = dict(variant=kind if kind == "naive" else f"{kind}/{chunk_size}",
                chunk_size=None if kind == "naive" else chunk_size, compile_s=round(compile_s, 2))
     if ma is None:
         row["memory_analysis"] = None
@@ -133,7 +159,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     rows = [] if a.skip_naive else [measure(a, "naive", 0)]
-    rows += [measure(a, "chunked", int(c)) for c in a.chunk_sizes.split(",") if c]
+    rows += [measure(a, kind, int(c)) for kind in ("chunked", "fused")
+             for c in a.chunk_sizes.split(",") if c]
     result = dict(
         benchmark="loss_memory", backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__,

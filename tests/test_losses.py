@@ -469,6 +469,46 @@ def test_chunked_equals_unchunked_values_and_gradients(chunk_size):
     assert np.all(np.asarray(g_c[2]) == 0) and np.all(np.asarray(g_c[3]) == 0)
 
 
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_fused_chunked_gradient_equals_the_recomputing_one(chunk_size, monkeypatch):
+    """With the cotangent known in advance (a training step's fixed weights over counts), the
+    scan computes the gradient in its forward pass: the same sums, and the same vjp for that
+    cotangent as the unchunked loss; any other cotangent (GradMag's probes) falls back to the
+    exact recomputation."""
+    hs, ws, ht, wt, labels, mask = _hidden()
+    names = [n for n, _ in SPEC.terms]
+    ct = {n: jnp.float32(0.3 * (i + 1) * (-1) ** i) for i, n in enumerate(names)}
+
+    def sums(hs, ws, cotangent):
+        _, m = L.chunked_loss(hs, ws, ht, wt, labels, mask, spec=SPEC, chunk_size=chunk_size,
+                              student_softcap=CAPS["cs"], teacher_softcap=CAPS["ct"],
+                              cotangent=cotangent)
+        return {n: m[kd.sum_key(n)] for n in names}
+
+    def reference(hs, ws):
+        m = _unchunked(hs, ws, ht, wt, labels, mask, SPEC, **CAPS)[1]
+        return {n: m[kd.sum_key(n)] for n in names}
+
+    from distill_jax.losses import chunked
+    recomputed = []
+    monkeypatch.setattr(chunked, "on_recompute", lambda: recomputed.append(1))
+    s_ref, vjp_ref = jax.vjp(reference, hs, ws)
+    s_f, vjp_f = jax.jit(lambda hs, ws: jax.vjp(lambda a, b: sums(a, b, ct), hs, ws))(hs, ws)
+    for n in names:
+        np.testing.assert_allclose(s_f[n], s_ref[n], rtol=RTOL, err_msg=n)
+    other = {n: jnp.float32(1.0 if n == "jsd" else 0.0) for n in names}
+    for cot, recomputes in ((ct, False), (other, True)):
+        recomputed.clear()
+        for a, b in zip(vjp_f(cot), vjp_ref(cot)):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * np.abs(b).max())
+        jax.effects_barrier()
+        assert bool(recomputed) == recomputes
+    # bitwise: the recomputing path gives the same gradient the forward scan stored
+    g_plain = jax.vjp(lambda a, b: sums(a, b, None), hs, ws)[1](ct)
+    for a, b in zip(vjp_f(ct), g_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+
+
 def test_chunked_bf16_hidden_and_cross_entropy_only_without_teacher():
     hs, ws, _, _, labels, mask = _hidden(seed=21)
     hs = hs.astype(jnp.bfloat16)

@@ -196,6 +196,26 @@ def test_step_matches_unchunked_loss_gradient():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_step_computes_the_head_gradient_in_the_forward_scan(monkeypatch):
+    """A training step with fixed weights announces its cotangent, so the lm_head + loss scan's
+    backward never recomputes a chunk (each chunk's backward ran in the forward scan)."""
+    from distill_jax.losses import chunked
+    tc, sc = M.ModelConfig.tiny(), M.ModelConfig.tiny(num_layers=1)
+    teacher, student = M.init(tc, 1), M.init(sc, 2)
+    batch = _batch(np.random.RandomState(3))
+    calls = []
+    monkeypatch.setattr(chunked, "on_recompute", lambda: calls.append(1))
+    spec = losses.LossSpec(terms={"forward_kl": 1.0, "cross_entropy": 0.5})
+    opt = optax.sgd(0.1)
+    for accum in (1, 2):
+        step = jax.jit(make_step(sc, tc, spec, terms.LIVE_SAME, opt, chunk_size=16,
+                                 grad_accum=accum))
+        _, metrics = step(init_state(student.params, opt), teacher.params, batch)
+        jax.block_until_ready(metrics)
+    jax.effects_barrier()
+    assert not calls
+
+
 # ----------------------------------------------------------------------------- whole runs
 def test_tiny_run_learns_and_writes_run_dir(tmp_path):
     cfg = _tiny(tmp_path, "steps=12", "logging.tensorboard=true", "eval.every=6",

@@ -69,6 +69,93 @@ def chunked_sums(fn: Callable[[Any], Any], init: Any, xs_N: Any, chunk_size: int
     return chunked_scan(step, init, xs_N, chunk_size)[0]
 
 
+# A host function called whenever a fused scan's backward pass recomputes its chunks (the
+# cotangent was not the one announced); None: no callback is traced in. For tests and profiling.
+on_recompute: Callable[[], None] | None = None
+
+
+def fused_chunked_sums(fn: Callable[[Any, Any, Any], Any], init: Any, params: Any, frozen: Any,
+                       xs_N: Any, frozen_N: Any, cotangent: Any, chunk_size: int) -> Any:
+    """:func:`chunked_sums` of ``fn(params, frozen, chunk)`` whose gradient is computed in the
+    forward scan, chunk by chunk, for a cotangent known in advance: no recomputation.
+
+    ``chunked_sums`` under ``jax.vjp`` runs every chunk twice (the backward pass recomputes each
+    chunk's logits, since storing them is what chunking avoids). When the caller already knows
+    the cotangent its sums will receive -- a training step whose loss is a fixed linear
+    combination of the sums -- each chunk's backward can run right after its forward, while its
+    logits are at hand: that saves one forward of every lm_head the chunk computes (for
+    same-vocabulary KD with a live teacher, a student and a teacher head matmul per token).
+
+    Args:
+      fn: ``fn(params, frozen, chunk) -> sums`` (a pytree shaped like ``init``), where ``chunk``
+        is ``{**x, **f}`` for one chunk ``x`` of ``xs_N`` and ``f`` of ``frozen_N``.
+      params: arrays every chunk reads and that receive gradients (the student's head).
+      frozen: arrays every chunk reads that receive none (the teacher's head).
+      xs_N: a dict of (N, ...) per-token arrays that receive gradients (hidden states).
+      frozen_N: a dict of (N, ...) per-token arrays that receive none (teacher hidden states,
+        labels, token weights).
+      cotangent: a pytree shaped like ``init``: the cotangent the sums are expected to receive.
+
+    Returns the sums. Differentiating them with a cotangent equal to ``cotangent`` returns the
+    gradients computed in the forward scan; with any other cotangent (GradMag's per-term probes,
+    say), the backward recomputes every chunk as :func:`chunked_sums` does, so the result is
+    always the exact vjp.
+    """
+
+    def primal(params, xs_N, frozen, frozen_N):
+        return chunked_sums(lambda c: fn(params, frozen, c), init,
+                            {**xs_N, **frozen_N}, chunk_size)
+
+    def fwd_scan(params, xs_N, frozen, frozen_N, ct):
+        n = jax.tree.leaves(xs_N)[0].shape[0]
+        size = max(1, min(chunk_size, n))
+        n_chunks = max(1, -(-n // size))
+        cx = jax.tree.map(lambda x: _chunks(x, n_chunks, size), xs_N)
+        cf = jax.tree.map(lambda x: _chunks(x, n_chunks, size), frozen_N)
+
+        def step(carry, c):
+            sums, g_params = carry
+            x, f = c
+            out, vjp = jax.vjp(lambda p, x: fn(p, frozen, {**x, **f}), params, x)
+            g_p, g_x = vjp(ct)
+            carry = (jax.tree.map(jnp.add, sums, out), jax.tree.map(jnp.add, g_params, g_p))
+            return carry, g_x
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (sums, g_params), g_x = jax.lax.scan(step, (init, zeros), (cx, cf))
+        g_x = jax.tree.map(lambda g, x: g.reshape((-1,) + g.shape[2:])[:n].astype(x.dtype),
+                           g_x, xs_N)
+        g_params = jax.tree.map(lambda g, p: g.astype(p.dtype), g_params, params)
+        return sums, (g_params, g_x)
+
+    @jax.custom_vjp
+    def sums_of(params, xs_N, frozen, frozen_N, ct):
+        return primal(params, xs_N, frozen, frozen_N)
+
+    def sums_fwd(params, xs_N, frozen, frozen_N, ct):
+        sums, grads = fwd_scan(params, xs_N, frozen, frozen_N, ct)
+        return sums, (params, xs_N, frozen, frozen_N, ct, grads)
+
+    def sums_bwd(res, g_sums):
+        params, xs_N, frozen, frozen_N, ct, grads = res
+        same = jnp.all(jnp.stack([jnp.all(a == b) for a, b in
+                                  zip(jax.tree.leaves(g_sums), jax.tree.leaves(ct))]))
+
+        def recompute():
+            if on_recompute is not None:  # traced in: a host callback when this branch runs
+                jax.debug.callback(on_recompute)
+            return jax.vjp(lambda p, x: primal(p, x, frozen, frozen_N), params, xs_N)[1](g_sums)
+
+        g_params, g_x = jax.lax.cond(same, lambda: grads, recompute)
+        # nothing reaches the frozen inputs or the cotangent
+        return g_params, g_x, None, None, None
+
+    sums_of.defvjp(sums_fwd, sums_bwd)
+    cotangent = jax.tree.map(lambda c, i: jnp.asarray(c, i.dtype), cotangent, init)
+    frozen, frozen_N = jax.lax.stop_gradient((frozen, frozen_N))
+    return sums_of(params, xs_N, frozen, frozen_N, jax.lax.stop_gradient(cotangent))
+
+
 def unchunk(ys: Any, n: int) -> Any:
     """Per-token outputs of :func:`chunked_scan`, (n_chunks, chunk, ...) -> (n, ...)."""
     return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], ys)
@@ -90,7 +177,8 @@ def check_student_inputs(student_h: Array, student_head: Array, labels: Array | 
 def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
                  teacher_head: Array | None, labels: Array | None, mask: Array, *,
                  spec: kd.LossSpec, chunk_size: int = 512, student_softcap: float | None = None,
-                 teacher_softcap: float | None = None) -> tuple[Array, kd.Metrics]:
+                 teacher_softcap: float | None = None,
+                 cotangent: dict[str, Array] | None = None) -> tuple[Array, kd.Metrics]:
     """``combined_loss(h_S @ head_S, h_T @ head_T, labels, mask, spec)`` without full logits.
 
     Args:
@@ -104,6 +192,11 @@ def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
       chunk_size: tokens per chunk (of the flattened leading dims); the token count need not be
         divisible, the last chunk is padded with masked tokens.
       student_softcap, teacher_softcap: final-logit softcaps (``ModelConfig.final_logit_softcap``).
+      cotangent: ``{term name: scalar}``, the cotangent each term's sum will receive when the
+        caller differentiates (a training step knows it in advance: the term's weight over its
+        count); given, each chunk's backward runs in the forward scan
+        (:func:`fused_chunked_sums`), which saves recomputing the lm_heads. The values and
+        gradients are the same either way.
 
     Returns:
       (loss, metrics), as ``kd.combined_loss``.
@@ -127,20 +220,25 @@ def chunked_loss(student_h: Array, student_head: Array, teacher_h: Array | None,
                              "same-vocabulary losses need equal sizes (slice a padded head to "
                              "the common tokenizer size first)")
 
-    xs = {"h": student_h.reshape(n, -1), "w": w_x.reshape(n)}
+    frozen_xs = {"w": w_x.reshape(n)}
     if use_teacher:
         teacher_head = jax.lax.stop_gradient(teacher_head)
-        xs["ht"] = jax.lax.stop_gradient(teacher_h).reshape(n, -1)
+        frozen_xs["ht"] = jax.lax.stop_gradient(teacher_h).reshape(n, -1)
     if spec.needs_labels:
-        xs["labels"] = labels.reshape(n)
+        frozen_xs["labels"] = labels.reshape(n)
 
-    def chunk_sums(c):
-        zs_CV = logits_from_hidden(c["h"], student_head, student_softcap)
-        zt_CV = logits_from_hidden(c["ht"], teacher_head, teacher_softcap) if use_teacher \
-            else None
+    def chunk_sums(head_s, head_t, c):
+        zs_CV = logits_from_hidden(c["h"], head_s, student_softcap)
+        zt_CV = logits_from_hidden(c["ht"], head_t, teacher_softcap) if use_teacher else None
         sums = kd.term_sums(zs_CV, zt_CV, c.get("labels"), c["w"], spec)
         return {name: sums[name] for name, _ in spec.terms}
 
     init = {name: jnp.zeros((), jnp.float32) for name, _ in spec.terms}
-    sums = chunked_sums(chunk_sums, init, xs, chunk_size)
+    xs = {"h": student_h.reshape(n, -1)}
+    if cotangent is None:
+        sums = chunked_sums(lambda c: chunk_sums(student_head, teacher_head, c), init,
+                            {**xs, **frozen_xs}, chunk_size)
+    else:
+        sums = fused_chunked_sums(chunk_sums, init, student_head, teacher_head, xs, frozen_xs,
+                                  {name: cotangent[name] for name, _ in spec.terms}, chunk_size)
     return kd.finalize(sums, kd.token_count(w_x), spec)

@@ -187,7 +187,7 @@ class HeadInputs:
                  student_word_start: Array | None = None, mined_map: Array | None = None,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
                  chunk_size: int = 512, params: Mapping[str, Any] | None = None,
-                 tail: str = "bucket"):
+                 tail: str = "bucket", shared_cotangent: Mapping[str, Array] | None = None):
         self.spec, self.batch = spec, batch
         self.student_h, self.student_head = student_h, student_head
         self.student_embed = student_embed
@@ -197,6 +197,10 @@ class HeadInputs:
         self.chunk_size = chunk_size
         self.params = dict(params or {})
         self.tail = tail
+        # {term: the cotangent its sum will receive}: given (a training step whose loss is a
+        # fixed combination of shared-vocabulary terms), the fused scan computes the gradient
+        # in its forward pass instead of recomputing the lm_heads (chunked.fused_chunked_sums)
+        self.shared_cotangent = shared_cotangent
 
     @functools.cached_property
     def student_token_stats(self) -> tuple[Array, Array]:
@@ -222,7 +226,8 @@ class HeadInputs:
             _, metrics = chunked.chunked_loss(
                 self.student_h, self.student_head, b.get("teacher_hidden"), self.teacher_head,
                 b["targets"], b["loss_mask"], spec=spec, chunk_size=self.chunk_size,
-                student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap)
+                student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
+                cotangent=self.shared_cotangent)
         return {kd.sum_key(name): metrics[kd.sum_key(name)] for name, _ in spec.terms}
 
 
@@ -565,6 +570,24 @@ def term_sums(inputs: HeadInputs) -> dict[str, Array]:
         else:
             out.update(term.sums(inputs))
     return out
+
+
+def fused_cotangent(spec: Any, norms: Mapping[str, Array]) -> dict[str, Array] | None:
+    """The cotangent each term's sum receives in a training step, when it is known before the
+    terms run: every term a shared-vocabulary term of the fused lm_head + loss scan and the
+    weights fixed (no GradMag). ``{term: weight / whole-batch count}``, computed by the same
+    vjp the step applies, so the scan's forward-computed gradient is the one asked for; None
+    otherwise (the scan then recomputes its chunks in the backward pass)."""
+    names = [name for name, _ in spec.terms]
+    if any(get_term(n).sums is not None for n in names):
+        return None
+    weights = spec.weights
+    if getattr(spec, "balance", "none") != "none" and len(weights) > 1:
+        return None
+    zeros = {kd.sum_key(n): jnp.zeros((), jnp.float32) for n in names}
+    _, vjp = jax.vjp(lambda s: normalised_terms(spec, s, norms), zeros)
+    (ct,) = vjp({k: jnp.asarray(weights[k], jnp.float32) for k in names})
+    return {n: ct[kd.sum_key(n)] for n in names}
 
 
 def normalised_terms(spec: Any, sums: Mapping[str, Array], norms: Mapping[str, Array]

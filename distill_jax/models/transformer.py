@@ -12,6 +12,7 @@ G heads per kv head, H head_dim, F mlp, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -44,6 +45,48 @@ def constrain_batch(x: Array) -> Array:
         return x
     spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _low_precision_dots() -> bool:
+    """Whether low-precision matmuls go through :func:`_einsum_acc32` (XLA's CPU backend)."""
+    return jax.default_backend() == "cpu"
+
+
+def _acc32(subscripts: str, a: Array, b: Array, dtype: Any) -> Array:
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_acc32(subscripts: str, x: Array, w: Array) -> Array:
+    return _acc32(subscripts, x, w, x.dtype)
+
+
+def _einsum_acc32_fwd(subscripts, x, w):
+    return _acc32(subscripts, x, w, x.dtype), (x, w)
+
+
+def _einsum_acc32_bwd(subscripts, res, g):
+    x, w = res
+    ins, out = subscripts.split("->")
+    a, b = ins.split(",")
+    return _acc32(f"{out},{b}->{a}", g, w, x.dtype), _acc32(f"{a},{out}->{b}", x, g, w.dtype)
+
+
+_einsum_acc32.defvjp(_einsum_acc32_fwd, _einsum_acc32_bwd)
+
+
+def proj(subscripts: str, x: Array, w: Array) -> Array:
+    """``jnp.einsum(subscripts, x, w)`` in ``x``'s dtype, with fp32 accumulation.
+
+    The same numbers as a plain einsum everywhere; the difference is speed on XLA's CPU backend.
+    There a dot whose output is bf16 runs as an fp32 dot between converts (about 3x slower than
+    a bf16 x bf16 -> fp32 dot on a CPU with bf16 instructions), so with a low-precision ``x`` on
+    CPU the forward and both backward products are bf16 x bf16 -> fp32 dots, rounded to the
+    input dtypes as a bf16 dot rounds. Every index of ``x`` must appear in ``w`` or the output
+    and every index of ``w`` in ``x`` or the output (true of the model's projections)."""
+    if x.dtype == jnp.float32 or x.dtype != w.dtype or not _low_precision_dots():
+        return jnp.einsum(subscripts, x, w)
+    return _einsum_acc32(subscripts, x, w)
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], *,
@@ -150,9 +193,9 @@ class Attention(nnx.Module):
                  lora_keys: Array | None = None):
         cfg = self.cfg
         dt = x_BTD.dtype
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q[...].astype(dt))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k[...].astype(dt))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v[...].astype(dt))
+        q_BTNH = proj("btd,dnh->btnh", x_BTD, self.q[...].astype(dt))
+        k_BTKH = proj("btd,dkh->btkh", x_BTD, self.k[...].astype(dt))
+        v_BTKH = proj("btd,dkh->btkh", x_BTD, self.v[...].astype(dt))
         q_BTNH = _lora(self, cfg, "q", x_BTD, q_BTNH, lora_keys)
         k_BTKH = _lora(self, cfg, "k", x_BTD, k_BTKH, lora_keys)
         v_BTKH = _lora(self, cfg, "v", x_BTD, v_BTKH, lora_keys)
@@ -179,16 +222,22 @@ class Attention(nnx.Module):
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
         b, t, n, h = q_BTNH.shape
         kh = k_BSKH.shape[2]
-        q_BTKGH = q_BTNH.reshape(b, t, kh, n // kh, h)
-        s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                             preferred_element_type=jnp.float32) * cfg.attn_scale
-        if cfg.attn_logit_softcap:
-            s_BKGTS = jnp.tanh(s_BKGTS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _NEG)
-        p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
-        o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+
+        def one_group(q_BTKH):
+            # the query heads that share each kv head one at a time (vmapped over the group):
+            # XLA then needs no transposes of the (T, S) scores, which on CPU made attention
+            # cost 2.5x more than with this layout (benchmarks/train_throughput.py)
+            s_BKTS = jnp.einsum("btkh,bskh->bkts", q_BTKH, k_BSKH,
+                                preferred_element_type=jnp.float32) * cfg.attn_scale
+            if cfg.attn_logit_softcap:
+                s_BKTS = jnp.tanh(s_BKTS / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+            s_BKTS = jnp.where(mask_BTS[:, None], s_BKTS, _NEG)
+            p_BKTS = jax.nn.softmax(s_BKTS, axis=-1).astype(dt)
+            return proj("bkts,bskh->btkh", p_BKTS, v_BSKH)
+
+        o_BTKGH = jax.vmap(one_group, in_axes=3, out_axes=3)(q_BTNH.reshape(b, t, kh, n // kh, h))
         o_BTNH = o_BTKGH.reshape(b, t, n, h)
-        out_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, self.o[...].astype(dt))
+        out_BTD = proj("btnh,nhd->btd", o_BTNH, self.o[...].astype(dt))
         out_BTD = _lora(self, cfg, "o", o_BTNH, out_BTD, lora_keys)
         if cfg.out_bias:
             out_BTD = out_BTD + self.o_bias[...].astype(dt)
@@ -214,15 +263,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: Array, lora_keys: Array | None = None) -> Array:
         dt = x_BTD.dtype
-        g_BTF = _lora(self, self.cfg, "gate", x_BTD, x_BTD @ self.gate[...].astype(dt), lora_keys)
-        u_BTF = _lora(self, self.cfg, "up", x_BTD, x_BTD @ self.up[...].astype(dt), lora_keys)
+        g_BTF = _lora(self, self.cfg, "gate", x_BTD, proj("...d,df->...f", x_BTD, self.gate[...].astype(dt)), lora_keys)
+        u_BTF = _lora(self, self.cfg, "up", x_BTD, proj("...d,df->...f", x_BTD, self.up[...].astype(dt)), lora_keys)
         if self.bias:
             g_BTF = g_BTF + self.gate_bias[...].astype(dt)
             u_BTF = u_BTF + self.up_bias[...].astype(dt)
         act = jax.nn.silu if self.activation == "silu" else (
             lambda z: jax.nn.gelu(z, approximate=True))
         a_BTF = act(g_BTF) * u_BTF
-        y_BTD = _lora(self, self.cfg, "down", a_BTF, a_BTF @ self.down[...].astype(dt), lora_keys)
+        y_BTD = _lora(self, self.cfg, "down", a_BTF, proj("...f,fd->...d", a_BTF, self.down[...].astype(dt)), lora_keys)
         if self.bias:
             y_BTD = y_BTD + self.down_bias[...].astype(dt)
         return y_BTD

@@ -259,14 +259,14 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
         teacher = Model(teacher_cfg, jax.lax.stop_gradient(teacher_params))
         return jax.lax.stop_gradient(lm_head(teacher)), quant.value(teacher.params["embed"])
 
-    def head_sums(h, head, loss_params, embed, mb, teacher):
+    def head_sums(h, head, loss_params, embed, mb, teacher, cotangent=None):
         head_t, embed_t = (None, None) if teacher is None else teacher
         return terms.term_sums(terms.HeadInputs(
             spec, mb, student_h=h, student_head=head, student_embed=embed,
             teacher_head=head_t, teacher_embed=embed_t, student_word_start=s_word,
             mined_map=mined, student_softcap=student_cfg.final_logit_softcap,
             teacher_softcap=teacher_cfg.final_logit_softcap if teacher_cfg else None,
-            chunk_size=chunk_size, params=loss_params, tail=tail))
+            chunk_size=chunk_size, params=loss_params, tail=tail, shared_cotangent=cotangent))
 
     if not train:
         def evaluate(params, teacher_params, batch, rng=None):
@@ -302,9 +302,12 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
                 lambda p: _trunk(student_cfg, lora.join(base, p), mb), model_p)
             # read by DSKD's queries (frozen)
             embed = jax.lax.stop_gradient(lora.join(base, model_p)["embed"])
+            # known in advance for fixed weights: the lm_head + loss scan then computes its
+            # gradient in the forward pass (no recomputation in the backward)
+            cotangent = terms.fused_cotangent(spec, norms)
 
             def head_terms(h, head, loss_p):
-                sums = head_sums(h, head, loss_p, embed, mb, teacher)
+                sums = head_sums(h, head, loss_p, embed, mb, teacher, cotangent)
                 return terms.normalised_terms(spec, sums, norms), sums
 
             normed, terms_vjp, sums = jax.vjp(head_terms, h, head, loss_p, has_aux=True)
