@@ -332,6 +332,21 @@ def test_chunked_equals_unchunked(mode):
             np.testing.assert_allclose(float(m1[key]), float(m0[key]), rtol=1e-5, atol=1e-6)
         for a, b in zip(g1, g0):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # the training step's form: the cotangent announced, each chunk's backward in the
+        # forward scan; its vjp with that cotangent is the reference gradient
+        names = [n for n, _ in spec.terms]
+        tokens = float(kd.token_count(kd.token_weights(w32, w32.shape)))
+        ct = {n: jnp.float32(wt / tokens) for n, wt in spec.terms}
+
+        def sums(h, head, fn=fn):
+            m = fn(h, head, ids, lp32, tail32, labels, w32, cotangent=ct)[1]
+            return {n: m[kd.sum_key(n)] for n in names}
+
+        s2, vjp = jax.vjp(sums, h, head)
+        for n in names:
+            np.testing.assert_allclose(float(s2[n]), float(m0[kd.sum_key(n)]), rtol=1e-5)
+        for a, b in zip(vjp(ct), g0):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

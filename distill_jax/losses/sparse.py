@@ -327,7 +327,8 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
                         topk_logprobs: Array | None, tail_logmass: Array | None,
                         labels: Array | None, mask: Array, *, spec: kd.LossSpec,
                         chunk_size: int = 512, student_softcap: float | None = None,
-                        tail: str = BUCKET) -> tuple[Array, Metrics]:
+                        tail: str = BUCKET, cotangent: dict[str, Array] | None = None
+                        ) -> tuple[Array, Metrics]:
     """``sparse_combined_loss(h_S @ head_S, cache..., labels, mask, spec)`` without full logits.
 
     The pattern of ``chunked.chunked_loss``: tokens flattened and split into chunks of
@@ -342,6 +343,8 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
       labels: (...) next-token labels, or None without a cross_entropy term.
       mask: (...) bool or float token weights.
       spec, tail: the loss terms and the tail convention. student_softcap: final-logit softcap.
+      cotangent: ``{term: scalar}`` announced by a training step, as for
+        ``chunked.chunked_loss``: each chunk's backward then runs in the forward scan.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
@@ -359,22 +362,29 @@ def sparse_chunked_loss(student_h: Array, student_head: Array, topk_ids: Array |
         _check_cache(jax.ShapeDtypeStruct(lead + (vocab,), jnp.float32), topk_ids,
                      topk_logprobs, tail_logmass, tail)
 
-    xs = {"h": student_h.reshape(n, -1), "w": w_x.reshape(n)}
+    frozen = {"w": w_x.reshape(n)}
     if use_teacher:
         k = topk_ids.shape[-1]
-        xs["ids"] = topk_ids.reshape(n, k)
-        xs["logt"] = jax.lax.stop_gradient(topk_logprobs).reshape(n, k)
+        frozen["ids"] = topk_ids.reshape(n, k)
+        frozen["logt"] = jax.lax.stop_gradient(topk_logprobs).reshape(n, k)
         if tail == BUCKET:
-            xs["tail"] = jax.lax.stop_gradient(tail_logmass).reshape(n)
+            frozen["tail"] = jax.lax.stop_gradient(tail_logmass).reshape(n)
     if spec.needs_labels:
-        xs["labels"] = labels.reshape(n)
+        frozen["labels"] = labels.reshape(n)
 
-    def chunk_sums(c):
-        zs_CV = chunked.logits_from_hidden(c["h"], student_head, student_softcap)
+    def chunk_sums(head, _, c):
+        zs_CV = chunked.logits_from_hidden(c["h"], head, student_softcap)
         sums = sparse_term_sums(zs_CV, c.get("ids"), c.get("logt"), c.get("tail"),
                                 c.get("labels"), c["w"], spec, tail=tail)
         return {name: sums[name] for name, _ in spec.terms}
 
     init = {name: jnp.zeros((), jnp.float32) for name, _ in spec.terms}
-    sums = chunked.chunked_sums(chunk_sums, init, xs, chunk_size)
+    xs = {"h": student_h.reshape(n, -1)}
+    if cotangent is None:
+        sums = chunked.chunked_sums(lambda c: chunk_sums(student_head, None, c), init,
+                                    {**xs, **frozen}, chunk_size)
+    else:
+        sums = chunked.fused_chunked_sums(chunk_sums, init, student_head, None, xs, frozen,
+                                          {name: cotangent[name] for name, _ in spec.terms},
+                                          chunk_size)
     return kd.finalize(sums, kd.token_count(w_x), spec)

@@ -221,7 +221,8 @@ class HeadInputs:
                 self.student_h, self.student_head, b["teacher_topk_ids"],
                 b["teacher_topk_logprobs"], b["teacher_tail_logmass"], b["targets"],
                 b["loss_mask"], spec=spec, chunk_size=self.chunk_size,
-                student_softcap=self.student_softcap, tail=self.tail)
+                student_softcap=self.student_softcap, tail=self.tail,
+                cotangent=self.shared_cotangent)
         else:
             _, metrics = chunked.chunked_loss(
                 self.student_h, self.student_head, b.get("teacher_hidden"), self.teacher_head,
