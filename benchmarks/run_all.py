@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
-    "train_throughput": ["--steps", "10"],
+    "train_throughput": ["--steps", "3", "--rounds", "3"],
     "loss_memory": [],
     "data_throughput": [],
     "cache_training": ["--steps", "3"],
