@@ -3,7 +3,9 @@
 Pairs of released architectures with random weights (``distill_jax.models.presets``; no
 checkpoint is read): by default a Llama-3.2-3B-shaped teacher and a Llama-3.2-1B-shaped
 student (vocabulary 128,256), rows of 2,048 tokens, bf16 compute with fp32 master weights for
-the student (the frozen teacher's params in the compute dtype). Three signals, each optional:
+the student (the frozen teacher's params in the compute dtype), 8 rows a step, the student's
+layers rematerialised (the memory plan: about 40 GiB a device, 49 GiB with the 8B teacher).
+Three signals, each optional:
 
 * ``live``: the distillation step with the teacher inside (forward KL at T=1 over the full
   vocabulary, AdamW). FLOPs per token as ``train_throughput.py`` counts them: the teacher's
@@ -27,7 +29,7 @@ not fit. ``--smoke`` swaps the presets for tiny models of the same families at l
 the whole script runs on a CPU in seconds.
 
     python benchmarks/gpu_scale.py [--student llama-3.2-1b] [--teacher llama-3.2-3b]
-        [--length 2048] [--batch 4] [--remat none] [--steps 10]
+        [--length 2048] [--batch 8] [--remat full] [--steps 10]
         [--signals live cached onpolicy] [--profile DIR] [--out r.json]
     python benchmarks/gpu_scale.py --smoke --steps 1
 """
@@ -278,10 +280,11 @@ def parse(argv):
     p.add_argument("--teacher", default="llama-3.2-3b",
                    help="teacher preset (shape only), e.g. llama-3.1-8b")
     p.add_argument("--length", type=int, default=2048, help="tokens per row (e.g. 4096)")
-    p.add_argument("--batch", type=int, default=4, help="rows per step (global)")
+    p.add_argument("--batch", type=int, default=8, help="rows per step (global)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="compute dtype")
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
-                   help="the student's remat policy")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
+                   help="the student's remat policy (without it the attention scores of every "
+                        "layer are saved: about 80 GiB at batch 4 x 2048 for the 1B student)")
     p.add_argument("--chunk-size", type=int, default=512, help="loss chunk (tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per signal")
     p.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=SIGNALS)
