@@ -181,13 +181,17 @@ class Bench:
         self.spec = losses.LossSpec(terms={"forward_kl": 1.0}, temperature=1.0)
         self.opt = optim.make_optimizer(optim.OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)
         self.batch = make_batch(args.batch, args.length, sc.vocab_size)
-        self._teacher = None
+        self._teacher = self._student = None
 
     def put(self, tree, sharding):
         return jax.device_put(tree, sharding)
 
     def student(self):
-        return M.init(self.sc, 1, mesh=self.mesh, rules=self.rules).params
+        """A fresh copy of the student's initial params (a train step donates its state)."""
+        if self._student is None:
+            self._student = M.init(self.sc, 1, mesh=self.mesh, rules=self.rules).params
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False),
+                            self._student)
 
     def teacher(self):
         if self._teacher is None:
