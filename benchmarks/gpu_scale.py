@@ -37,7 +37,6 @@ the whole script runs on a CPU in seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path

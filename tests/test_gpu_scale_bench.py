@@ -68,7 +68,8 @@ def test_smoke_run_reports_every_signal(bench, tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["compile_s"] > 0, name
     live, cached = result["results"]["live"], result["results"]["cached"]
     for r in (live, cached):
-        assert r["achieved_flops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"]["total"])
+        fpt = r["flops_per_token"]["total"]
+        assert r["achieved_flops"] == pytest.approx(r["tokens_per_s"] * fpt)
         assert r["mfu_measured_peak"] == pytest.approx(
             r["achieved_flops"] / result["measured_peak_flops"])
     # the cached step counts the student alone: fewer FLOPs per token than with the teacher
