@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import emit  # noqa: E402
+from _common import emit, matmul_peak  # noqa: E402
 
 from distill_jax import losses, models as M
 from distill_jax.train import optim
@@ -46,22 +46,6 @@ TEACHER = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_s
 STUDENT = dict(family="llama", vocab_size=32000, hidden_size=256, intermediate_size=704,
                num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
 BATCH, LENGTH = 4, 512
-
-
-def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
-    """Measured FLOP/s of an n x n matmul (fp32 accumulation) on the default device: the best
-    of three timings of ``reps`` back-to-back products."""
-    a = jax.device_put(jnp.ones((n, n), dtype))
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = f(a, a)
-        out.block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 * reps / best
 
 
 def attention_flops(cfg: dict, length: int) -> int:
