@@ -114,3 +114,45 @@ def test_onpolicy_methods_share_rows_and_differ_in_lmbda_only(quality):
     results = {"cells": {}}
     expected = quality.SECONDS_PER_STEP["same_onpolicy"] * 10 + quality.OVERHEAD_S
     assert quality.estimate_s([("onpolicy_rkl", 0)], table, 10, results) == pytest.approx(expected)
+
+
+def _transfer_results(alm, sft):
+    """Teacher 1.0 and FVT 2.0 bits/byte on every split; per-seed students as given."""
+    splits = ("heldout_plays", "heldout_poems", "heldout_milton")
+    cells = {f"{m}/seed{s}": {"bits_per_byte": {sp: v for sp in splits}}
+             for m, vals in (("transfer_alm", alm), ("transfer_sft", sft))
+             for s, v in enumerate(vals)}
+    return {"cells": cells, "teacher": {sp: 1.0 for sp in splits},
+            "init": {"xtok": {sp: 2.0 for sp in splits}}}
+
+
+def test_transfer_gaps_are_per_seed_shares_of_the_fvt_to_teacher_gap(quality):
+    results = _transfer_results(alm=[1.2, 1.1, 1.3], sft=[1.8, 1.9])
+    gaps = quality.transfer_gaps(results, ["transfer_sft", "transfer_alm"], ["heldout_plays"])
+    alm = gaps["transfer_alm"]["heldout_plays"]
+    assert alm["mean"] == pytest.approx(0.8) and alm["std"] == pytest.approx(0.1)
+    assert alm["n"] == 3 and gaps["transfer_sft"]["heldout_plays"]["n"] == 2
+    assert gaps["transfer_sft"]["heldout_plays"]["mean"] == pytest.approx(0.15)
+    results["teacher"]["heldout_plays"] = 2.5  # the teacher is not ahead: no share
+    assert quality.transfer_gaps(results, ["transfer_alm"], ["heldout_plays"]) == {}
+
+
+def test_transfer_table_lists_teacher_fvt_gaps_and_per_seed_margins(quality):
+    results = _transfer_results(alm=[1.2, 1.1, 1.3], sft=[1.8, 1.9, 1.7])
+    splits = ["heldout_plays", "heldout_poems", "heldout_milton"]
+    summary = quality.summarize(results, list(quality.TRANSFER_METHODS), splits)
+    text = quality.table_text(results, summary, quality.TRANSFER_METHODS, True)
+    rows = text.splitlines()
+    assert rows[2].startswith("| teacher") and rows[3].startswith("| FVT")
+    alm = next(r for r in rows if r.startswith("| transfer_alm"))
+    assert "1.2000 ± 0.1000" in alm and "80.0% ± 10.0%" in alm and alm.endswith("| 3 |")
+    assert "transfer_alm - transfer_sft, heldout_milton, per seed: seed 0 -0.6000" in text
+
+
+def test_transfer_setting_moves_every_layer_at_one_lr(quality):
+    assert "student.layers=[]" in quality.TRANSFER_OVERRIDES
+    lrs = {m.overrides for m in quality.TRANSFER_METHODS.values()}
+    assert lrs == {(f"optimizer.lr={quality.TRANSFER_LR}",)}
+    from distill_jax import demo
+    cfg = demo.load_run_config(demo.XTOK_CONFIG, list(quality.TRANSFER_OVERRIDES))
+    assert cfg.student.layers == () and cfg.student.init == "transfer"
