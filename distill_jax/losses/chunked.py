@@ -106,51 +106,92 @@ def fused_chunked_sums(fn: Callable[[Any, Any, Any], Any], init: Any, params: An
         return chunked_sums(lambda c: fn(params, frozen, c), init,
                             {**xs_N, **frozen_N}, chunk_size)
 
-    def fwd_scan(params, xs_N, frozen, frozen_N, ct):
+    def fwd_scan(params, xs_N, frozen, frozen_N, ct, p_on, x_on):
+        """The sums, and the gradients of <ct, sums> w.r.t. the leaves of ``params`` and
+        ``xs_N`` that are differentiated (``p_on`` / ``x_on``: one bool per leaf)."""
         n = jax.tree.leaves(xs_N)[0].shape[0]
         size = max(1, min(chunk_size, n))
         n_chunks = max(1, -(-n // size))
-        cx = jax.tree.map(lambda x: _chunks(x, n_chunks, size), xs_N)
-        cf = jax.tree.map(lambda x: _chunks(x, n_chunks, size), frozen_N)
+        p_leaves, p_def = jax.tree.flatten(params)
+        x_keys = sorted(xs_N)
+        chunk = lambda x: _chunks(x, n_chunks, size)  # noqa: E731
+        cx = {k: chunk(xs_N[k]) for k, on in zip(x_keys, x_on) if on}
+        cf = jax.tree.map(chunk, {**frozen_N, **{k: xs_N[k] for k, on in zip(x_keys, x_on)
+                                                 if not on}})
+        p_diff = [leaf for leaf, on in zip(p_leaves, p_on) if on]
+
+        def with_params(p_diff):
+            it = iter(p_diff)
+            return p_def.unflatten([next(it) if on else jax.lax.stop_gradient(leaf)
+                                    for leaf, on in zip(p_leaves, p_on)])
 
         def step(carry, c):
             sums, g_params = carry
             x, f = c
-            out, vjp = jax.vjp(lambda p, x: fn(p, frozen, {**x, **f}), params, x)
+            out, vjp = jax.vjp(lambda p, x: fn(with_params(p), frozen, {**x, **f}), p_diff, x)
             g_p, g_x = vjp(ct)
             carry = (jax.tree.map(jnp.add, sums, out), jax.tree.map(jnp.add, g_params, g_p))
             return carry, g_x
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = [jnp.zeros(leaf.shape, jnp.float32) for leaf in p_diff]
         (sums, g_params), g_x = jax.lax.scan(step, (init, zeros), (cx, cf))
-        g_x = jax.tree.map(lambda g, x: g.reshape((-1,) + g.shape[2:])[:n].astype(x.dtype),
-                           g_x, xs_N)
-        g_params = jax.tree.map(lambda g, p: g.astype(p.dtype), g_params, params)
+        g_x = {k: g.reshape((-1,) + g.shape[2:])[:n].astype(xs_N[k].dtype)
+               for k, g in g_x.items()}
+        g_params = [g.astype(leaf.dtype) for g, leaf in zip(g_params, p_diff)]
         return sums, (g_params, g_x)
+
+    def scatter(grads, leaves, mask):
+        """Per-leaf cotangents: the computed ones where ``mask``, None (zero) elsewhere."""
+        it = iter(grads)
+        return [next(it) if on else None for on in mask]
 
     @jax.custom_vjp
     def sums_of(params, xs_N, frozen, frozen_N, ct):
         return primal(params, xs_N, frozen, frozen_N)
 
+    def differentiable(primal):
+        return primal.perturbed and jnp.issubdtype(primal.value.dtype, jnp.inexact)
+
     def sums_fwd(params, xs_N, frozen, frozen_N, ct):
-        sums, grads = fwd_scan(params, xs_N, frozen, frozen_N, ct)
-        return sums, (params, xs_N, frozen, frozen_N, ct, grads)
+        # symbolic zeros: each leaf says whether it is differentiated (a LoRA student's frozen
+        # head is not: its gradient is then never computed)
+        is_primal = lambda c: hasattr(c, "perturbed")  # noqa: E731
+        p_on = [differentiable(c) for c in jax.tree.leaves(params, is_leaf=is_primal)]
+        x_on = [differentiable(xs_N[k]) for k in sorted(xs_N)]
+        value = lambda t: jax.tree.map(lambda c: c.value, t, is_leaf=is_primal)  # noqa: E731
+        params, xs_N, frozen, frozen_N, ct = map(value, (params, xs_N, frozen, frozen_N, ct))
+        sums, grads = fwd_scan(params, xs_N, frozen, frozen_N, ct, p_on, x_on)
+        return sums, (params, xs_N, frozen, frozen_N, ct, grads, p_on, x_on)
 
     def sums_bwd(res, g_sums):
-        params, xs_N, frozen, frozen_N, ct, grads = res
+        params, xs_N, frozen, frozen_N, ct, grads, p_on, x_on = res
+        g_sums = jax.tree.map(
+            lambda g, c: jnp.zeros(c.shape, c.dtype) if type(g).__name__ == "SymbolicZero"
+            else g, g_sums, ct, is_leaf=lambda g: type(g).__name__ == "SymbolicZero")
         same = jnp.all(jnp.stack([jnp.all(a == b) for a, b in
                                   zip(jax.tree.leaves(g_sums), jax.tree.leaves(ct))]))
+        p_leaves, p_def = jax.tree.flatten(params)
+        x_keys = sorted(xs_N)
 
         def recompute():
             if on_recompute is not None:  # traced in: a host callback when this branch runs
                 jax.debug.callback(on_recompute)
-            return jax.vjp(lambda p, x: primal(p, x, frozen, frozen_N), params, xs_N)[1](g_sums)
+            p_diff = [leaf for leaf, on in zip(p_leaves, p_on) if on]
+            x_diff = {k: xs_N[k] for k, on in zip(x_keys, x_on) if on}
+
+            def f(p_diff, x_diff):
+                it = iter(p_diff)
+                p = p_def.unflatten([next(it) if on else leaf for leaf, on in zip(p_leaves, p_on)])
+                return primal(p, {**xs_N, **x_diff}, frozen, frozen_N)
+            return tuple(jax.vjp(f, p_diff, x_diff)[1](g_sums))
 
         g_params, g_x = jax.lax.cond(same, lambda: grads, recompute)
+        g_params = p_def.unflatten(scatter(g_params, p_leaves, p_on))
+        g_x = {k: g_x[k] if on else None for k, on in zip(x_keys, x_on)}
         # nothing reaches the frozen inputs or the cotangent
         return g_params, g_x, None, None, None
 
-    sums_of.defvjp(sums_fwd, sums_bwd)
+    sums_of.defvjp(sums_fwd, sums_bwd, symbolic_zeros=True)
     cotangent = jax.tree.map(lambda c, i: jnp.asarray(c, i.dtype), cotangent, init)
     frozen, frozen_N = jax.lax.stop_gradient((frozen, frozen_N))
     return sums_of(params, xs_N, frozen, frozen_N, jax.lax.stop_gradient(cotangent))
