@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s = QUICK if args.quick else Setting()
     seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
-    run_dir = Path(args.run_dir) / ("quick" if args.quick else "full")
+    run_dir = Path(args.run_dir).resolve() / ("quick" if args.quick else "full")
     out_dir = run_dir if args.quick else Path(args.out_dir)
     path = out_dir / "reasoning_quality.json"
     setting = dataclasses.asdict(s)
