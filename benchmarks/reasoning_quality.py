@@ -7,11 +7,11 @@ The task: two-digit addition written out column by column (a worked solution per
                               #### 85
 
 Byte tokenizer, tiny Llama-family models trained from scratch. The teacher (4 layers, d128)
-learns from thousands of worked solutions; the student (2 layers, d64) gets what a reasoning
+learns from thousands of worked solutions; the student (2 layers, d128) gets what a reasoning
 distillation has: a few hundred worked solutions (``labelled``) and a larger pool of questions
 with answer keys only (``pool``: the labelled questions with their worked solutions, the others
 with the answer line ``#### N`` alone). Every student trains the same steps on the same number of
-rows per step, over seeds (a seed sets the student's init, the data order and the sampling):
+rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the student's init, the data order and the sampling):
 
   sft             SFT on the labelled worked solutions (baseline)
   kd              forward KL + CE, live teacher, on the labelled rows
@@ -106,14 +106,14 @@ class Setting:
     n_test: int = 200          # held-out problems
     teacher_steps: int = 500
     teacher_batch: int = 32
-    steps: int = 200           # student steps, every method
+    steps: int = 500           # student steps, every method
     batch: int = 16            # rows per student step, every method
     trace_samples: int = 4
     redi_share: float = 0.25   # share of traces_redi's steps in its REDI stage
     teacher_layers: int = 4
     teacher_hidden: int = 128
     student_layers: int = 2
-    student_hidden: int = 64
+    student_hidden: int = 128
 
 
 QUICK = Setting(n_teacher=64, n_labelled=16, n_pool=32, n_test=8, teacher_steps=4,
@@ -344,6 +344,8 @@ class Bench:
                 student = {"init": "hf", "hf_path": str(self.run_dir / method / f"seed{seed}"
                                                         / "stage1_hf")}
         cfg = self._base(name, steps, seed, source, terms, s.batch, student, record)
+        if record == "pairs":  # a row holds a whole pair: the prompt twice, both completions
+            cfg["data"]["seq_len"] = 2 * SEQ_LEN
         if evaluation:
             cfg["data"].update(sources=[{"path": str(self.data["test"])}], record="chat")
             cfg["loss"]["terms"] = {"cross_entropy": 1.0}
@@ -489,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = out_dir / "reasoning_quality.json"
     setting = dataclasses.asdict(s)
     results = load_results(path, setting)
-    cells = [(m, seed) for m in args.methods for seed in seeds]
+    cells = [(m, seed) for seed in seeds for m in args.methods]  # every method at a seed first
     est = estimate_s(cells, results, s)
     print(f"{len(cells)} cells ({len(args.methods)} methods x {len(seeds)} seeds), {s.steps} "
           f"student steps of {s.batch} rows x {SEQ_LEN} tokens; teacher {s.teacher_steps} steps; "

@@ -73,7 +73,8 @@ def test_every_method_trains_the_same_steps_rows_and_row_length(rq, tmp_path):
             assert c.data.batch_size == rq.QUICK.batch and c.seed == 1 and c.data.seed == 1
             row = (c.data.seq_len if c.onpolicy is None
                    else max(c.onpolicy.prompt_buckets) + c.onpolicy.max_new_tokens)
-            assert row == rq.SEQ_LEN, method
+            pairs = c.data.record == "pairs"  # one problem per row, with its rejected trace
+            assert row == (2 if pairs else 1) * rq.SEQ_LEN, method
             assert (c.teacher is not None) == m.teacher, method
         ev = bench.cell_config(method, 1, stage=2 if m.redi else 0, evaluation=True)
         assert ev.run_dir == cfgs[-1].run_dir and ev.onpolicy is None and ev.teacher is None
