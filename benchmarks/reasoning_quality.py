@@ -22,6 +22,8 @@ rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the
   traces_redi     SFT on verified traces, then REDI on (correct, incorrect) pairs (same total
                   steps: REDI_SHARE of them in the second stage, from the first stage's export)
   traces_kd       forward KL + CE, live teacher, on the verified traces
+  sft_onpolicy    SFT on the labelled solutions, then on-policy reverse KL at lmbda 1 from
+                  its export (GKD's usual start: a student that already writes solutions)
 
 The teacher samples ``TRACE_SAMPLES`` completions per pool prompt at temperature 1 once
 (``distill-jax traces``; the traces are the same for every seed). Reported on held-out problems
@@ -109,7 +111,7 @@ class Setting:
     steps: int = 500           # student steps, every method
     batch: int = 16            # rows per student step, every method
     trace_samples: int = 4
-    redi_share: float = 0.25   # share of traces_redi's steps in its REDI stage
+    redi_share: float = 0.25   # share of a two-stage cell's steps in its second stage
     teacher_layers: int = 4
     teacher_hidden: int = 128
     student_layers: int = 2
@@ -150,15 +152,17 @@ def data_files(root: Path, s: Setting) -> dict[str, Path]:
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One student recipe: its training data (``labelled``, ``pool``, or a traces selection:
-    ``traces_all`` / ``traces_correct``), loss terms, whether the live teacher runs, the
-    on-policy share ``lmbda`` (None: off-policy), and for REDI the pairs of the second stage."""
+    ``traces_all``, ``traces_correct``, ``traces_pairs``), loss terms, whether the live teacher
+    runs, the on-policy share ``lmbda`` (None: off-policy), and ``first``: the data of a first
+    SFT stage (None: one stage), whose export the recipe then trains for the last
+    ``Setting.redi_share`` of the steps."""
 
     data: str
     terms: dict[str, float]
     label: str
     teacher: bool = False
     lmbda: float | None = None
-    redi: bool = False
+    first: str | None = None
 
 
 METHODS = {
@@ -173,10 +177,13 @@ METHODS = {
                          "SFT on teacher traces, unverified (all samples)"),
     "traces_verified": Method("traces_correct", {"cross_entropy": 1.0},
                               "SFT on teacher traces, verified"),
-    "traces_redi": Method("traces_correct", {"cross_entropy": 1.0},
-                          "SFT on verified traces, then REDI on pairs", redi=True),
+    "traces_redi": Method("traces_pairs", {"redi": 1.0, "sft": 0.1},
+                          "SFT on verified traces, then REDI on pairs", first="traces_correct"),
     "traces_kd": Method("traces_correct", {"forward_kl": 1.0, "cross_entropy": 1.0},
                         "logit KD (forward KL + CE) on verified traces", teacher=True),
+    "sft_onpolicy": Method("pool", {"reverse_kl": 1.0},
+                           "SFT on labelled, then on-policy reverse KL (lmbda 1)", True, 1.0,
+                           first="labelled"),
 }
 BASELINE = "sft"
 # Seconds per student step and per cell's fixed work (loading, compiling, evaluating) on the
@@ -261,7 +268,7 @@ def estimate_s(cells: Sequence[tuple[str, int]], results: dict[str, Any], s: Set
             continue
         m = METHODS[method]
         kind = "onpolicy" if m.lmbda is not None else "teacher" if m.teacher else "plain"
-        total += SECONDS_PER_STEP[kind] * s.steps + CELL_OVERHEAD_S * (2 if m.redi else 1)
+        total += SECONDS_PER_STEP[kind] * s.steps + CELL_OVERHEAD_S * (2 if m.first else 1)
     return total
 
 
@@ -331,29 +338,28 @@ class Bench:
         s, m = self.s, METHODS[method]
         name = f"{method}/seed{seed}" + (f"/stage{stage}" if stage else "")
         student = llama(s.student_layers, s.student_hidden, seed)
-        steps, terms, record = s.steps, m.terms, "chat"
-        source = (self.data[m.data] if m.data in ("labelled", "pool")
-                  else self.traces_dir / f"{m.data}.jsonl")
-        if m.redi:
+        steps, data, terms, teacher, lmbda = s.steps, m.data, m.terms, m.teacher, m.lmbda
+        if m.first:
             stage1 = round(s.steps * (1 - s.redi_share))
             if stage == 1:
-                steps = stage1
+                steps, data, terms, teacher, lmbda = (stage1, m.first, {"cross_entropy": 1.0},
+                                                      False, None)
             else:
-                steps, record = s.steps - stage1, "pairs"
-                source, terms = self.traces_dir / "traces_pairs.jsonl", {"redi": 1.0, "sft": 0.1}
+                steps = s.steps - stage1
                 student = {"init": "hf", "hf_path": str(self.run_dir / method / f"seed{seed}"
                                                         / "stage1_hf")}
-        cfg = self._base(name, steps, seed, source, terms, s.batch, student, record)
+        record = "pairs" if data == "traces_pairs" else "chat"
+        cfg = self._base(name, steps, seed, self.source(data), terms, s.batch, student, record)
         if record == "pairs":  # a row holds a whole pair: the prompt twice, both completions
             cfg["data"]["seq_len"] = 2 * SEQ_LEN
         if evaluation:
             cfg["data"].update(sources=[{"path": str(self.data["test"])}], record="chat")
             cfg["loss"]["terms"] = {"cross_entropy": 1.0}
             return self._load(name + "/eval", cfg)
-        if m.teacher:
+        if teacher:
             cfg["teacher"] = {"hf_path": str(self.teacher_hf)}
-        if m.lmbda is not None:
-            cfg["onpolicy"] = {"lmbda": m.lmbda, "mix": "batch", "max_new_tokens": MAX_NEW,
+        if lmbda is not None:
+            cfg["onpolicy"] = {"lmbda": lmbda, "mix": "batch", "max_new_tokens": MAX_NEW,
                                "temperature": 1.0, "prompt_buckets": [PROMPT_BUCKET]}
         return self._load(name, cfg)
 
@@ -417,24 +423,23 @@ class Bench:
         self.log(f"traces: {results['traces']}")
         return results["traces"]
 
-    def _sources(self, method: str) -> list[Path]:
-        m = METHODS[method]
-        if m.data in ("labelled", "pool"):
-            return [self.data[m.data]]
-        return [self.traces_dir / f"{m.data}.jsonl"] + (
-            [self.traces_dir / "traces_pairs.jsonl"] if m.redi else [])
+    def source(self, data: str) -> Path:
+        """The file of a data set name (:class:`Method`'s ``data`` / ``first``)."""
+        return (self.data[data] if data in ("labelled", "pool")
+                else self.traces_dir / f"{data}.jsonl")
 
     # one cell -----------------------------------------------------------------------------
 
     def __call__(self, method: str, seed: int) -> dict[str, Any]:
         from distill_jax.train.loop import run
         m = METHODS[method]
-        empty = [f.name for f in self._sources(method) if not f.read_text().strip()]
+        files = [self.source(d) for d in (m.first, m.data) if d]
+        empty = [f.name for f in files if not f.read_text().strip()]
         if empty:  # only where the teacher is too weak for any verified trace (--quick)
             self.log(f"{method} seed {seed}: skipped, {', '.join(empty)} is empty")
             return {"skipped": f"{', '.join(empty)} holds no records"}
         t = time.perf_counter()
-        if m.redi:
+        if m.first:
             first = self.cell_config(method, seed, stage=1)
             run(first)
             self._export(Path(first.run_dir), self.run_dir / method / f"seed{seed}" / "stage1_hf")
@@ -443,7 +448,7 @@ class Bench:
             cfg = self.cell_config(method, seed)
         run(cfg)
         train_s = time.perf_counter() - t
-        res = self._eval(self.cell_config(method, seed, stage=2 if m.redi else 0, evaluation=True))
+        res = self._eval(self.cell_config(method, seed, stage=2 if m.first else 0, evaluation=True))
         self.log(f"{method} seed {seed}: exact match {res['exact_match']:.3f}, "
                  f"{res['bits_per_byte']:.4f} bits/byte, {train_s:.0f} s training")
         return {**res, "train_s": train_s, "steps": self.s.steps, "rows_per_step": self.s.batch}

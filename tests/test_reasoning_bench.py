@@ -67,7 +67,7 @@ def test_every_method_trains_the_same_steps_rows_and_row_length(rq, tmp_path):
     bench = rq.Bench(tmp_path, rq.QUICK, log=lambda _: None)
     for method, m in rq.METHODS.items():
         cfgs = ([bench.cell_config(method, 1, stage=1), bench.cell_config(method, 1, stage=2)]
-                if m.redi else [bench.cell_config(method, 1)])
+                if m.first else [bench.cell_config(method, 1)])
         assert sum(c.steps for c in cfgs) == rq.QUICK.steps, method
         for c in cfgs:
             assert c.data.batch_size == rq.QUICK.batch and c.seed == 1 and c.data.seed == 1
@@ -75,8 +75,14 @@ def test_every_method_trains_the_same_steps_rows_and_row_length(rq, tmp_path):
                    else max(c.onpolicy.prompt_buckets) + c.onpolicy.max_new_tokens)
             pairs = c.data.record == "pairs"  # one problem per row, with its rejected trace
             assert row == (2 if pairs else 1) * rq.SEQ_LEN, method
-            assert (c.teacher is not None) == m.teacher, method
-        ev = bench.cell_config(method, 1, stage=2 if m.redi else 0, evaluation=True)
+        assert [c.teacher is not None for c in cfgs][-1] == m.teacher, method
+        assert [c.onpolicy is not None for c in cfgs][-1] == (m.lmbda is not None), method
+        if m.first:  # SFT first, then the recipe from the first stage's export
+            assert cfgs[0].teacher is None and cfgs[0].onpolicy is None
+            assert dict(cfgs[0].loss.terms) == {"cross_entropy": 1.0}
+            assert cfgs[1].student.init == "hf"
+            assert cfgs[1].student.hf_path == str(Path(cfgs[0].run_dir).parent / "stage1_hf")
+        ev = bench.cell_config(method, 1, stage=2 if m.first else 0, evaluation=True)
         assert ev.run_dir == cfgs[-1].run_dir and ev.onpolicy is None and ev.teacher is None
         assert [s.path for s in ev.data.sources] == [str(bench.data["test"])]
     assert bench.cell_config("traces_redi", 1, stage=2).loss.terms.keys() == {"redi", "sft"}
