@@ -22,6 +22,7 @@ rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the
   traces_redi     SFT on verified traces, then REDI on (correct, incorrect) pairs (same total
                   steps: REDI_SHARE of them in the second stage, from the first stage's export)
   traces_kd       forward KL + CE, live teacher, on the verified traces
+  traces_redi_lr3e-4  the same, its REDI stage at a tenth of the learning rate
   sft_onpolicy    SFT on the labelled solutions, then on-policy reverse KL at lmbda 1 from
                   its export (GKD's usual start: a student that already writes solutions)
 
@@ -163,6 +164,7 @@ class Method:
     teacher: bool = False
     lmbda: float | None = None
     first: str | None = None
+    lr: float = 3.0e-3  # the recipe's peak learning rate (a first SFT stage: LR)
 
 
 METHODS = {
@@ -181,11 +183,15 @@ METHODS = {
                           "SFT on verified traces, then REDI on pairs", first="traces_correct"),
     "traces_kd": Method("traces_correct", {"forward_kl": 1.0, "cross_entropy": 1.0},
                         "logit KD (forward KL + CE) on verified traces", teacher=True),
+    "traces_redi_lr3e-4": Method("traces_pairs", {"redi": 1.0, "sft": 0.1},
+                                 "SFT on verified traces, then REDI on pairs at lr 3e-4",
+                                 first="traces_correct", lr=3.0e-4),
     "sft_onpolicy": Method("pool", {"reverse_kl": 1.0},
                            "SFT on labelled, then on-policy reverse KL (lmbda 1)", True, 1.0,
                            first="labelled"),
 }
 BASELINE = "sft"
+LR = 3.0e-3  # every SFT stage's and one-stage recipe's peak learning rate
 # Seconds per student step and per cell's fixed work (loading, compiling, evaluating) on the
 # shared 2-core CPU; a finished cell of the same method replaces the estimate with its own time.
 SECONDS_PER_STEP = {"plain": 0.12, "teacher": 0.2, "onpolicy": 0.35}
@@ -307,7 +313,7 @@ class Bench:
                      "loss_on_prompt": False, "long_docs": "drop", "seq_len": SEQ_LEN,
                      "batch_size": batch, "seed": seed},
             "loss": {"terms": terms, "chunk_size": 256},
-            "optimizer": {"lr": 3.0e-3, "warmup_steps": max(1, steps // 20),
+            "optimizer": {"lr": LR, "warmup_steps": max(1, steps // 20),
                           "schedule": "cosine", "clip_norm": 1.0},
             "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
             "checkpoint": {"every": max(1, steps // 2), "keep": 1},
@@ -338,18 +344,20 @@ class Bench:
         s, m = self.s, METHODS[method]
         name = f"{method}/seed{seed}" + (f"/stage{stage}" if stage else "")
         student = llama(s.student_layers, s.student_hidden, seed)
-        steps, data, terms, teacher, lmbda = s.steps, m.data, m.terms, m.teacher, m.lmbda
+        steps, data, terms, teacher, lmbda, lr = (s.steps, m.data, m.terms, m.teacher, m.lmbda,
+                                                  m.lr)
         if m.first:
             stage1 = round(s.steps * (1 - s.redi_share))
             if stage == 1:
-                steps, data, terms, teacher, lmbda = (stage1, m.first, {"cross_entropy": 1.0},
-                                                      False, None)
+                steps, data, terms, teacher, lmbda, lr = (stage1, m.first, {"cross_entropy": 1.0},
+                                                          False, None, LR)
             else:
                 steps = s.steps - stage1
                 student = {"init": "hf", "hf_path": str(self.run_dir / method / f"seed{seed}"
                                                         / "stage1_hf")}
         record = "pairs" if data == "traces_pairs" else "chat"
         cfg = self._base(name, steps, seed, self.source(data), terms, s.batch, student, record)
+        cfg["optimizer"]["lr"] = lr
         if record == "pairs":  # a row holds a whole pair: the prompt twice, both completions
             cfg["data"]["seq_len"] = 2 * SEQ_LEN
         if evaluation:

@@ -86,6 +86,8 @@ def test_every_method_trains_the_same_steps_rows_and_row_length(rq, tmp_path):
         assert ev.run_dir == cfgs[-1].run_dir and ev.onpolicy is None and ev.teacher is None
         assert [s.path for s in ev.data.sources] == [str(bench.data["test"])]
     assert bench.cell_config("traces_redi", 1, stage=2).loss.terms.keys() == {"redi", "sft"}
+    low = [bench.cell_config("traces_redi_lr3e-4", 1, stage=k).optimizer.lr for k in (1, 2)]
+    assert low == [rq.LR, 3.0e-4]
 
 
 class FakeRunner:
