@@ -194,10 +194,10 @@ BASELINE = "sft"
 LR = 3.0e-3  # every SFT stage's and one-stage recipe's peak learning rate
 # Seconds per student step and per cell's fixed work (loading, compiling, evaluating) on the
 # shared 2-core CPU; a finished cell of the same method replaces the estimate with its own time.
-SECONDS_PER_STEP = {"plain": 0.12, "teacher": 0.2, "onpolicy": 0.35}
-CELL_OVERHEAD_S = 40.0
-TEACHER_S_PER_STEP = 0.55
-TRACES_S = 60.0
+SECONDS_PER_STEP = {"plain": 0.16, "teacher": 0.17, "onpolicy": 0.23}
+CELL_OVERHEAD_S = 10.0
+TEACHER_S_PER_STEP = 0.45
+TRACES_S = 40.0
 
 
 # --------------------------------------------------------------------------------- bookkeeping
