@@ -25,6 +25,7 @@ rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the
   traces_redi_lr3e-4  the same, its REDI stage at a tenth of the learning rate
   sft_onpolicy    SFT on the labelled solutions, then on-policy reverse KL at lmbda 1 from
                   its export (GKD's usual start: a student that already writes solutions)
+  sft_onpolicy_lr3e-4  the same, its on-policy stage at a tenth of the learning rate
 
 The teacher samples ``TRACE_SAMPLES`` completions per pool prompt at temperature 1 once
 (``distill-jax traces``; the traces are the same for every seed). Reported on held-out problems
@@ -189,6 +190,9 @@ METHODS = {
     "sft_onpolicy": Method("pool", {"reverse_kl": 1.0},
                            "SFT on labelled, then on-policy reverse KL (lmbda 1)", True, 1.0,
                            first="labelled"),
+    "sft_onpolicy_lr3e-4": Method("pool", {"reverse_kl": 1.0},
+                                  "SFT on labelled, then on-policy reverse KL (lmbda 1) at lr 3e-4",
+                                  True, 1.0, first="labelled", lr=3.0e-4),
 }
 BASELINE = "sft"
 LR = 3.0e-3  # every SFT stage's and one-stage recipe's peak learning rate
