@@ -11,7 +11,8 @@ learns from thousands of worked solutions; the student (2 layers, d128) gets wha
 distillation has: a few hundred worked solutions (``labelled``) and a larger pool of questions
 with answer keys only (``pool``: the labelled questions with their worked solutions, the others
 with the answer line ``#### N`` alone). Every student trains the same steps on the same number of
-rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the student's init, the data order and the sampling):
+rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the student's init,
+the data order and the sampling):
 
   sft             SFT on the labelled worked solutions (baseline)
   kd              forward KL + CE, live teacher, on the labelled rows
@@ -20,14 +21,15 @@ rows per step (a REDI row holds one problem's pair), over seeds (a seed sets the
   traces_all      SFT on every teacher sample of the pool (unverified)
   traces_verified SFT on the samples the math verifier accepts (the known final answer)
   traces_redi     SFT on verified traces, then REDI on (correct, incorrect) pairs (same total
-                  steps: REDI_SHARE of them in the second stage, from the first stage's export)
+                  steps: ``Setting.redi_share`` of them in the second stage, from the first
+                  stage's export)
   traces_kd       forward KL + CE, live teacher, on the verified traces
-  traces_redi_lr3e-4  the same, its REDI stage at a tenth of the learning rate
+  traces_redi_lr3e-4  traces_redi with its REDI stage at a tenth of the learning rate
   sft_onpolicy    SFT on the labelled solutions, then on-policy reverse KL at lmbda 1 from
                   its export (GKD's usual start: a student that already writes solutions)
-  sft_onpolicy_lr3e-4  the same, its on-policy stage at a tenth of the learning rate
+  sft_onpolicy_lr3e-4  sft_onpolicy with its on-policy stage at a tenth of the learning rate
 
-The teacher samples ``TRACE_SAMPLES`` completions per pool prompt at temperature 1 once
+The teacher samples ``Setting.trace_samples`` completions per pool prompt at temperature 1 once
 (``distill-jax traces``; the traces are the same for every seed). Reported on held-out problems
 (a disjoint split: a problem's split is fixed by a hash of its question): greedy exact match and
 held-out bits per byte of the worked solutions, mean +- std over seeds, and the teacher's own.
