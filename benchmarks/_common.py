@@ -4,6 +4,7 @@ measured matmul peak MFU is relative to."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -34,3 +35,56 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
         out.block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 * reps / best
+
+
+# ------------------------------------------------------------------ resumable benchmark cells
+# A benchmark of (method, seed) cells records each finished cell in one JSON file, written
+# atomically after every cell, and skips finished cells on the next call.
+
+def write_json_atomic(path, obj: Any) -> None:
+    """Write ``obj`` as JSON via a temporary file and a rename."""
+    from distill_jax.fsutil import write_atomic
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def load_results(path, setting: dict[str, Any], **fresh: Any) -> dict[str, Any]:
+    """The results file at ``path`` if it was made at ``setting``, else a fresh record
+    ``{"setting", "cells": {}, **fresh}`` (an older file for another setting is kept beside it
+    as ``<name>.<time>.json``)."""
+    new = {"setting": setting, "cells": {}, **fresh}
+    if not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    if old.get("setting") == setting:
+        return {**new, **old}
+    os.replace(path, path.with_name(f"{path.stem}.{int(time.time())}.json"))
+    return new
+
+
+def cell_key(method: str, seed: int) -> str:
+    return f"{method}/seed{seed}"
+
+
+def run_cells(cells, results: dict[str, Any], path, runner, log=print) -> dict[str, Any]:
+    """Run ``runner(method, seed)`` for every cell not yet in ``results["cells"]``, recording
+    each result (with its ``cell_s``) and writing ``path`` atomically after each; returns
+    ``results``."""
+    todo = [c for c in cells if cell_key(*c) not in results["cells"]]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done, {len(todo)} to run")
+    for i, (method, seed) in enumerate(todo, 1):
+        log(f"\n== [{i}/{len(todo)}] {method}, seed {seed}")
+        t = time.perf_counter()
+        res = runner(method, seed)
+        results["cells"][cell_key(method, seed)] = {**res, "cell_s": time.perf_counter() - t}
+        write_json_atomic(path, results)
+    return results
+
+
+def finished_or_mean_s(results: dict[str, Any], method: str, seed: int) -> float | None:
+    """For a time estimate: 0 when the cell is finished, else the mean time of the method's
+    finished cells, else None (no measurement yet)."""
+    if cell_key(method, seed) in results["cells"]:
+        return 0.0
+    done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
+    return sum(done) / len(done) if done else None

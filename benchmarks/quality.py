@@ -50,14 +50,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from distill_jax import demo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_cells, write_json_atomic  # noqa: E402
+import _common  # noqa: E402
+
+from distill_jax import demo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SPREAD_FILE = demo.SPREAD_FILE
@@ -77,6 +80,13 @@ class Method:
     label: str
     lmbda: float | None = None  # on-policy: the share of steps on the student's samples
     overrides: tuple[str, ...] = ()
+
+
+
+def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    """The results file at ``path`` if made at ``setting``, else a fresh record (with
+    the teacher's and the initial student's figures slots); see ``_common.load_results``."""
+    return _common.load_results(path, setting, teacher={}, init={})
 
 
 def methods(mix: float) -> dict[str, Method]:
@@ -142,47 +152,6 @@ def quick_overrides() -> list[str]:
 # --------------------------------------------------------------------------------- bookkeeping
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
-    """The results file at ``path`` if it was made at ``setting``, else a fresh one (an older
-    file for another setting is kept beside it as ``<name>.<time>.json``)."""
-    fresh = {"setting": setting, "cells": {}, "teacher": {}, "init": {}}
-    if not path.is_file():
-        return fresh
-    old = json.loads(path.read_text())
-    if old.get("setting") == setting:
-        return {**fresh, **old}
-    os.replace(path, path.with_name(f"{path.stem}.{int(time.time())}.json"))
-    return fresh
-
-
-def cell_key(method: str, seed: int) -> str:
-    return f"{method}/seed{seed}"
-
-
-def run_cells(cells: Sequence[tuple[str, int]], results: dict[str, Any], path: Path,
-              runner: Callable[[str, int], dict[str, Any]],
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``runner(method, seed)`` for every cell not yet in ``results["cells"]``, recording
-    each result in ``results`` and writing ``path`` atomically after each; returns ``results``."""
-    todo = [c for c in cells if cell_key(*c) not in results["cells"]]
-    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done, {len(todo)} to run")
-    for i, (method, seed) in enumerate(todo, 1):
-        log(f"\n== [{i}/{len(todo)}] {method}, seed {seed}")
-        t = time.perf_counter()
-        res = runner(method, seed)
-        results["cells"][cell_key(method, seed)] = {**res, "cell_s": time.perf_counter() - t}
-        write_json_atomic(path, results)
-    return results
-
-
 def summarize(results: dict[str, Any], names: Sequence[str], splits: Sequence[str]
               ) -> dict[str, dict[str, dict[str, float]]]:
     """Per method and held-out split: ``mean``, ``std`` (sample; 0 for one seed) and ``n`` of
@@ -206,11 +175,9 @@ def estimate_s(cells: Sequence[tuple[str, int]], table: dict[str, Method], steps
     else :data:`SECONDS_PER_STEP` times ``steps`` plus :data:`OVERHEAD_S`."""
     total = 0.0
     for method, seed in cells:
-        if cell_key(method, seed) in results["cells"]:
-            continue
-        done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
-        if done:
-            total += statistics.fmean(done)
+        known = _common.finished_or_mean_s(results, method, seed)
+        if known is not None:
+            total += known
             continue
         m = table[method]
         kind = ("transfer" if transfer else f"{m.recipe}_onpolicy" if m.lmbda is not None

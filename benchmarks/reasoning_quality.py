@@ -62,11 +62,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_cells, write_json_atomic  # noqa: E402
+import _common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 # ------------------------------------------------------------------------------------ the task
 
 TEST_BUCKETS = 5  # one question in TEST_BUCKETS is held out, by a hash of its text
+
+
+
+def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    """The results file at ``path`` if made at ``setting``, else a fresh record (with
+    the teacher's record and the traces' slots); see ``_common.load_results``."""
+    return _common.load_results(path, setting, teacher=None, traces=None)
 
 
 def split_of(question: str) -> str:
@@ -209,46 +220,6 @@ TRACES_S = 40.0
 # --------------------------------------------------------------------------------- bookkeeping
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    from distill_jax.fsutil import write_atomic
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(obj, indent=2))
-
-
-def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
-    """The results at ``path`` if made at ``setting``, else a fresh record (an older file of
-    another setting is kept beside it as ``<stem>.<time>.json``)."""
-    fresh = {"setting": setting, "cells": {}, "teacher": None, "traces": None}
-    if not path.is_file():
-        return fresh
-    old = json.loads(path.read_text())
-    if old.get("setting") == setting:
-        return {**fresh, **old}
-    os.replace(path, path.with_name(f"{path.stem}.{int(time.time())}.json"))
-    return fresh
-
-
-def cell_key(method: str, seed: int) -> str:
-    return f"{method}/seed{seed}"
-
-
-def run_cells(cells: Sequence[tuple[str, int]], results: dict[str, Any], path: Path,
-              runner: Callable[[str, int], dict[str, Any]],
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``runner(method, seed)`` for each cell not yet in ``results["cells"]``, recording
-    each result and writing ``path`` atomically after each; returns ``results``."""
-    todo = [c for c in cells if cell_key(*c) not in results["cells"]]
-    log(f"{len(cells) - len(todo)} of {len(cells)} cells already done, {len(todo)} to run")
-    for i, (method, seed) in enumerate(todo, 1):
-        log(f"\n== [{i}/{len(todo)}] {method}, seed {seed}")
-        t = time.perf_counter()
-        res = runner(method, seed)
-        results["cells"][cell_key(method, seed)] = {**res, "cell_s": time.perf_counter() - t}
-        write_json_atomic(path, results)
-    return results
-
-
 def mean_std(xs: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
             "n": len(xs)}
@@ -272,11 +243,9 @@ def estimate_s(cells: Sequence[tuple[str, int]], results: dict[str, Any], s: Set
     total = 0.0 if results.get("teacher") else TEACHER_S_PER_STEP * s.teacher_steps + 60
     total += 0.0 if results.get("traces") else TRACES_S
     for method, seed in cells:
-        if cell_key(method, seed) in results["cells"]:
-            continue
-        done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
-        if done:
-            total += statistics.fmean(done)
+        known = _common.finished_or_mean_s(results, method, seed)
+        if known is not None:
+            total += known
             continue
         m = METHODS[method]
         kind = "onpolicy" if m.lmbda is not None else "teacher" if m.teacher else "plain"

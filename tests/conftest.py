@@ -80,3 +80,35 @@ def step_metrics(run_dir: Path) -> dict[int, dict]:
     skip = ("time", "perf/", "data/")
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(skip)}
             for r in logged_rows(run_dir) if "distill/loss" in r}
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as the module ``bench_<name>`` (its folder on
+    ``sys.path`` for its own ``_common`` import)."""
+    import importlib.util
+    import sys
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeCellRunner:
+    """A benchmark's (method, seed) cell runner without training: records its calls, raises at
+    the cell ``fail_at`` (an interrupted run) and returns made-up results (``result``)."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def result(self, method: str, seed: int) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, method, seed):
+        if (method, seed) == self.fail_at:
+            raise RuntimeError("interrupted")
+        self.calls.append((method, seed))
+        return self.result(method, seed)

@@ -3,24 +3,17 @@ fields; FLOPs per token match a hand count; a setting that does not fit is refus
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(_DIR))  # the script imports its sibling _common
-    spec = importlib.util.spec_from_file_location("bench_gpu_scale", _DIR / "gpu_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu_scale"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_scale")
 
 
 def test_flops_per_token_match_a_hand_count(bench):

@@ -3,35 +3,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from tests.conftest import FakeCellRunner, load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
-class FakeRunner:
+class FakeRunner(FakeCellRunner):
     """Returns made-up bits per byte per (method, seed); optionally fails at one cell."""
 
-    def __init__(self, fail_at=None):
-        self.calls, self.fail_at = [], fail_at
-
-    def __call__(self, method, seed):
-        if (method, seed) == self.fail_at:
-            raise RuntimeError("interrupted")
-        self.calls.append((method, seed))
+    def result(self, method, seed):
         base = {"ce": 3.0, "kd": 2.0}[method]
         return {"bits_per_byte": {"heldout_plays": base + 0.1 * seed,
                                   "heldout_milton": base + 1.0}}

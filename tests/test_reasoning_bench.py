@@ -4,26 +4,21 @@ cell bookkeeping (no training)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import FakeCellRunner, load_benchmark
+
 from distill_jax.data.mathgen import answer_value
 from distill_jax.traces.verify import make_verifier
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reasoning_quality.py"
 
 
 @pytest.fixture(scope="module")
 def rq():
-    spec = importlib.util.spec_from_file_location("bench_reasoning_quality", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_reasoning_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reasoning_quality")
 
 
 def test_worked_solution_is_column_addition_ending_in_the_sum(rq):
@@ -90,14 +85,8 @@ def test_every_method_trains_the_same_steps_rows_and_row_length(rq, tmp_path):
     assert low == [rq.LR, 3.0e-4]
 
 
-class FakeRunner:
-    def __init__(self, fail_at=None):
-        self.calls, self.fail_at = [], fail_at
-
-    def __call__(self, method, seed):
-        if (method, seed) == self.fail_at:
-            raise RuntimeError("interrupted")
-        self.calls.append((method, seed))
+class FakeRunner(FakeCellRunner):
+    def result(self, method, seed):
         if method == "traces_redi":
             return {"skipped": "traces_pairs.jsonl holds no records"}
         return {"exact_match": {"sft": 0.1, "kd": 0.3}[method] + 0.1 * seed,
