@@ -69,6 +69,17 @@ def chunked_sums(fn: Callable[[Any], Any], init: Any, xs_N: Any, chunk_size: int
     return chunked_scan(step, init, xs_N, chunk_size)[0]
 
 
+def _pick(leaves: list, mask: list[bool]) -> list:
+    """The leaves where ``mask`` is set."""
+    return [leaf for leaf, on in zip(leaves, mask) if on]
+
+
+def _merge(mask: list[bool], picked: list, rest: list) -> list:
+    """``rest`` with the entries where ``mask`` is set replaced, in order, by ``picked``."""
+    it = iter(picked)
+    return [next(it) if on else r for on, r in zip(mask, rest)]
+
+
 # A host function called whenever a fused scan's backward pass recomputes its chunks (the
 # cotangent was not the one announced); None: no callback is traced in. For tests and profiling.
 on_recompute: Callable[[], None] | None = None
@@ -109,41 +120,26 @@ def fused_chunked_sums(fn: Callable[[Any, Any, Any], Any], init: Any, params: An
     def fwd_scan(params, xs_N, frozen, frozen_N, ct, p_on, x_on):
         """The sums, and the gradients of <ct, sums> w.r.t. the leaves of ``params`` and
         ``xs_N`` that are differentiated (``p_on`` / ``x_on``: one bool per leaf)."""
-        n = jax.tree.leaves(xs_N)[0].shape[0]
-        size = max(1, min(chunk_size, n))
-        n_chunks = max(1, -(-n // size))
         p_leaves, p_def = jax.tree.flatten(params)
         x_keys = sorted(xs_N)
-        chunk = lambda x: _chunks(x, n_chunks, size)  # noqa: E731
-        cx = {k: chunk(xs_N[k]) for k, on in zip(x_keys, x_on) if on}
-        cf = jax.tree.map(chunk, {**frozen_N, **{k: xs_N[k] for k, on in zip(x_keys, x_on)
-                                                 if not on}})
-        p_diff = [leaf for leaf, on in zip(p_leaves, p_on) if on]
-
-        def with_params(p_diff):
-            it = iter(p_diff)
-            return p_def.unflatten([next(it) if on else jax.lax.stop_gradient(leaf)
-                                    for leaf, on in zip(p_leaves, p_on)])
+        xs = {"diff": {k: xs_N[k] for k, on in zip(x_keys, x_on) if on},
+              "fixed": {**frozen_N, **{k: xs_N[k] for k, on in zip(x_keys, x_on) if not on}}}
 
         def step(carry, c):
             sums, g_params = carry
-            x, f = c
-            out, vjp = jax.vjp(lambda p, x: fn(with_params(p), frozen, {**x, **f}), p_diff, x)
+            out, vjp = jax.vjp(
+                lambda p, x: fn(p_def.unflatten(_merge(p_on, p, p_leaves)), frozen,
+                                {**x, **c["fixed"]}), _pick(p_leaves, p_on), c["diff"])
             g_p, g_x = vjp(ct)
             carry = (jax.tree.map(jnp.add, sums, out), jax.tree.map(jnp.add, g_params, g_p))
             return carry, g_x
 
-        zeros = [jnp.zeros(leaf.shape, jnp.float32) for leaf in p_diff]
-        (sums, g_params), g_x = jax.lax.scan(step, (init, zeros), (cx, cf))
-        g_x = {k: g.reshape((-1,) + g.shape[2:])[:n].astype(xs_N[k].dtype)
-               for k, g in g_x.items()}
-        g_params = [g.astype(leaf.dtype) for g, leaf in zip(g_params, p_diff)]
+        zeros = [jnp.zeros(leaf.shape, jnp.float32) for leaf in _pick(p_leaves, p_on)]
+        (sums, g_params), g_x = chunked_scan(step, (init, zeros), xs, chunk_size)
+        n = jax.tree.leaves(xs_N)[0].shape[0]
+        g_x = {k: g.astype(xs_N[k].dtype) for k, g in unchunk(g_x, n).items()}
+        g_params = [g.astype(leaf.dtype) for g, leaf in zip(g_params, _pick(p_leaves, p_on))]
         return sums, (g_params, g_x)
-
-    def scatter(grads, leaves, mask):
-        """Per-leaf cotangents: the computed ones where ``mask``, None (zero) elsewhere."""
-        it = iter(grads)
-        return [next(it) if on else None for on in mask]
 
     @jax.custom_vjp
     def sums_of(params, xs_N, frozen, frozen_N, ct):
@@ -176,17 +172,16 @@ def fused_chunked_sums(fn: Callable[[Any, Any, Any], Any], init: Any, params: An
         def recompute():
             if on_recompute is not None:  # traced in: a host callback when this branch runs
                 jax.debug.callback(on_recompute)
-            p_diff = [leaf for leaf, on in zip(p_leaves, p_on) if on]
             x_diff = {k: xs_N[k] for k, on in zip(x_keys, x_on) if on}
 
             def f(p_diff, x_diff):
-                it = iter(p_diff)
-                p = p_def.unflatten([next(it) if on else leaf for leaf, on in zip(p_leaves, p_on)])
+                p = p_def.unflatten(_merge(p_on, p_diff, p_leaves))
                 return primal(p, {**xs_N, **x_diff}, frozen, frozen_N)
-            return tuple(jax.vjp(f, p_diff, x_diff)[1](g_sums))
+            return tuple(jax.vjp(f, _pick(p_leaves, p_on), x_diff)[1](g_sums))
 
         g_params, g_x = jax.lax.cond(same, lambda: grads, recompute)
-        g_params = p_def.unflatten(scatter(g_params, p_leaves, p_on))
+        # per-leaf cotangents: the computed ones, None (zero) for the leaves not differentiated
+        g_params = p_def.unflatten(_merge(p_on, g_params, [None] * len(p_on)))
         g_x = {k: g_x[k] if on else None for k, on in zip(x_keys, x_on)}
         # nothing reaches the frozen inputs or the cotangent
         return g_params, g_x, None, None, None
