@@ -81,10 +81,13 @@ def run_cells(cells, results: dict[str, Any], path, runner, log=print) -> dict[s
     return results
 
 
-def finished_or_mean_s(results: dict[str, Any], method: str, seed: int) -> float | None:
-    """For a time estimate: 0 when the cell is finished, else the mean time of the method's
-    finished cells, else None (no measurement yet)."""
-    if cell_key(method, seed) in results["cells"]:
-        return 0.0
-    done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
-    return sum(done) / len(done) if done else None
+def remaining_s(cells, results: dict[str, Any], unmeasured_s) -> float:
+    """Seconds the unfinished ``cells`` will take: each the mean time of its method's finished
+    cells, else ``unmeasured_s(method)`` (the benchmark's own per-step estimate)."""
+    total = 0.0
+    for method, seed in cells:
+        if cell_key(method, seed) in results["cells"]:
+            continue
+        done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
+        total += sum(done) / len(done) if done else unmeasured_s(method)
+    return total

@@ -173,17 +173,12 @@ def estimate_s(cells: Sequence[tuple[str, int]], table: dict[str, Method], steps
                results: dict[str, Any], transfer: bool = False) -> float:
     """Seconds the cells still to run will take: a finished cell of the same method's own time,
     else :data:`SECONDS_PER_STEP` times ``steps`` plus :data:`OVERHEAD_S`."""
-    total = 0.0
-    for method, seed in cells:
-        known = _common.finished_or_mean_s(results, method, seed)
-        if known is not None:
-            total += known
-            continue
+    def unmeasured_s(method: str) -> float:
         m = table[method]
         kind = ("transfer" if transfer else f"{m.recipe}_onpolicy" if m.lmbda is not None
                 else f"{m.recipe}_{'live' if m.k is None else 'cached'}")
-        total += SECONDS_PER_STEP[kind] * steps + OVERHEAD_S
-    return total
+        return SECONDS_PER_STEP[kind] * steps + OVERHEAD_S
+    return _common.remaining_s(cells, results, unmeasured_s)
 
 
 # ------------------------------------------------------------------------------------ training

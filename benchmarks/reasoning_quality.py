@@ -242,15 +242,12 @@ def estimate_s(cells: Sequence[tuple[str, int]], results: dict[str, Any], s: Set
     finished cell of its method's own time, else the per-step estimate)."""
     total = 0.0 if results.get("teacher") else TEACHER_S_PER_STEP * s.teacher_steps + 60
     total += 0.0 if results.get("traces") else TRACES_S
-    for method, seed in cells:
-        known = _common.finished_or_mean_s(results, method, seed)
-        if known is not None:
-            total += known
-            continue
+
+    def unmeasured_s(method: str) -> float:
         m = METHODS[method]
         kind = "onpolicy" if m.lmbda is not None else "teacher" if m.teacher else "plain"
-        total += SECONDS_PER_STEP[kind] * s.steps + CELL_OVERHEAD_S * (2 if m.first else 1)
-    return total
+        return SECONDS_PER_STEP[kind] * s.steps + CELL_OVERHEAD_S * (2 if m.first else 1)
+    return total + _common.remaining_s(cells, results, unmeasured_s)
 
 
 # ------------------------------------------------------------------------------------ the runs
