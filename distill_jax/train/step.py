@@ -286,6 +286,9 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
         teacher_params, base = _unfreeze(student_cfg, teacher_params)
         batch, norms = prepare(lora.join(base, state.params[MODEL]), teacher_params, batch, rng)
         teacher = teacher_parts(teacher_params)
+        # known in advance for fixed weights (whole-batch counts, so every micro-batch's): the
+        # lm_head + loss scan then computes its gradient in the forward pass
+        cotangent = terms.fused_cotangent(spec, norms)
         keys = _dropout_keys(student_cfg, state_rng, batch["tokens"].shape[0])
         if keys is not None:
             batch = {**batch, LORA_KEYS: keys}
@@ -302,9 +305,6 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
                 lambda p: _trunk(student_cfg, lora.join(base, p), mb), model_p)
             # read by DSKD's queries (frozen)
             embed = jax.lax.stop_gradient(lora.join(base, model_p)["embed"])
-            # known in advance for fixed weights: the lm_head + loss scan then computes its
-            # gradient in the forward pass (no recomputation in the backward)
-            cotangent = terms.fused_cotangent(spec, norms)
 
             def head_terms(h, head, loss_p):
                 sums = head_sums(h, head, loss_p, embed, mb, teacher, cotangent)
