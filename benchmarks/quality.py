@@ -83,10 +83,39 @@ class Method:
 
 
 
-def load_results(path: Path, setting: dict[str, Any]) -> dict[str, Any]:
+def method_key(m: Method) -> dict[str, Any]:
+    """What a finished cell records of its method, so that a method whose recipe changed is
+    run again rather than reported with the old one's figures."""
+    return {"recipe": m.recipe, "terms": dict(m.terms), "k": m.k, "lmbda": m.lmbda,
+            "overrides": list(m.overrides)}
+
+
+def load_results(path: Path, setting: dict[str, Any],
+                 table: dict[str, Method] | None = None) -> dict[str, Any]:
     """The results file at ``path`` if made at ``setting``, else a fresh record (with
-    the teacher's and the initial student's figures slots); see ``_common.load_results``."""
-    return _common.load_results(path, setting, teacher={}, init={})
+    the teacher's and the initial student's figures slots); see ``_common.load_results``.
+
+    With ``table``, a cell whose recorded method (:func:`method_key`) differs from the table's
+    is dropped (and so run again). A file from before cells recorded their method, whose
+    setting held every method's ``overrides``, has those stamped into its cells instead."""
+    if table is not None and path.is_file():
+        old = json.loads(path.read_text())
+        legacy = old.get("setting", {}).pop("overrides", None)
+        if isinstance(legacy, dict):
+            for key, cell in old["cells"].items():
+                name = key.split("/")[0]
+                if name in table and legacy.get(name) == list(table[name].overrides):
+                    cell.setdefault("method", method_key(table[name]))
+            write_json_atomic(path, old)
+    results = _common.load_results(path, setting, teacher={}, init={})
+    if table is not None:
+        for key in list(results["cells"]):
+            name = key.split("/")[0]
+            recorded = results["cells"][key].get("method")
+            if name in table and recorded is not None and recorded != method_key(table[name]):
+                print(f"{key}: its method changed since it ran; running it again")
+                del results["cells"][key]
+    return results
 
 
 def methods(mix: float) -> dict[str, Method]:
@@ -126,6 +155,13 @@ TRANSFER_METHODS = {
     "transfer_alm": Method("xtok", {"alm": 1.0, "sft": 1.0}, 64,
                            "ALM + sft self-distillation, all layers, Mistral tokenizer",
                            overrides=(f"optimizer.lr={TRANSFER_LR}",)),
+    "transfer_alm_only": Method("xtok", {"alm": 1.0}, 64,
+                                "ALM alone self-distillation, all layers, Mistral tokenizer",
+                                overrides=(f"optimizer.lr={TRANSFER_LR}",)),
+    "transfer_alm_gradmag": Method("xtok", {"alm": 1.0, "sft": 1.0}, 64,
+                                   "ALM + sft balanced by GradMag, all layers, Mistral tokenizer",
+                                   overrides=(f"optimizer.lr={TRANSFER_LR}",
+                                              "loss.balance=gradmag")),
 }
 # The --transfer setting on top of configs/demo_xtok.yaml (its data, 40 steps, rows of 128
 # tokens): every layer of the teacher (an empty list), half the demo's batch to fit a shared
@@ -276,7 +312,8 @@ class Bench:
         length = (cfg.data.seq_len if cfg.onpolicy is None
                   else max(cfg.onpolicy.prompt_buckets) + cfg.onpolicy.max_new_tokens)
         return {"bits_per_byte": bpb, "train_s": train_s, "steps": cfg.steps,
-                "tokens": cfg.steps * cfg.data.batch_size * length}
+                "tokens": cfg.steps * cfg.data.batch_size * length,
+                "method": method_key(self.table[method])}
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -448,9 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = demo.load_run_config(demo.XTOK_CONFIG if args.transfer else demo.SAME_CONFIG,
                                extra + ([f"steps={steps}"] if steps else []))
     setting = {**demo.setting_key(ref), "quick": args.quick, "transfer": args.transfer}
-    if args.transfer:
-        setting["overrides"] = {m: list(v.overrides) for m, v in table.items()}
-    results = load_results(out_dir / f"{stem}.json", setting)
+    results = load_results(out_dir / f"{stem}.json", setting, table)
     cells = [(m, s) for m in names for s in seeds]
     est = estimate_s(cells, table, ref.steps, results, args.transfer)
     print(f"{len(cells)} cells ({len(names)} methods x {len(seeds)} seeds), {ref.steps} steps of "

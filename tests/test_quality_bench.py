@@ -57,6 +57,28 @@ def test_results_of_another_setting_start_fresh_and_are_kept(quality, tmp_path):
     assert len(kept) == 1 and json.loads(kept[0].read_text())["setting"] == {"steps": 5}
 
 
+def test_a_cell_whose_method_changed_runs_again_and_legacy_files_keep_their_cells(quality,
+                                                                                 tmp_path):
+    path = tmp_path / "q.json"
+    table = {"a": quality.Method("xtok", {"sft": 1.0}, 0, "a", overrides=("optimizer.lr=1",)),
+             "b": quality.Method("xtok", {"alm": 1.0}, 64, "b", overrides=("optimizer.lr=2",))}
+    # A file from before cells recorded their method: the setting held every method's overrides.
+    legacy = {"setting": {"steps": 5, "overrides": {"a": ["optimizer.lr=1"],
+                                                     "b": ["optimizer.lr=3"]}},
+              "cells": {"a/seed0": {"x": 1}, "b/seed0": {"x": 2}}, "teacher": {}, "init": {}}
+    quality.write_json_atomic(path, legacy)
+    results = quality.load_results(path, {"steps": 5}, table)
+    # a's overrides are the table's: kept and stamped; b's differ: unstamped, and kept as legacy
+    assert results["cells"]["a/seed0"]["method"] == quality.method_key(table["a"])
+    assert "method" not in results["cells"]["b/seed0"]
+    assert not list(tmp_path.glob("q.*.json"))  # the same setting: nothing set aside
+    # A recorded method that differs from the table's is dropped (to run again).
+    results["cells"]["b/seed0"]["method"] = {**quality.method_key(table["b"]), "k": 8}
+    quality.write_json_atomic(path, results)
+    again = quality.load_results(path, {"steps": 5}, table)
+    assert sorted(again["cells"]) == ["a/seed0"]
+
+
 def test_summarize_mean_and_sample_std(quality):
     results = {"cells": {f"{m}/seed{s}": FakeRunner()(m, s) for m in ("ce", "kd") for s in (0, 1, 2)}}
     summary = quality.summarize(results, ["ce", "kd", "jsd"], ["heldout_plays", "heldout_milton"])
@@ -139,8 +161,11 @@ def test_transfer_table_lists_teacher_fvt_gaps_and_per_seed_margins(quality):
 
 def test_transfer_setting_moves_every_layer_at_one_lr(quality):
     assert "student.layers=[]" in quality.TRANSFER_OVERRIDES
-    lrs = {m.overrides for m in quality.TRANSFER_METHODS.values()}
-    assert lrs == {(f"optimizer.lr={quality.TRANSFER_LR}",)}
+    lrs = {o for m in quality.TRANSFER_METHODS.values() for o in m.overrides
+           if o.startswith("optimizer.lr=")}
+    assert lrs == {f"optimizer.lr={quality.TRANSFER_LR}"}
+    assert all(any(o.startswith("optimizer.lr=") for o in m.overrides)
+               for m in quality.TRANSFER_METHODS.values())
     from distill_jax import demo
     cfg = demo.load_run_config(demo.XTOK_CONFIG, list(quality.TRANSFER_OVERRIDES))
     assert cfg.student.layers == () and cfg.student.init == "transfer"
