@@ -22,7 +22,8 @@ slots, as many slots as the packed rows of the other methods; only completion to
 Held-out bits per byte are measured on the same text as for every other method.
 
 ``--transfer``: tokenizer transfer instead -- all 30 layers moved to the Mistral tokenizer by
-FVT, then ALM self-distillation (alm + sft, the teacher cache) vs sft alone, on the demo's
+FVT, then ALM self-distillation from the teacher cache (alm + sft; alm alone; alm + sft balanced
+by GradMag, ``loss.balance=gradmag``) vs sft alone, on the demo's
 paragraphs and steps (40) but rows of 4 x 128 tokens (:data:`TRANSFER_OVERRIDES`: a 30-layer
 step on a shared 2-core CPU takes about 7 s), warmup 4 steps, and one learning rate for both
 methods, :data:`TRANSFER_LR` = 1e-4: a seed-0 probe of 1e-4 and 3e-4 for each method (held-out

@@ -146,8 +146,19 @@ def run_eval(cfg: RunConfig, *, step: int | None = None, models: Sequence[str] |
     ``wall_s``, ``tokens_per_s`` and per-problem ``predictions``), ``agreement``
     (``top1_agreement``, ``kl_teacher_student``, ``tokens``, ``wall_s``, ``tokens_per_s``; or
     None), ``notes`` and ``wall_s``.
+
+    Models are placed on the run's mesh and every evaluation is traced under it
+    (``jax.set_mesh``), as training is, so activations stay sharded by rows.
     """
     from distill_jax.train import build
+    mesh, rules = build.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return _run_eval(cfg, mesh, rules, step=step, models=models, progress=progress,
+                         write=write)
+
+
+def _run_eval(cfg: RunConfig, mesh, rules, *, step: int | None, models: Sequence[str] | None,
+              progress: bool, write: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     if models is None:
         models = MODELS if cfg.teacher is not None else ("student",)
@@ -157,7 +168,6 @@ def run_eval(cfg: RunConfig, *, step: int | None = None, models: Sequence[str] |
         raise UserError("no eval data configured: set eval.sources=[{path: FILE}] (held-out bits per "
                         "byte) and/or eval.math=FILE (math exact match)")
     notes: list[str] = []
-    mesh, rules = build.make_mesh(cfg.mesh)
     batch_sharding = sharding.batch_sharding(mesh, 2, rules)
 
     tok_spec = {"student": cfg.tokenizer_path()}
@@ -172,6 +182,7 @@ def run_eval(cfg: RunConfig, *, step: int | None = None, models: Sequence[str] |
     load_s: dict[str, float] = {}
     if "teacher" in models:
         t = time.perf_counter()
+        from distill_jax.train import build
         loaded["teacher"] = build.load_model(cfg.teacher, mesh, rules)
         load_s["teacher"] = time.perf_counter() - t
     if "student" in models:

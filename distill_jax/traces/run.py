@@ -25,6 +25,7 @@ interruptions or on how many processes share the prompts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -134,13 +135,15 @@ class ModelTeacher:
     jitted call per batch: each prompt prefilled once for all its samples, and each sampled
     token's temperature-1 log-prob read from the logits it was drawn from, so no second pass
     scores the completions). ``prompt_bucket``: the one padded prompt length (a multiple of 64
-    covering every prompt of the run), so one compilation serves the run."""
+    covering every prompt of the run), so one compilation serves the run. ``mesh``: the mesh the
+    model is placed on; sampling is traced under it (``jax.set_mesh``), as training is, so the
+    activations stay sharded by rows (``models.transformer.constrain_batch``)."""
 
     def __init__(self, model: Any, *, max_new_tokens: int, temperature: float,
                  top_k: int | None, top_p: float | None, eos_ids: Sequence[int], pad_id: int,
-                 prompt_bucket: int):
+                 prompt_bucket: int, mesh: jax.sharding.Mesh | None = None):
         from distill_jax.models.generate import sampling_args
-        self.model = model
+        self.model, self.mesh = model, mesh
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.top_k, self.top_p = top_k, top_p
         self.eos_ids, self.pad_id, self.prompt_bucket = tuple(eos_ids), pad_id, prompt_bucket
@@ -156,10 +159,11 @@ class ModelTeacher:
         for i, p in enumerate(prompts):
             tokens[i, width - len(p):] = p
         mode, temperature, top_k, top_p = self._sampling
-        out, lp_sum, count, done = _sample_scored(
-            self.model, tokens, lengths, key, temperature, top_k, top_p, self._eos_V,
-            jnp.int32(self.pad_id), max_new_tokens=self.max_new_tokens, mode=mode,
-            samples=int(samples))
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            out, lp_sum, count, done = _sample_scored(
+                self.model, tokens, lengths, key, temperature, top_k, top_p, self._eos_V,
+                jnp.int32(self.pad_id), max_new_tokens=self.max_new_tokens, mode=mode,
+                samples=int(samples))
         out, lp_sum, count, done = (np.asarray(a) for a in (out, lp_sum, count, done))
         seqs = [out[i, :count[i]].tolist() for i in range(len(out))]
         return (seqs, [bool(f) for f in done],
@@ -186,7 +190,7 @@ def load_teacher(cfg: TracesConfig, tokenizer: Any, prompt_bucket: int) -> Model
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     return ModelTeacher(model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=sorted(eos), pad_id=pad,
-                        prompt_bucket=prompt_bucket)
+                        prompt_bucket=prompt_bucket, mesh=mesh)
 
 
 # ---------------------------------------------------------------------------------------------
