@@ -206,6 +206,23 @@ METHODS = {
     "sft_onpolicy_lr3e-4": Method("pool", {"reverse_kl": 1.0},
                                   "SFT on labelled, then on-policy reverse KL (lmbda 1) at lr 3e-4",
                                   True, 1.0, first="labelled", lr=3.0e-4),
+    # The second stage at equal compute, from the same SFT student per seed: more SFT, off-policy
+    # KD, on-policy at lmbda 0.5, and on-policy at lmbda 1 over a learning-rate sweep.
+    "sft_sft_lr3e-4": Method("labelled", {"cross_entropy": 1.0},
+                             "SFT on labelled, then more SFT at lr 3e-4 (control)",
+                             first="labelled", lr=3.0e-4),
+    "sft_kd_lr3e-4": Method("labelled", {"forward_kl": 1.0, "cross_entropy": 1.0},
+                            "SFT on labelled, then off-policy logit KD at lr 3e-4", teacher=True,
+                            first="labelled", lr=3.0e-4),
+    "sft_onpolicy_l05_lr3e-4": Method("pool", {"reverse_kl": 1.0},
+                                      "SFT on labelled, then on-policy reverse KL (lmbda 0.5) "
+                                      "at lr 3e-4", True, 0.5, first="labelled", lr=3.0e-4),
+    "sft_onpolicy_lr1e-4": Method("pool", {"reverse_kl": 1.0},
+                                  "SFT on labelled, then on-policy reverse KL (lmbda 1) at lr 1e-4",
+                                  True, 1.0, first="labelled", lr=1.0e-4),
+    "sft_onpolicy_lr1e-3": Method("pool", {"reverse_kl": 1.0},
+                                  "SFT on labelled, then on-policy reverse KL (lmbda 1) at lr 1e-3",
+                                  True, 1.0, first="labelled", lr=1.0e-3),
 }
 BASELINE = "sft"
 LR = 3.0e-3  # every SFT stage's and one-stage recipe's peak learning rate
