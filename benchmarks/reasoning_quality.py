@@ -246,8 +246,7 @@ def summarize(results: dict[str, Any], names: Sequence[str]) -> dict[str, dict[s
     """Per method: mean, std (sample; 0 for one seed) and n of exact match and bits per byte."""
     out = {}
     for m in names:
-        cells = [c for k, c in results["cells"].items()
-                 if k.split("/")[0] == m and "skipped" not in c]
+        cells = method_cells(results, m)
         if cells:
             out[m] = {"exact_match": mean_std([c["exact_match"] for c in cells]),
                       "bits_per_byte": mean_std([c["bits_per_byte"] for c in cells])}
@@ -383,6 +382,7 @@ class Bench:
         """Train (or resume) the teacher, export it and evaluate it, once per setting."""
         from distill_jax.train.loop import run
         if results.get("teacher") and (self.teacher_hf / "config.json").is_file():
+            self.teacher_em = results["teacher"]["exact_match"]
             return results["teacher"]
         cfg = self.teacher_config()
         t = time.perf_counter()
@@ -391,6 +391,7 @@ class Bench:
         results["teacher"] = {**self._eval(cfg), "train_s": time.perf_counter() - t}
         self.log(f"teacher: exact match {results['teacher']['exact_match']:.3f}, "
                  f"{results['teacher']['bits_per_byte']:.4f} bits/byte")
+        self.teacher_em = results["teacher"]["exact_match"]
         return results["teacher"]
 
     def traces(self, results: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -448,7 +449,8 @@ class Bench:
         res = self._eval(self.cell_config(method, seed, stage=2 if m.first else 0, evaluation=True))
         self.log(f"{method} seed {seed}: exact match {res['exact_match']:.3f}, "
                  f"{res['bits_per_byte']:.4f} bits/byte, {train_s:.0f} s training")
-        return {**res, "train_s": train_s, "steps": self.s.steps, "rows_per_step": self.s.batch}
+        return {**res, "train_s": train_s, "steps": self.s.steps, "rows_per_step": self.s.batch,
+                "teacher_exact_match": getattr(self, "teacher_em", None)}
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -462,16 +464,49 @@ def table_text(results: dict[str, Any], summary: dict[str, Any]) -> str:
     if t:
         lines.append(f"| teacher ({t['params'] / 1e6:.2f}M params) | {t['exact_match']:.3f} | "
                      f"{t['bits_per_byte']:.4f} | - |")
+    earlier: set[float] = set()
     for name, m in METHODS.items():
         if name in summary:
             em, bpb = summary[name]["exact_match"], summary[name]["bits_per_byte"]
-            lines.append(f"| {name}: {m.label} | {em['mean']:.3f} ± {em['std']:.3f} | "
+            other = {c.get("teacher_exact_match") for c in method_cells(results, name)} - (
+                {t["exact_match"]} if t else set())
+            earlier |= other
+            mark = " †" if other else ""
+            lines.append(f"| {name}: {m.label}{mark} | {em['mean']:.3f} ± {em['std']:.3f} | "
                          f"{bpb['mean']:.4f} ± {bpb['std']:.4f} | {em['n']} |")
+    if earlier:
+        known = sorted(x for x in earlier if x is not None)
+        lines.append("\n† trained with an earlier teacher of the same recipe ("
+                     + (f"exact match {', '.join(f'{x:.3f}' for x in known)}" if known
+                        else "not recorded") + "), trained by an earlier version of the code.")
+    for name in SECOND_STAGE[1:]:
+        a, b = seed_values(results, name), seed_values(results, SECOND_STAGE[0])
+        both = sorted(set(a) & set(b))
+        if both:
+            lines.append(f"\n{name} - {SECOND_STAGE[0]}, exact match, per seed (the same SFT "
+                         "student): " + ", ".join(f"seed {k} {a[k] - b[k]:+.3f}" for k in both))
     tr = results.get("traces")
     if tr:
         lines.append(f"\nTeacher traces: {tr['samples']} samples, {tr['correct']} verified "
                      f"(pass@1 {tr['pass@1']:.3f}), {tr['pairs']} REDI pairs.")
     return "\n".join(lines) + "\n"
+
+
+# The second-stage comparison at equal compute: the control first, then what it is compared with.
+SECOND_STAGE = ("sft_sft_lr3e-4", "sft_kd_lr3e-4", "sft_onpolicy_lr3e-4",
+                "sft_onpolicy_l05_lr3e-4", "sft_onpolicy_lr1e-4", "sft_onpolicy_lr1e-3")
+
+
+def method_cells(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The finished (not skipped) cells of method ``name``."""
+    return [c for k, c in results["cells"].items()
+            if k.split("/")[0] == name and "skipped" not in c]
+
+
+def seed_values(results: dict[str, Any], name: str) -> dict[int, float]:
+    """Exact match of method ``name`` per finished seed."""
+    return {int(k.split("seed")[-1]): c["exact_match"] for k, c in results["cells"].items()
+            if k.split("/")[0] == name and "skipped" not in c}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,3 +113,20 @@ def test_cells_resume_after_a_failure_and_skipped_cells_stay_out_of_the_summary(
     # Another setting starts afresh and keeps the old file beside it.
     assert rq.load_results(path, {"a": 2})["cells"] == {}
     assert len(list(tmp_path.glob("r.*.json"))) == 1
+
+
+def test_table_marks_rows_of_an_earlier_teacher_and_gives_paired_second_stage_margins(rq):
+    cell = lambda em, t: {"exact_match": em, "bits_per_byte": 0.1, "teacher_exact_match": t}
+    results = {"teacher": {"params": 1e6, "exact_match": 0.99, "bits_per_byte": 0.01},
+               "cells": {"sft/seed0": cell(0.5, 0.98), "sft/seed1": cell(0.7, None),
+                         "sft_sft_lr3e-4/seed0": cell(0.5, 0.99),
+                         "sft_sft_lr3e-4/seed1": cell(0.6, 0.99),
+                         "sft_kd_lr3e-4/seed0": cell(0.6, 0.99),
+                         "sft_kd_lr3e-4/seed1": cell(0.55, 0.99)}}
+    text = rq.table_text(results, rq.summarize(results, list(rq.METHODS)))
+    rows = {r.split(":")[0].strip("| "): r for r in text.splitlines() if r.startswith("| ")}
+    assert "†" in rows["sft"] and "†" not in rows["sft_kd_lr3e-4"]
+    assert "earlier teacher of the same recipe (exact match 0.980)" in text
+    assert ("sft_kd_lr3e-4 - sft_sft_lr3e-4, exact match, per seed (the same SFT student): "
+            "seed 0 +0.100, seed 1 -0.050") in text
+    assert all(m in rq.METHODS for m in rq.SECOND_STAGE)
