@@ -134,19 +134,78 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_across_tokenizers_match_one_process(tmp_path):
-    """configs/onpolicy_xtok_tiny.yaml with lmbda 1 (every step samples every row): each process
-    reads its own rows of the global rollout and converts them for the teacher on the host; the
-    two-process run's metrics (teacher log-probs of the samples, bytes, cut tokens) and params
-    equal the one-process run's."""
-    args = ("steps=2", "checkpoint.every=2", "onpolicy.lmbda=1.0", "onpolicy.max_new_tokens=8",
-            "onpolicy.prompt_buckets=[256,448]", "data.max_records=32")
+@pytest.mark.parametrize("lmbda,mix", [("1.0", "batch"), ("0.3", "row")])
+def test_two_processes_across_tokenizers_match_one_process(tmp_path, lmbda, mix):
+    """configs/onpolicy_xtok_tiny.yaml as two processes equals the one-process run: each
+    process reads its own rows of the global rollout and converts them for the teacher on the
+    host; the metrics (teacher log-probs of the samples, bytes, cut tokens) and params agree.
+    lmbda 1: every step samples every row. lmbda 0.3 per row (seed 0): step 1 samples one row,
+    process 0's, so process 1 joins a rollout none of its rows use; both steps mix samples with
+    the pipeline's rows, read in both processes."""
+    args = ("steps=2", "checkpoint.every=2", f"onpolicy.lmbda={lmbda}", f"onpolicy.mix={mix}",
+            "onpolicy.max_new_tokens=8", "onpolicy.prompt_buckets=[256,448]",
+            "data.max_records=32")
     single, multi = tmp_path / "single", tmp_path / "multi"
     _one_process(XTOK, single, *args)
     _two_processes(XTOK, multi, *args)
     ref, got = step_metrics(single), step_metrics(multi)
     _assert_same_metrics(ref, got, [1, 2])
     for s in ref:
-        assert ref[s]["onpolicy/sampled_rows"] == 8 and ref[s]["onpolicy/teacher_logprob"] < 0
+        if mix == "batch":
+            assert ref[s]["onpolicy/sampled_rows"] == 8
+        else:
+            assert 0 < ref[s]["onpolicy/sampled_rows"] < 8
+        assert ref[s]["onpolicy/teacher_logprob"] < 0
         assert ref[s]["onpolicy/mean_completion_bytes"] > 0
     _assert_same_params(saved_params(single), saved_params(multi))
+
+
+def test_cross_tokenizer_streams_advance_as_one_process_under_row_mixing(monkeypatch):
+    """mix=row across tokenizers: every process runs the rollout (one computation over the
+    global batch's devices) on every step where any row of the global batch is sampled, and
+    reads the pipeline on every step where any row is not, even when all its own rows are of
+    the other kind; so both processes' streams advance exactly as the one-process run's (a
+    process skipping the rollout would leave the other waiting in it)."""
+    from distill_jax.onpolicy import xtok_train as XT
+
+    class Stream:
+        def __init__(self, rows):
+            self.rows, self.reads = rows, 0
+
+        def __next__(self):
+            self.reads += 1
+            return {"tokens": np.full((self.rows, 3), self.reads, np.int32)}
+
+        def close(self):
+            pass
+
+    def converted(rows, *args, **kwargs):  # xtok_rows's shapes, without the tokenizers
+        n = len(rows["tokens"])
+        return {"tokens": -np.asarray(rows["tokens"]), XT.CUT_TOKENS: np.zeros(n, np.int32),
+                XT.COMPLETION_BYTES: np.ones(n, np.int32), XT.FINISHED: np.ones(n, bool)}
+    monkeypatch.setattr(XT, "xtok_rows", converted)
+
+    def batches(p, n):
+        rows = 8 // n
+        calls = []
+
+        def sample(params, rng, prompts):
+            calls.append(int(prompts["tokens"][0, 0]))
+            return prompts
+        it = XT.XtokBatches(Stream(rows), Stream(rows), lmbda=0.3, mix="row", seed=0, rows=rows,
+                            sample=sample, student_tokenizer=None, teacher_tokenizer=None,
+                            config=None, process_index=p, process_count=n)
+        return it, calls
+    one, one_calls = batches(0, 1)
+    two = [batches(p, 2) for p in (0, 1)]
+    mixed = 0
+    for step in range(40):
+        want = one.next_batch(step, None, None)
+        got = [it.next_batch(step, None, None) for it, _ in two]
+        mixed += bool(want[XT.SAMPLED].any() and not all(g[XT.SAMPLED].any() for g in got))
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], k)
+    assert mixed > 0  # some step had one process with no sampled row
+    for it, calls in two:
+        assert calls == one_calls
+        assert (it.prompts.reads, it.data.reads) == (one.prompts.reads, one.data.reads)
