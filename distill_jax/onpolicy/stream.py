@@ -13,8 +13,10 @@ State. ``get_state()`` is a small JSON-able dict (the next batch's first local d
 counters), saved with the checkpoint like the packed iterator's; ``set_state`` resumes exactly.
 A process reads its shards of every global batch (``data.num_shards``, as the pipeline); the
 shards' batches are put together left-padded to the widest prompt bucket among them
-(:func:`combine_prompt_batches`). Across several processes every process pads to the largest
-bucket, so the global arrays have one shape without any communication.
+(:func:`combine_prompt_batches`). With several shards every shard's rows are padded to the
+largest bucket, so the processes' arrays have one shape without any communication, and the global
+batch depends on ``data.num_shards`` only, not on how many processes read the shards (one
+process reading both of two shards has the two processes' batches, concatenated).
 """
 
 from __future__ import annotations
@@ -152,10 +154,11 @@ def make_prompt_iterator(config: DataConfig, tokenizer, *, max_new_tokens: int,
                          process_count: int = 1) -> ShardedIterator:
     """This process's rows of every global prompt batch: its data shards
     (:func:`distill_jax.data.process_shards`), combined by :func:`combine_prompt_batches` (to
-    the largest bucket when ``process_count > 1``, so every process's arrays agree)."""
+    the largest bucket when there are several shards, so every process's arrays agree and the
+    global batch is the same for any number of processes)."""
     local, shards = process_shards(config, process_index, process_count)
     records = read_records(config)
-    width = max(buckets) if process_count > 1 else None
+    width = max(buckets) if shards > 1 else None
     return ShardedIterator(
         {s: PromptIterator(config, tokenizer, max_new_tokens=max_new_tokens, buckets=buckets,
                            process_index=s, process_count=shards, records=records)

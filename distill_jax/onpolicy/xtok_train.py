@@ -21,10 +21,12 @@ independent stream over the records). ``mix="batch"`` draws once per step (the w
 sampled with probability ``lmbda``: GKD's Algorithm 1, TRL's ``GKDTrainer``), ``mix="row"``
 once per row of the global batch. The draws are made on the host from ``(seed, step)``, so
 every process agrees on them (the global batch does not depend on the process count), no
-device value is waited for, and a resumed run draws what the uninterrupted one did. A stream is read only on a step that uses
-it: ``lmbda = 0`` reads only the pipeline, exactly as the off-policy run does (same batches,
-same step, same updates), ``lmbda = 1`` only prompts. Both streams' positions are checkpointed
-(:class:`XtokBatches` state).
+device value is waited for, and a resumed run draws what the uninterrupted one did. A stream is
+read only on a step where some row of the global batch uses it, and then by every process (so
+each process's streams advance as one process's would, and every process joins the rollout,
+one computation over all their devices): ``lmbda = 0`` reads only the pipeline, exactly as the
+off-policy run does (same batches, same step, same updates), ``lmbda = 1`` only prompts. Both
+streams' positions are checkpointed (:class:`XtokBatches` state).
 """
 
 from __future__ import annotations
@@ -156,25 +158,34 @@ class XtokBatches(grain.DatasetIterator):
         self.process_index, self.process_count = process_index, process_count
         self.seconds = {TIME_ROLLOUT: 0.0, TIME_RETOKENIZE: 0.0}
 
-    def draws(self, step: int) -> np.ndarray:
-        """(rows,) bool: which of this process's rows take the student's sample at ``step``."""
+    def global_draws(self, step: int) -> np.ndarray:
+        """(rows x process_count,) bool: which rows of the global batch take the student's
+        sample at ``step`` (the same in every process)."""
+        n = self.rows * self.process_count
         if self.mix == "batch":
             u = np.random.default_rng([self.seed, MIX_SALT, step]).random()
-            return np.full(self.rows, u < self.lmbda)
-        # one draw per row of the global batch, this process's rows sliced out (its shards'
-        # rows are rows process_index * rows ... of the global batch), so the batch does not
-        # depend on the process count
-        u = np.random.default_rng([self.seed, MIX_SALT, step]).random(
-            self.rows * self.process_count)
-        return u[self.process_index * self.rows:(self.process_index + 1) * self.rows] < self.lmbda
+            return np.full(n, u < self.lmbda)
+        # one draw per row of the global batch, so the batch does not depend on the process count
+        return np.random.default_rng([self.seed, MIX_SALT, step]).random(n) < self.lmbda
+
+    def draws(self, step: int) -> np.ndarray:
+        """(rows,) bool: which of this process's rows take the student's sample at ``step``
+        (its shards' rows are rows ``process_index * rows ...`` of the global batch)."""
+        lo = self.process_index * self.rows
+        return self.global_draws(step)[lo:lo + self.rows]
 
     def next_batch(self, step: int, params: Any, rng: Any) -> dict[str, np.ndarray]:
         """Step ``step``'s batch (this process's rows): samples of the student with ``params``
         (the state's model params, its RNG ``rng``) where :meth:`draws` says, else the
-        pipeline's rows; ``ROW_KEYS`` added."""
+        pipeline's rows; ``ROW_KEYS`` added. Whether to sample and whether to read the pipeline
+        is decided on the global batch's draws: the rollout is one computation over every
+        process's devices, so every process runs it when any row of the global batch is
+        sampled (even with none of its own), and both streams advance in every process as
+        they do in one process reading all the shards."""
+        every = self.global_draws(step)
         sampled = self.draws(step)
         out = None
-        if sampled.any():
+        if every.any():
             t0 = time.perf_counter()
             rows = self.sample(params, rng, next(self.prompts))
             t1 = time.perf_counter()
@@ -182,7 +193,7 @@ class XtokBatches(grain.DatasetIterator):
                             stop_ids=self.stop_ids)
             self.seconds[TIME_ROLLOUT] += t1 - t0
             self.seconds[TIME_RETOKENIZE] += time.perf_counter() - t1
-        if not sampled.all():
+        if not every.all():
             data = dict(next(self.data))
             for k in ROW_KEYS:
                 data[k] = np.zeros(self.rows, bool if k in (SAMPLED, FINISHED) else np.int32)
