@@ -12,8 +12,7 @@ import pytest
 from distill_jax import onpolicy, sharding
 from distill_jax.config import load_run_config
 from distill_jax.train import optim
-from distill_jax.train.assemble import (ONPOLICY_EVAL_PREFIX, RunSetup, assemble,
-                                        make_onpolicy_evaluator)
+from distill_jax.train.assemble import RunSetup, assemble, make_onpolicy_evaluator
 from distill_jax.train.loop import run
 from distill_jax.train.step import MODEL
 from tests.conftest import logged_rows, step_metrics
@@ -50,7 +49,7 @@ def test_metrics_are_logged_at_eval_steps(whole_run):
     for step in (2, 4):
         r = rows[step]
         for name in NAMES:
-            assert ONPOLICY_EVAL_PREFIX + name in r, (step, name)
+            assert onpolicy.EVAL_PREFIX + name in r, (step, name)
         assert r["eval/onpolicy/sampled_rows"] == 16  # eval.batches x data.batch_size
         assert 16 <= r["eval/onpolicy/generated_tokens"] <= 16 * 12
         assert r["eval/onpolicy/mean_completion_length"] == pytest.approx(
@@ -70,10 +69,25 @@ def test_resumed_run_evaluates_as_the_uninterrupted_one(whole_run, tmp_path):
     whole, resumed = step_metrics(whole_run), step_metrics(parts)
     assert sorted(whole) == sorted(resumed) == [1, 2, 3, 4]
     for step in (2, 4):
-        got = {k: v for k, v in resumed[step].items() if k.startswith(ONPOLICY_EVAL_PREFIX)}
-        want = {k: v for k, v in whole[step].items() if k.startswith(ONPOLICY_EVAL_PREFIX)}
+        got = {k: v for k, v in resumed[step].items() if k.startswith(onpolicy.EVAL_PREFIX)}
+        want = {k: v for k, v in whole[step].items() if k.startswith(onpolicy.EVAL_PREFIX)}
         assert got and got == want
     assert whole == resumed
+
+
+def test_eval_command_reports_what_training_logged(whole_run):
+    """``distill-jax eval`` (:func:`run_eval`) of the run's last checkpoint gives the on-policy
+    metrics training logged at that step, and prints them."""
+    from distill_jax.eval import format_table, run_eval
+    result = run_eval(_cfg(whole_run, *RUN, "eval.max_documents=4"), progress=False,
+                      write=False)
+    logged = {r["step"]: r for r in logged_rows(whole_run) if "step" in r}[4]
+    got = result["onpolicy"]
+    assert result["step"] == 4 and got is not None
+    for name in NAMES:
+        key = onpolicy.EVAL_PREFIX + name
+        np.testing.assert_allclose(got[key], logged[key], rtol=1e-6, err_msg=name)
+    assert "on-policy (student samples, teacher grades)" in format_table(result)
 
 
 # -- the evaluator alone ---------------------------------------------------------------------
@@ -171,7 +185,7 @@ def test_planted_bigram_models_give_the_numpy_reference(tmp_path):
         params = {**state.params, MODEL: student}
         got = make_onpolicy_evaluator(r.setup, bs)(params, teacher)
         for name, value in want.items():
-            np.testing.assert_allclose(got[ONPOLICY_EVAL_PREFIX + name], value, rtol=1e-5,
+            np.testing.assert_allclose(got[onpolicy.EVAL_PREFIX + name], value, rtol=1e-5,
                                        err_msg=name)
     assert want["reverse_kl"] > 0.1 and want["teacher_logprob"] < -1  # not trivially small
 

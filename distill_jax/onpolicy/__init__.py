@@ -26,7 +26,7 @@ from distill_jax.onpolicy.prompts import (
     DEFAULT_BUCKETS, PROMPT_KEYS, Prompt, prompt_batch, prompt_from_record, prompt_length_bucket,
 )
 from distill_jax.onpolicy.rows import (
-    ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_means,
+    EVAL_PREFIX, ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_means,
     rollout_metrics, rollout_sums,
 )
 from distill_jax.onpolicy.signal import (
@@ -39,7 +39,7 @@ from distill_jax.onpolicy.xtok import (
 from distill_jax.onpolicy.xtok_train import XtokBatches, make_sampler, xtok_onpolicy_signal
 
 __all__ = [
-    "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
+    "DEFAULT_BUCKETS", "EVAL_PREFIX", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
     "PromptIterator", "ROW_KEYS", "Rollout", "SAMPLED_REVERSE_KL", "SAMPLED_TERM",
     "combine_prompt_batches", "default_eos_ids", "eval_signal", "make_prompt_iterator", "onpolicy_batch",
     "onpolicy_signal", "settings_from", "pack_rows", "prompt_batch", "prompt_from_record",

@@ -70,6 +70,9 @@ LOGPROB_GAP_ABS = "onpolicy/logprob_gap_abs"
 FINISHED_ROWS = "onpolicy/finished_rows"
 SCORED_TOKENS = "onpolicy/scored_tokens"
 TEACHER_LOGPROB_SUM = "onpolicy/teacher_logprob_sum"
+# Held-out on-policy evaluation's metrics: this prefix + the last part of the name
+# (``eval/onpolicy/teacher_logprob``, ``eval/onpolicy/loss``, ...).
+EVAL_PREFIX = "eval/onpolicy/"
 
 
 @functools.partial(jax.tree_util.register_dataclass,

@@ -30,7 +30,7 @@ from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
 from distill_jax.models import lora
-from distill_jax.train.step import (MODEL, SIGNAL_SALT, TrainState, frozen_inputs,
+from distill_jax.train.step import (LOSS, MODEL, SIGNAL_SALT, TrainState, frozen_inputs,
                                     init_loss_params, init_state, make_step, rank_sharding)
 from distill_jax.xtok import transfer
 
@@ -301,7 +301,6 @@ def make_evaluator(setup: RunSetup, batch_sharding):
 
 
 ONPOLICY_EVAL_SALT = 0x0E7A1  # the on-policy evaluation's fixed sampling keys: (seed, salt, batch)
-ONPOLICY_EVAL_PREFIX = "eval/onpolicy/"
 
 
 def make_onpolicy_evaluator(setup: RunSetup, batch_sharding):
@@ -311,7 +310,7 @@ def make_onpolicy_evaluator(setup: RunSetup, batch_sharding):
     evaluation form with the on-policy signal's (``onpolicy.eval_signal``: every row sampled, at
     ``eval.onpolicy_temperature``). Batch ``i`` samples with the key ``(seed, salt, i)``, the
     same at every evaluation, so evaluations of one run compare (and a resumed run evaluates as
-    the uninterrupted one). Metrics (``ONPOLICY_EVAL_PREFIX`` + name): the loss terms and
+    the uninterrupted one). Metrics (``onpolicy.EVAL_PREFIX`` + name): the loss terms and
     ``loss`` on the sampled rows, ``tokens`` they score, and the rollout's ``sampled_rows``,
     ``generated_tokens``, ``mean_completion_length``, ``eos_share`` and ``teacher_logprob``."""
     cfg = setup.cfg
@@ -338,9 +337,25 @@ def make_onpolicy_evaluator(setup: RunSetup, batch_sharding):
         means = {k: v for k, v in setup.means(sums, counts).items()
                  if k.startswith("distill/") and not k.endswith("_sum")}
         means.update(onpolicy.rollout_means(sums))
-        return {ONPOLICY_EVAL_PREFIX + k.split("/")[-1]: float(v) for k, v in means.items()}
+        return {onpolicy.EVAL_PREFIX + k.split("/")[-1]: float(v) for k, v in means.items()}
 
     return evaluate
+
+
+def onpolicy_eval_of(cfg: RunConfig, student: M.Model, teacher: M.Model, tokenizer,
+                     batch_sharding) -> dict[str, float]:
+    """The ``eval.onpolicy`` metrics (:func:`make_onpolicy_evaluator`) of ``student`` (a LoRA
+    student: its base joined with the adapters) graded by ``teacher``, both placed on the
+    mesh of ``batch_sharding``; ``tokenizer`` is the run's. What ``distill-jax eval`` reports
+    for a run with ``eval.onpolicy``: the numbers training logs at the same step."""
+    setup = RunSetup(cfg, cfg.loss.spec(), tokenizer, tokenizer, student.config, teacher.config,
+                     False)
+    base, trained = ((None, student.params) if student.config.lora is None
+                     else lora.split(student.params))
+    params = {MODEL: trained, LOSS: init_loss_params(setup.spec, student.config, teacher.config,
+                                                     student.params, cfg.seed)}
+    evaluate = make_onpolicy_evaluator(setup, batch_sharding)
+    return evaluate(params, frozen_inputs(student.config, teacher.params, base))
 
 
 def teacher_tokenizer(cfg: RunConfig, tokenizer):
