@@ -10,7 +10,8 @@
 * :mod:`~distill_jax.onpolicy.stream`: the run's data as a resumable, sharded stream of prompt
   batches.
 * :mod:`~distill_jax.onpolicy.signal`: the teacher signal "the student's own samples" for the
-  one step factory, and the ``sampled_reverse_kl`` loss term (registered on import).
+  one step factory (and its evaluation form, :func:`eval_signal`, for held-out prompts), and
+  the ``sampled_reverse_kl`` loss term (registered on import).
 * :mod:`~distill_jax.onpolicy.xtok`: across tokenizers, the student's samples as the data
   pipeline's cross-tokenizer batch of the same text (host side), for the ALM step.
 * :mod:`~distill_jax.onpolicy.xtok_train`: across tokenizers as a configured run: the jitted

@@ -267,6 +267,19 @@ def _eval_data(cfg: RunConfig):
                                num_epochs=None, workers=0)
 
 
+def _summed(iterator, batches: int, run_batch):
+    """``run_batch(i, batch) -> (sums, counts)`` added up over the first ``batches`` batches of
+    ``iterator`` (closed after)."""
+    total = None
+    try:
+        for i in range(batches):
+            out = run_batch(i, next(iterator))
+            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
+    finally:
+        iterator.close()
+    return total
+
+
 def make_evaluator(setup: RunSetup, batch_sharding):
     """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
     ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time), and
@@ -284,13 +297,9 @@ def make_evaluator(setup: RunSetup, batch_sharding):
     onpolicy_eval = make_onpolicy_evaluator(setup, batch_sharding) if cfg.eval.onpolicy else None
 
     def evaluate(params, teacher_params) -> dict[str, float]:
-        iterator = setup.data_iterator(eval_data)
-        total = None
-        for _ in range(cfg.eval.batches):
-            out = step(params, teacher_params, global_batch(next(iterator), batch_sharding, keys))
-            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
-        iterator.close()
-        means = setup.means(*total)
+        means = setup.means(*_summed(
+            setup.data_iterator(eval_data), cfg.eval.batches,
+            lambda _, b: step(params, teacher_params, global_batch(b, batch_sharding, keys))))
         out = {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
                if not k.endswith("_sum")}
         if onpolicy_eval is not None:
@@ -326,14 +335,10 @@ def make_onpolicy_evaluator(setup: RunSetup, batch_sharding):
     eval_data = _eval_data(cfg)
 
     def evaluate(params, teacher_params) -> dict[str, float]:
-        iterator = setup.prompt_iterator(eval_data)
-        total = None
-        for i in range(cfg.eval.batches):
-            batch = global_batch(next(iterator), batch_sharding, keys)
-            out = step(params, teacher_params, batch, jax.random.fold_in(base_key, i))
-            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
-        iterator.close()
-        sums, counts = total
+        sums, counts = _summed(
+            setup.prompt_iterator(eval_data), cfg.eval.batches,
+            lambda i, b: step(params, teacher_params, global_batch(b, batch_sharding, keys),
+                              jax.random.fold_in(base_key, i)))
         means = {k: v for k, v in setup.means(sums, counts).items()
                  if k.startswith("distill/") and not k.endswith("_sum")}
         means.update(onpolicy.rollout_means(sums))
