@@ -4,7 +4,8 @@
   distill-jax cache CONFIG [key=value ...]     build (or resume) the teacher cache at teacher.cache
   distill-jax cache verify DIR                 check a teacher cache; non-zero exit on errors
   distill-jax eval CONFIG [key=value ...]      bits per byte, agreement and math exact match of
-                                               teacher and student -> RUN_DIR/eval/eval_stepN.json
+                                               teacher and student (eval.onpolicy: on-policy
+                                               metrics) -> RUN_DIR/eval/eval_stepN.json
   distill-jax export RUN_DIR OUT_DIR           the trained student as a Hugging Face directory
                                                (LoRA: merged, or --lora adapter for PEFT's)
   distill-jax generate HF_DIR --prompt TEXT    sample from a checkpoint with the KV cache
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(fn=_cmd_cache)
 
     ev = sub.add_parser("eval", help="evaluate a run's teacher and student (held-out bits per "
-                        "byte, agreement, math exact match)")
+                        "byte, agreement, math exact match; with eval.onpolicy=true the "
+                        "student's completions of held-out prompts graded by the teacher)")
     ev.add_argument("config", help="YAML run config (see configs/)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.math=FILE")
     ev.add_argument("--step", type=int, default=None,

@@ -263,6 +263,16 @@ class EvalConfig:
     generating up to ``max_new_tokens`` tokens, ``batch_size`` sequences at a time: greedy when
     ``num_samples`` is 1, else ``num_samples`` samples per problem at ``temperature`` and a
     majority vote over their answers.
+
+    ``onpolicy`` (runs with an ``onpolicy:`` section, same tokenizer): each evaluation also lets
+    the student complete the prompts of ``batches`` prompt batches of ``sources`` (``chat`` /
+    ``prompt_response`` records, the run's ``onpolicy.prompt_buckets`` and
+    ``max_new_tokens``) and the teacher grade them, with a fixed sampling key (evaluations at
+    different steps, and of a resumed run, sample alike). Logged as ``eval/onpolicy/...``: the
+    teacher's mean log-prob per sampled token (``teacher_logprob``), the loss terms and
+    ``loss`` on those rows, ``mean_completion_length`` and ``eos_share``. The samples are drawn
+    at ``onpolicy_temperature`` (null: ``onpolicy.temperature``; 0: greedy) with the run's
+    ``top_p``/``top_k``.
     """
 
     every: int = 0
@@ -277,8 +287,13 @@ class EvalConfig:
     max_new_tokens: int = 256
     num_samples: int = 1
     temperature: float = 0.7
+    onpolicy: bool = False
+    onpolicy_temperature: Optional[float] = None
 
     def __post_init__(self):
+        if self.onpolicy_temperature is not None and self.onpolicy_temperature < 0:
+            raise ValueError(f"eval.onpolicy_temperature={self.onpolicy_temperature}: must be >= 0 "
+                             "(0: greedy), or null for onpolicy.temperature")
         positive = {"batches": self.batches, "batch_size": self.batch_size,
                     "chunk_size": self.chunk_size, "max_new_tokens": self.max_new_tokens,
                     "num_samples": self.num_samples, "max_documents": self.max_documents,
@@ -391,7 +406,19 @@ class RunConfig:
             raise ValueError("the config needs a data section (data.sources, data.seq_len, ...)")
         if self.onpolicy is not None:
             self._check_onpolicy()
+        if self.eval.onpolicy:
+            self._check_onpolicy_eval()
         self._check_pairs()
+
+    def _check_onpolicy_eval(self) -> None:
+        """``eval.onpolicy`` samples as the run's ``onpolicy:`` section says (same tokenizer)."""
+        if self.onpolicy is None:
+            raise ValueError("eval.onpolicy samples completions with the run's on-policy "
+                             "settings; add an onpolicy: section (e.g. onpolicy: {lmbda: 1.0}) "
+                             "or set eval.onpolicy=false")
+        if self.loss.cross_tokenizer:
+            raise ValueError("eval.onpolicy supports same-tokenizer on-policy runs only; set "
+                             "eval.onpolicy=false for cross-tokenizer terms")
 
     def _check_pairs(self) -> None:
         """Pair records and the redi term go together, and need no teacher."""

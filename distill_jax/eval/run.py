@@ -12,7 +12,11 @@ measures what the config's ``eval`` section asks for:
   models are scored on the same UTF-8 bytes;
 * teacher/student top-1 agreement and KL(teacher || student) per token on the same text, when
   the two share a tokenizer (:mod:`distill_jax.eval.agreement`);
-* math exact match on ``eval.math`` (:mod:`distill_jax.eval.math_eval`).
+* math exact match on ``eval.math`` (:mod:`distill_jax.eval.math_eval`);
+* with ``eval.onpolicy`` (on-policy runs): the student completes the held-out prompts with
+  the fixed key training evaluates with and the teacher grades them
+  (:func:`distill_jax.train.assemble.onpolicy_eval_of`), the same ``eval/onpolicy/...``
+  numbers training logs at that step.
 
 Both models are placed on the run's mesh (``mesh`` section) with the training sharding rules;
 held-out batches are spread over its data-parallel axes (``eval.batch_size`` rounded up to a
@@ -39,6 +43,7 @@ import jax
 from distill_jax import checkpoint, models as M, sharding
 from distill_jax.config import RunConfig
 from distill_jax.errors import UserError
+from distill_jax.onpolicy import EVAL_PREFIX
 from distill_jax.eval.agreement import agreement_docs
 from distill_jax.eval.lm import ScoredDoc, evaluate_docs, same_first_byte, scored_doc
 from distill_jax.eval.math_eval import load_problems, math_accuracy
@@ -145,7 +150,8 @@ def run_eval(cfg: RunConfig, *, step: int | None = None, models: Sequence[str] |
     ``math`` with ``accuracy``, ``correct``, ``total``, ``num_samples``, ``generated_tokens``,
     ``wall_s``, ``tokens_per_s`` and per-problem ``predictions``), ``agreement``
     (``top1_agreement``, ``kl_teacher_student``, ``tokens``, ``wall_s``, ``tokens_per_s``; or
-    None), ``notes`` and ``wall_s``.
+    None), ``onpolicy`` (with ``eval.onpolicy``: the ``eval/onpolicy/...`` metrics and
+    ``wall_s``; else None), ``notes`` and ``wall_s``.
 
     Models are placed on the run's mesh and every evaluation is traced under it
     (``jax.set_mesh``), as training is, so activations stay sharded by rows.
@@ -245,6 +251,16 @@ def _run_eval(cfg: RunConfig, mesh, rules, *, step: int | None, models: Sequence
     else:
         notes.append("eval.math is not set: no math exact match")
 
+    onpolicy_metrics = None
+    if ev.onpolicy and {"teacher", "student"} <= set(loaded) and ev.sources:
+        from distill_jax.train.assemble import onpolicy_eval_of
+        t = time.perf_counter()
+        onpolicy_metrics = onpolicy_eval_of(cfg, loaded["student"], loaded["teacher"],
+                                            tokenizers["student"], batch_sharding)
+        onpolicy_metrics["wall_s"] = time.perf_counter() - t
+    elif ev.onpolicy:
+        notes.append("eval.onpolicy needs both models and eval.sources: no on-policy metrics")
+
     result = {
         "run_dir": str(cfg.run_dir), "step": student_step,
         "student_source": source,
@@ -253,7 +269,8 @@ def _run_eval(cfg: RunConfig, mesh, rules, *, step: int | None, models: Sequence
                  "math": ev.math, "math_samples": ev.math_samples,
                  "max_new_tokens": ev.max_new_tokens, "num_samples": ev.num_samples,
                  "temperature": ev.temperature if ev.num_samples > 1 else 0.0},
-        "models": out_models, "agreement": agreement, "notes": notes,
+        "models": out_models, "agreement": agreement, "onpolicy": onpolicy_metrics,
+        "notes": notes,
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
         "wall_s": time.perf_counter() - t_start,
     }
@@ -289,6 +306,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"teacher vs student: top-1 agreement {a['top1_agreement']:.4f}, "
                      f"KL(teacher || student) {a['kl_teacher_student']:.4f} nats/token over "
                      f"{a['tokens']} tokens ({a['wall_s']:.1f} s, {a['tokens_per_s']:.0f} tok/s)")
+    o = result.get("onpolicy")
+    if o:
+        p = EVAL_PREFIX
+        lines.append(f"on-policy (student samples, teacher grades): teacher log-prob "
+                     f"{o[p + 'teacher_logprob']:.4f} nats/token, loss {o[p + 'loss']:.4f}, "
+                     f"mean length {o[p + 'mean_completion_length']:.1f} tokens, EOS share "
+                     f"{o[p + 'eos_share']:.3f} over {o[p + 'sampled_rows']:.0f} prompts "
+                     f"({o['wall_s']:.1f} s)")
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     if result.get("path"):

@@ -10,7 +10,8 @@
 * :mod:`~distill_jax.onpolicy.stream`: the run's data as a resumable, sharded stream of prompt
   batches.
 * :mod:`~distill_jax.onpolicy.signal`: the teacher signal "the student's own samples" for the
-  one step factory, and the ``sampled_reverse_kl`` loss term (registered on import).
+  one step factory (and its evaluation form, :func:`eval_signal`, for held-out prompts), and
+  the ``sampled_reverse_kl`` loss term (registered on import).
 * :mod:`~distill_jax.onpolicy.xtok`: across tokenizers, the student's samples as the data
   pipeline's cross-tokenizer batch of the same text (host side), for the ALM step.
 * :mod:`~distill_jax.onpolicy.xtok_train`: across tokenizers as a configured run: the jitted
@@ -26,10 +27,11 @@ from distill_jax.onpolicy.prompts import (
     DEFAULT_BUCKETS, PROMPT_KEYS, Prompt, prompt_batch, prompt_from_record, prompt_length_bucket,
 )
 from distill_jax.onpolicy.rows import (
-    ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_metrics,
+    EVAL_PREFIX, ONPOLICY_KEYS, ROW_KEYS, Rollout, onpolicy_batch, pack_rows, rollout, rollout_means,
+    rollout_metrics, rollout_sums,
 )
 from distill_jax.onpolicy.signal import (
-    OnPolicySettings, SAMPLED_TERM, default_eos_ids, onpolicy_signal, settings_from,
+    OnPolicySettings, SAMPLED_TERM, default_eos_ids, eval_signal, onpolicy_signal, settings_from,
 )
 from distill_jax.onpolicy.stream import PromptIterator, combine_prompt_batches, make_prompt_iterator
 from distill_jax.onpolicy.xtok import (
@@ -38,11 +40,11 @@ from distill_jax.onpolicy.xtok import (
 from distill_jax.onpolicy.xtok_train import XtokBatches, make_sampler, xtok_onpolicy_signal
 
 __all__ = [
-    "DEFAULT_BUCKETS", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
+    "DEFAULT_BUCKETS", "EVAL_PREFIX", "ONPOLICY_KEYS", "OnPolicySettings", "PROMPT_KEYS", "Prompt",
     "PromptIterator", "ROW_KEYS", "Rollout", "SAMPLED_REVERSE_KL", "SAMPLED_TERM",
-    "combine_prompt_batches", "default_eos_ids", "make_prompt_iterator", "onpolicy_batch",
+    "combine_prompt_batches", "default_eos_ids", "eval_signal", "make_prompt_iterator", "onpolicy_batch",
     "onpolicy_signal", "settings_from", "pack_rows", "prompt_batch", "prompt_from_record",
-    "prompt_length_bucket", "rollout", "rollout_metrics", "sampled_token_chunk_sums",
+    "prompt_length_bucket", "rollout", "rollout_means", "rollout_metrics", "rollout_sums", "sampled_token_chunk_sums",
     "sampled_token_loss", "sampled_token_per_token", "sampled_token_sums", "teacher_prompt",
     "teacher_turn_end", "token_logprobs", "XtokBatches", "make_sampler",
     "xtok_onpolicy_batch", "xtok_onpolicy_signal", "xtok_rollout_metrics", "xtok_rows",

@@ -66,6 +66,13 @@ EOS_SHARE = "onpolicy/eos_share"
 TEACHER_LOGPROB = "onpolicy/teacher_logprob"
 LOGPROB_GAP = "onpolicy/logprob_gap"
 LOGPROB_GAP_ABS = "onpolicy/logprob_gap_abs"
+# Additive counts (rollout_sums), from which the means above are made.
+FINISHED_ROWS = "onpolicy/finished_rows"
+SCORED_TOKENS = "onpolicy/scored_tokens"
+TEACHER_LOGPROB_SUM = "onpolicy/teacher_logprob_sum"
+# Held-out on-policy evaluation's metrics: this prefix + the last part of the name
+# (``eval/onpolicy/teacher_logprob``, ``eval/onpolicy/loss``, ...).
+EVAL_PREFIX = "eval/onpolicy/"
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -227,6 +234,39 @@ def onpolicy_batch(student_cfg: ModelConfig, student_params: Any, prompts: Mappi
     return batch
 
 
+def rollout_sums(batch: Mapping[str, Array], teacher_logprobs: Array | None = None
+                 ) -> dict[str, Array]:
+    """Additive counts of the sampled rows of an :func:`onpolicy_batch` batch (they add up over
+    batches; :func:`rollout_means` finishes): ``ROWS`` sampled rows, ``GENERATED`` tokens they
+    hold, ``FINISHED_ROWS`` of them that ended with EOS, ``SCORED_TOKENS`` sampled tokens the
+    loss scores and, with ``teacher_logprobs`` (B, L) (default: the batch's
+    ``TEACHER_LOGPROBS`` if present), ``TEACHER_LOGPROB_SUM`` their teacher log-probs."""
+    sampled = jnp.asarray(batch[SAMPLED], bool)
+    w = (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
+    out = {ROWS: jnp.sum(sampled).astype(jnp.float32),
+           GENERATED: jnp.sum(jnp.where(sampled, batch[COMPLETION_LENGTHS], 0)).astype(
+               jnp.float32),
+           FINISHED_ROWS: jnp.sum(sampled & batch[FINISHED]).astype(jnp.float32),
+           SCORED_TOKENS: jnp.sum(w).astype(jnp.float32)}
+    if teacher_logprobs is None:
+        teacher_logprobs = batch.get(TEACHER_LOGPROBS)
+    if teacher_logprobs is not None:
+        out[TEACHER_LOGPROB_SUM] = jnp.sum(jnp.where(w, teacher_logprobs, 0.0))
+    return out
+
+
+def rollout_means(sums: Mapping[str, Array]) -> dict[str, Array]:
+    """``ROWS``, ``GENERATED``, ``MEAN_LENGTH`` per sampled row, ``EOS_SHARE`` of them that
+    ended with EOS and (where :func:`rollout_sums` had teacher log-probs) ``TEACHER_LOGPROB``,
+    the teacher's mean log-prob per scored sampled token, from (summed) :func:`rollout_sums`."""
+    rows = jnp.maximum(sums[ROWS], 1.0)
+    out = {ROWS: sums[ROWS], GENERATED: sums[GENERATED], MEAN_LENGTH: sums[GENERATED] / rows,
+           EOS_SHARE: sums[FINISHED_ROWS] / rows}
+    if TEACHER_LOGPROB_SUM in sums:
+        out[TEACHER_LOGPROB] = sums[TEACHER_LOGPROB_SUM] / jnp.maximum(sums[SCORED_TOKENS], 1.0)
+    return out
+
+
 def rollout_metrics(batch: Mapping[str, Array], student_logprobs: Array | None = None,
                     teacher_logprobs: Array | None = None) -> dict[str, Array]:
     """Metrics of the sampled rows of an :func:`onpolicy_batch` batch.
@@ -234,23 +274,17 @@ def rollout_metrics(batch: Mapping[str, Array], student_logprobs: Array | None =
     ``ROWS`` sampled rows, ``GENERATED`` tokens they hold, ``MEAN_LENGTH`` per sampled row and
     ``EOS_SHARE`` of them that ended with EOS; with ``teacher_logprobs`` (B, L) (default: the
     batch's ``TEACHER_LOGPROBS`` if present) ``TEACHER_LOGPROB``, the teacher's mean log-prob
-    of the sampled tokens; with the training-time ``student_logprobs`` (B, L),
-    ``LOGPROB_GAP`` (mean sampling-time minus training-time log-prob of the sampled tokens, ~0
-    at temperature 1 without filters or dropout) and ``LOGPROB_GAP_ABS`` (its mean absolute
-    value).
+    of the sampled tokens (:func:`rollout_means` of :func:`rollout_sums`); with the
+    training-time ``student_logprobs`` (B, L), ``LOGPROB_GAP`` (mean sampling-time minus
+    training-time log-prob of the sampled tokens, ~0 at temperature 1 without filters or
+    dropout) and ``LOGPROB_GAP_ABS`` (its mean absolute value).
     """
-    sampled = jnp.asarray(batch[SAMPLED], bool)
-    rows = jnp.sum(sampled).astype(jnp.float32)
-    gen = jnp.sum(jnp.where(sampled, batch[COMPLETION_LENGTHS], 0)).astype(jnp.float32)
-    out = {ROWS: rows, GENERATED: gen, MEAN_LENGTH: gen / jnp.maximum(rows, 1.0),
-           EOS_SHARE: jnp.sum(sampled & batch[FINISHED]) / jnp.maximum(rows, 1.0)}
-    w = (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
-    count = jnp.maximum(jnp.sum(w).astype(jnp.float32), 1.0)
-    if teacher_logprobs is None:
-        teacher_logprobs = batch.get(TEACHER_LOGPROBS)
-    if teacher_logprobs is not None:
-        out[TEACHER_LOGPROB] = jnp.sum(jnp.where(w, teacher_logprobs, 0.0)) / count
+    sums = rollout_sums(batch, teacher_logprobs)
+    out = rollout_means(sums)
     if student_logprobs is not None:
+        sampled = jnp.asarray(batch[SAMPLED], bool)
+        w = (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
+        count = jnp.maximum(sums[SCORED_TOKENS], 1.0)
         gap = jnp.where(w, batch[SAMPLE_LOGPROBS] - student_logprobs, 0.0)
         out[LOGPROB_GAP] = jnp.sum(gap) / count
         out[LOGPROB_GAP_ABS] = jnp.sum(jnp.abs(gap)) / count

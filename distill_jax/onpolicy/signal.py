@@ -11,6 +11,9 @@
   the teacher's mean log-prob of the sampled tokens, read from its hidden states over the rows
   through its lm_head at the ``B x max_new_tokens`` completion slots only (skipped on a step
   that sampled no row).
+* :func:`eval_signal`: the same signal in its evaluation form (every row sampled, a given
+  temperature, the rollout reported as additive counts, ``rows.rollout_sums``, so evaluation
+  batches add up), for the step factory without an optimizer.
 * ``sampled_reverse_kl`` (:data:`~distill_jax.onpolicy.objective.SAMPLED_REVERSE_KL`): the
   sampled-token objective, registered in the term registry when this module is imported
   (``distill_jax.config`` imports it, so configs know the name).
@@ -29,9 +32,11 @@ from distill_jax.models import Model, lm_head
 from distill_jax.onpolicy.objective import (SAMPLED_REVERSE_KL, hidden_logprobs,
                                             sampled_token_chunk_sums)
 from distill_jax.onpolicy.prompts import DEFAULT_BUCKETS, PROMPT_KEYS
-from distill_jax.onpolicy.rows import SAMPLED, TEACHER_LOGPROBS, onpolicy_batch, rollout_metrics
+from distill_jax.onpolicy.rows import (SAMPLED, TEACHER_LOGPROBS, onpolicy_batch, rollout_metrics,
+                                       rollout_sums)
 
-__all__ = ["OnPolicySettings", "SAMPLED_TERM", "default_eos_ids", "onpolicy_signal"]
+__all__ = ["OnPolicySettings", "SAMPLED_TERM", "default_eos_ids", "eval_signal",
+           "onpolicy_signal"]
 
 # the chat templates' end-of-turn tokens a sample may stop at besides EOS
 TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>")
@@ -120,6 +125,17 @@ def onpolicy_signal(settings: OnPolicySettings) -> terms.Signal:
     return terms.Signal("the student's own samples",
                         frozenset({terms.TOKEN_DIST, terms.TEACHER_LOGITS, terms.TEACHER_HIDDEN}),
                         PROMPT_KEYS, False, terms.SHARED, prepare, rollout_metrics, BATCH_RANKS)
+
+
+def eval_signal(settings: OnPolicySettings, temperature: float | None = None) -> terms.Signal:
+    """:func:`onpolicy_signal` for held-out evaluation: every row is the student's sample
+    (``lmbda`` 1), drawn at ``temperature`` (None: ``settings.temperature``; 0: greedy), and its
+    ``metrics`` are :func:`~distill_jax.onpolicy.rows.rollout_sums` (additive over batches;
+    ``rollout_means`` finishes). The step's evaluation form adds them to its sums."""
+    t = settings.temperature if temperature is None else float(temperature)
+    signal = onpolicy_signal(dataclasses.replace(settings, lmbda=1.0, temperature=t))
+    return dataclasses.replace(signal, name="the student's own samples (evaluation)",
+                               metrics=rollout_sums)
 
 
 def settings_from(lmbda: float, mix: str, max_new_tokens: int, temperature: float,

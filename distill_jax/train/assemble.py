@@ -30,7 +30,7 @@ from distill_jax.losses import terms
 from distill_jax.tokenizer import load_tokenizer
 from distill_jax.train import build
 from distill_jax.models import lora
-from distill_jax.train.step import (MODEL, SIGNAL_SALT, TrainState, frozen_inputs,
+from distill_jax.train.step import (LOSS, MODEL, SIGNAL_SALT, TrainState, frozen_inputs,
                                     init_loss_params, init_state, make_step, rank_sharding)
 from distill_jax.xtok import transfer
 
@@ -261,9 +261,29 @@ def run_signal(cfg: RunConfig, cached: bool, tokenizer=None) -> terms.Signal:
     return terms.signal_for(vocabulary, cached)
 
 
+def _eval_data(cfg: RunConfig):
+    """The held-out sources read as the run's data, unshuffled: the same batches every time."""
+    return dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
+                               num_epochs=None, workers=0)
+
+
+def _summed(iterator, batches: int, run_batch):
+    """``run_batch(i, batch) -> (sums, counts)`` added up over the first ``batches`` batches of
+    ``iterator`` (closed after)."""
+    total = None
+    try:
+        for i in range(batches):
+            out = run_batch(i, next(iterator))
+            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
+    finally:
+        iterator.close()
+    return total
+
+
 def make_evaluator(setup: RunSetup, batch_sharding):
     """``evaluate(params, teacher_params) -> metrics``: the loss terms on the first
-    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time)."""
+    ``eval.batches`` batches of ``eval.sources`` (unshuffled, the same batches every time), and
+    with ``eval.onpolicy`` the on-policy metrics of :func:`make_onpolicy_evaluator`."""
     cfg = setup.cfg
     if not cfg.eval.sources:
         raise ValueError("eval.every > 0 needs eval.sources (held-out data files)")
@@ -271,23 +291,76 @@ def make_evaluator(setup: RunSetup, batch_sharding):
         raise ValueError("eval.every with a cached teacher needs the teacher model for the "
                          "held-out data (the cache covers the training data only): give the "
                          "teacher its hf_path/preset, or set eval.every=0")
-    eval_data = dataclasses.replace(cfg.data, sources=cfg.eval.sources, shuffle=False,
-                                    num_epochs=None, workers=0)
+    eval_data = _eval_data(cfg)
     step = jax.jit(setup.eval_step())
     keys = terms.batch_keys(setup.eval_signal, cfg.loss.terms)
+    onpolicy_eval = make_onpolicy_evaluator(setup, batch_sharding) if cfg.eval.onpolicy else None
 
     def evaluate(params, teacher_params) -> dict[str, float]:
-        iterator = setup.data_iterator(eval_data)
-        total = None
-        for _ in range(cfg.eval.batches):
-            out = step(params, teacher_params, global_batch(next(iterator), batch_sharding, keys))
-            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
-        iterator.close()
-        means = setup.means(*total)
-        return {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
-                if not k.endswith("_sum")}
+        means = setup.means(*_summed(
+            setup.data_iterator(eval_data), cfg.eval.batches,
+            lambda _, b: step(params, teacher_params, global_batch(b, batch_sharding, keys))))
+        out = {f"eval/{k.split('/')[-1]}": float(v) for k, v in means.items()
+               if not k.endswith("_sum")}
+        if onpolicy_eval is not None:
+            out.update(onpolicy_eval(params, teacher_params))
+        return out
 
     return evaluate
+
+
+ONPOLICY_EVAL_SALT = 0x0E7A1  # the on-policy evaluation's fixed sampling keys: (seed, salt, batch)
+
+
+def make_onpolicy_evaluator(setup: RunSetup, batch_sharding):
+    """``evaluate(params, teacher_params) -> metrics`` on held-out prompts: the student completes
+    the prompts of the first ``eval.batches`` prompt batches of ``eval.sources`` (the run's
+    prompt buckets and ``max_new_tokens``) and the teacher grades them, through the step's
+    evaluation form with the on-policy signal's (``onpolicy.eval_signal``: every row sampled, at
+    ``eval.onpolicy_temperature``). Batch ``i`` samples with the key ``(seed, salt, i)``, the
+    same at every evaluation, so evaluations of one run compare (and a resumed run evaluates as
+    the uninterrupted one). Metrics (``onpolicy.EVAL_PREFIX`` + name): the loss terms and
+    ``loss`` on the sampled rows, ``tokens`` they score, and the rollout's ``sampled_rows``,
+    ``generated_tokens``, ``mean_completion_length``, ``eos_share`` and ``teacher_logprob``."""
+    cfg = setup.cfg
+    if setup.onpolicy is None or setup.xtok:  # config validation refuses these
+        raise ValueError("eval.onpolicy needs a same-tokenizer run with an onpolicy: section")
+    if not cfg.eval.sources:
+        raise ValueError("eval.onpolicy needs eval.sources (held-out prompt records)")
+    signal = onpolicy.eval_signal(setup.onpolicy, cfg.eval.onpolicy_temperature)
+    step = jax.jit(make_step(setup.student_cfg, setup.teacher_cfg, setup.spec, signal,
+                             chunk_size=cfg.loss.chunk_size))
+    keys = terms.batch_keys(signal, cfg.loss.terms)
+    base_key = jax.random.fold_in(jax.random.key(cfg.seed), ONPOLICY_EVAL_SALT)
+    eval_data = _eval_data(cfg)
+
+    def evaluate(params, teacher_params) -> dict[str, float]:
+        sums, counts = _summed(
+            setup.prompt_iterator(eval_data), cfg.eval.batches,
+            lambda i, b: step(params, teacher_params, global_batch(b, batch_sharding, keys),
+                              jax.random.fold_in(base_key, i)))
+        means = {k: v for k, v in setup.means(sums, counts).items()
+                 if k.startswith("distill/") and not k.endswith("_sum")}
+        means.update(onpolicy.rollout_means(sums))
+        return {onpolicy.EVAL_PREFIX + k.split("/")[-1]: float(v) for k, v in means.items()}
+
+    return evaluate
+
+
+def onpolicy_eval_of(cfg: RunConfig, student: M.Model, teacher: M.Model, tokenizer,
+                     batch_sharding) -> dict[str, float]:
+    """The ``eval.onpolicy`` metrics (:func:`make_onpolicy_evaluator`) of ``student`` (a LoRA
+    student: its base joined with the adapters) graded by ``teacher``, both placed on the
+    mesh of ``batch_sharding``; ``tokenizer`` is the run's. What ``distill-jax eval`` reports
+    for a run with ``eval.onpolicy``: the numbers training logs at the same step."""
+    setup = RunSetup(cfg, cfg.loss.spec(), tokenizer, tokenizer, student.config, teacher.config,
+                     False)
+    base, trained = ((None, student.params) if student.config.lora is None
+                     else lora.split(student.params))
+    params = {MODEL: trained, LOSS: init_loss_params(setup.spec, student.config, teacher.config,
+                                                     student.params, cfg.seed)}
+    evaluate = make_onpolicy_evaluator(setup, batch_sharding)
+    return evaluate(params, frozen_inputs(student.config, teacher.params, base))
 
 
 def teacher_tokenizer(cfg: RunConfig, tokenizer):

@@ -220,8 +220,9 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
     student, ``teacher_params`` is :func:`frozen_inputs`' bundle and the state's model params
     are its adapters). Without:
     ``evaluate(params, teacher_params, batch, rng=None) -> (sums, counts)`` of the same
-    objective (``params``: the state's params; :func:`summarize` makes the metrics, after
-    adding sums and counts over batches). ``spec``: a ``kd.LossSpec`` or ``xtok.XtokSpec``;
+    objective (``params``: the state's params; ``rng``: the signal's key, default a fixed one;
+    the signal's metrics join the sums; :func:`summarize` makes the metrics, after adding sums
+    and counts over batches). ``spec``: a ``kd.LossSpec`` or ``xtok.XtokSpec``;
     ``signal``: the teacher signal (``terms.signal_for(vocabulary, cached)`` for the built-in
     ones); ``teacher_cfg`` may be None when no teacher runs. ``tail``: a cached top-k's tail
     convention. Cross-tokenizer terms need ``student_word_start`` (and a live teacher its
@@ -270,13 +271,16 @@ def make_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, spec: A
 
     if not train:
         def evaluate(params, teacher_params, batch, rng=None):
-            """``(sums, counts)`` of the batch (:func:`summarize` makes the metrics)."""
+            """``(sums, counts)`` of the batch (:func:`summarize` makes the metrics); the
+            signal's metrics join the sums (a signal evaluated over several batches reports
+            additive numbers there, e.g. ``onpolicy.eval_signal``'s)."""
             rng = jax.random.key(0) if rng is None else rng
             teacher_params, base = _unfreeze(student_cfg, teacher_params)
             model_p = lora.join(base, params[MODEL])
             batch, norms = prepare(model_p, teacher_params, batch, rng)
-            sums = head_sums(*_trunk(student_cfg, model_p, batch), params[LOSS],
-                             model_p["embed"], batch, teacher_parts(teacher_params))
+            sums = dict(head_sums(*_trunk(student_cfg, model_p, batch), params[LOSS],
+                                  model_p["embed"], batch, teacher_parts(teacher_params)))
+            sums.update(signal_metrics(batch))
             return sums, norms
         return evaluate
 
