@@ -476,9 +476,10 @@ def table_text(results: dict[str, Any], summary: dict[str, Any]) -> str:
                          f"{bpb['mean']:.4f} ± {bpb['std']:.4f} | {em['n']} |")
     if earlier:
         known = sorted(x for x in earlier if x is not None)
-        lines.append("\n† trained with an earlier teacher of the same recipe ("
-                     + (f"exact match {', '.join(f'{x:.3f}' for x in known)}" if known
-                        else "not recorded") + "), trained by an earlier version of the code.")
+        lines.append("\n† measured in an earlier sitting, by an earlier version of the code, with "
+                     "the teacher it trained from the same recipe (exact match "
+                     + (", ".join(f"{x:.3f}" for x in known) if known else "not recorded")
+                     + "; rows without a teacher depend on it only through the code).")
     for name in SECOND_STAGE[1:]:
         a, b = seed_values(results, name), seed_values(results, SECOND_STAGE[0])
         both = sorted(set(a) & set(b))

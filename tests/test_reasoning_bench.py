@@ -126,7 +126,7 @@ def test_table_marks_rows_of_an_earlier_teacher_and_gives_paired_second_stage_ma
     text = rq.table_text(results, rq.summarize(results, list(rq.METHODS)))
     rows = {r.split(":")[0].strip("| "): r for r in text.splitlines() if r.startswith("| ")}
     assert "†" in rows["sft"] and "†" not in rows["sft_kd_lr3e-4"]
-    assert "earlier teacher of the same recipe (exact match 0.980)" in text
+    assert "the teacher it trained from the same recipe (exact match 0.980;" in text
     assert ("sft_kd_lr3e-4 - sft_sft_lr3e-4, exact match, per seed (the same SFT student): "
             "seed 0 +0.100, seed 1 -0.050") in text
     assert all(m in rq.METHODS for m in rq.SECOND_STAGE)
