@@ -38,6 +38,24 @@ def devices8() -> list[jax.Device]:
     return devices[:8]
 
 
+@pytest.fixture
+def ambient_meshes(monkeypatch) -> list[dict]:
+    """The ambient mesh's axis sizes each time a model's forward is traced from now on (recorded
+    at ``models.transformer.constrain_batch``; ``{}`` outside a mesh). Clears jax's caches, since
+    a forward traced earlier under another context would not be traced again."""
+    from distill_jax.models import transformer
+    seen: list[dict] = []
+    real = transformer.constrain_batch
+
+    def recording(x):
+        seen.append(dict(jax.sharding.get_abstract_mesh().shape))
+        return real(x)
+
+    monkeypatch.setattr(transformer, "constrain_batch", recording)
+    jax.clear_caches()
+    return seen
+
+
 def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A packed (batch, length) batch: random tokens, 1-3 documents per row, some padding (0).
 

@@ -303,24 +303,16 @@ def test_cli_eval_after_two_training_steps(tmp_path, monkeypatch, capsys):
     assert init["models"]["student"]["heldout"]["bits_per_byte"] != student["heldout"]["bits_per_byte"]
 
 
-def test_eval_traces_the_models_under_the_runs_mesh(tmp_path, monkeypatch, devices8):
+def test_eval_traces_the_models_under_the_runs_mesh(tmp_path, monkeypatch, devices8,
+                                                    ambient_meshes):
     """The models' forwards are traced with the run's mesh ambient (``jax.set_mesh``), as in
     training, so ``constrain_batch`` keeps activations sharded by rows."""
     from distill_jax.config import load_run_config
     from distill_jax.eval import run_eval
-    from distill_jax.models import transformer
-    seen = []
-    real = transformer.constrain_batch
-
-    def recording(x):
-        seen.append(dict(jax.sharding.get_abstract_mesh().shape))
-        return real(x)
-
-    monkeypatch.setattr(transformer, "constrain_batch", recording)
     monkeypatch.chdir(REPO)
-    jax.clear_caches()  # a forward traced earlier under another context would not retrace
     run_eval(load_run_config("configs/tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", "mesh.data=2", "mesh.fsdp=4",
         "eval.sources=[{path: configs/data/math_test.jsonl}]", "eval.max_documents=4"]),
         progress=False, write=False)
-    assert seen and all(s == {"data": 2, "fsdp": 4, "tensor": 1} for s in seen), seen
+    assert ambient_meshes and all(s == {"data": 2, "fsdp": 4, "tensor": 1}
+                                  for s in ambient_meshes), ambient_meshes

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 
 from distill_jax.tokenizer import byte_tokenizer
@@ -260,20 +259,11 @@ def test_config_header_commands(name, tmp_path, monkeypatch):
             assert rc == 0 and (outs[-1] / "traces.jsonl").exists()
 
 
-def test_teacher_sampling_is_traced_under_the_configs_mesh(tmp_path, monkeypatch, devices8):
+def test_teacher_sampling_is_traced_under_the_configs_mesh(tmp_path, devices8, ambient_meshes):
     """The teacher samples with its mesh ambient (``jax.set_mesh``), as training runs."""
-    from distill_jax.models import transformer
-    seen = []
-    real = transformer.constrain_batch
-
-    def recording(x):
-        seen.append(dict(jax.sharding.get_abstract_mesh().shape))
-        return real(x)
-
-    monkeypatch.setattr(transformer, "constrain_batch", recording)
-    jax.clear_caches()  # a sampler traced earlier under another context would not retrace
     summary = run_traces(_cfg(tmp_path / "t", "prompts.max_prompts=4", "samples=2",
                               "batch_size=4", "max_new_tokens=4", "progress=false",
                               "mesh.data=2", "mesh.num_devices=2"))
     assert summary.complete
-    assert seen and all(s == {"data": 2, "fsdp": 1, "tensor": 1} for s in seen), seen
+    assert ambient_meshes and all(s == {"data": 2, "fsdp": 1, "tensor": 1}
+                                  for s in ambient_meshes), ambient_meshes
