@@ -246,7 +246,7 @@ def summarize(results: dict[str, Any], names: Sequence[str]) -> dict[str, dict[s
     """Per method: mean, std (sample; 0 for one seed) and n of exact match and bits per byte."""
     out = {}
     for m in names:
-        cells = method_cells(results, m)
+        cells = list(method_cells(results, m).values())
         if cells:
             out[m] = {"exact_match": mean_std([c["exact_match"] for c in cells]),
                       "bits_per_byte": mean_std([c["bits_per_byte"] for c in cells])}
@@ -284,6 +284,7 @@ class Bench:
         self.data = data_files(run_dir / "data", s)
         self.teacher_hf = run_dir / "teacher_hf"
         self.traces_dir = run_dir / "traces"
+        self.teacher_em: float | None = None  # the teacher's exact match, once it is known
 
     # configs ------------------------------------------------------------------------------
 
@@ -450,7 +451,7 @@ class Bench:
         self.log(f"{method} seed {seed}: exact match {res['exact_match']:.3f}, "
                  f"{res['bits_per_byte']:.4f} bits/byte, {train_s:.0f} s training")
         return {**res, "train_s": train_s, "steps": self.s.steps, "rows_per_step": self.s.batch,
-                "teacher_exact_match": getattr(self, "teacher_em", None)}
+                "teacher_exact_match": self.teacher_em}
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -468,7 +469,7 @@ def table_text(results: dict[str, Any], summary: dict[str, Any]) -> str:
     for name, m in METHODS.items():
         if name in summary:
             em, bpb = summary[name]["exact_match"], summary[name]["bits_per_byte"]
-            other = {c.get("teacher_exact_match") for c in method_cells(results, name)} - (
+            other = {c.get("teacher_exact_match") for c in method_cells(results, name).values()} - (
                 {t["exact_match"]} if t else set())
             earlier |= other
             mark = " †" if other else ""
@@ -498,16 +499,15 @@ SECOND_STAGE = ("sft_sft_lr3e-4", "sft_kd_lr3e-4", "sft_onpolicy_lr3e-4",
                 "sft_onpolicy_l05_lr3e-4", "sft_onpolicy_lr1e-4", "sft_onpolicy_lr1e-3")
 
 
-def method_cells(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """The finished (not skipped) cells of method ``name``."""
-    return [c for k, c in results["cells"].items()
-            if k.split("/")[0] == name and "skipped" not in c]
+def method_cells(results: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
+    """The finished (not skipped) cells of method ``name``, by seed."""
+    return {int(k.split("seed")[-1]): c for k, c in results["cells"].items()
+            if k.split("/")[0] == name and "skipped" not in c}
 
 
 def seed_values(results: dict[str, Any], name: str) -> dict[int, float]:
     """Exact match of method ``name`` per finished seed."""
-    return {int(k.split("seed")[-1]): c["exact_match"] for k, c in results["cells"].items()
-            if k.split("/")[0] == name and "skipped" not in c}
+    return {seed: c["exact_match"] for seed, c in method_cells(results, name).items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
