@@ -234,6 +234,12 @@ def onpolicy_batch(student_cfg: ModelConfig, student_params: Any, prompts: Mappi
     return batch
 
 
+def _scored(batch: Mapping[str, Array]) -> tuple[Array, Array]:
+    """(B,) which rows are samples, and (B, L) the sampled tokens the loss scores."""
+    sampled = jnp.asarray(batch[SAMPLED], bool)
+    return sampled, (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
+
+
 def rollout_sums(batch: Mapping[str, Array], teacher_logprobs: Array | None = None
                  ) -> dict[str, Array]:
     """Additive counts of the sampled rows of an :func:`onpolicy_batch` batch (they add up over
@@ -241,8 +247,7 @@ def rollout_sums(batch: Mapping[str, Array], teacher_logprobs: Array | None = No
     hold, ``FINISHED_ROWS`` of them that ended with EOS, ``SCORED_TOKENS`` sampled tokens the
     loss scores and, with ``teacher_logprobs`` (B, L) (default: the batch's
     ``TEACHER_LOGPROBS`` if present), ``TEACHER_LOGPROB_SUM`` their teacher log-probs."""
-    sampled = jnp.asarray(batch[SAMPLED], bool)
-    w = (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
+    sampled, w = _scored(batch)
     out = {ROWS: jnp.sum(sampled).astype(jnp.float32),
            GENERATED: jnp.sum(jnp.where(sampled, batch[COMPLETION_LENGTHS], 0)).astype(
                jnp.float32),
@@ -282,8 +287,7 @@ def rollout_metrics(batch: Mapping[str, Array], student_logprobs: Array | None =
     sums = rollout_sums(batch, teacher_logprobs)
     out = rollout_means(sums)
     if student_logprobs is not None:
-        sampled = jnp.asarray(batch[SAMPLED], bool)
-        w = (jnp.asarray(batch["loss_mask"]) > 0) & sampled[:, None]
+        _, w = _scored(batch)
         count = jnp.maximum(sums[SCORED_TOKENS], 1.0)
         gap = jnp.where(w, batch[SAMPLE_LOGPROBS] - student_logprobs, 0.0)
         out[LOGPROB_GAP] = jnp.sum(gap) / count
