@@ -299,6 +299,22 @@ class Bench:
                 for s in demo.HELDOUT}
         return results["init"][recipe]
 
+    def unseen(self, results: dict[str, Any], method: str) -> dict[str, float]:
+        """Per held-out set, :func:`unseen_bytes_share` of its evaluated documents under the
+        student's tokenizer, against the training paragraphs a run reads."""
+        if "unseen_bytes" not in results:
+            from distill_jax.tokenizer import load_tokenizer
+            cfg = self.config(method, 0, train=False)
+            tok = load_tokenizer(cfg.tokenizer_path())
+
+            def texts(split: str, n: int | None) -> list[str]:
+                lines = self.data[split].read_text(encoding="utf-8").splitlines()[:n]
+                return [json.loads(line)["text"] for line in lines]
+            train = texts("train", cfg.data.max_records)
+            results["unseen_bytes"] = {s: unseen_bytes_share(
+                tok, train, texts(s, cfg.eval.max_documents)) for s in demo.HELDOUT}
+        return results["unseen_bytes"]
+
     def __call__(self, method: str, seed: int) -> dict[str, Any]:
         from distill_jax.train.loop import run
         cfg = self.config(method, seed)
@@ -348,6 +364,21 @@ def transfer_gaps(results: dict[str, Any], names: Sequence[str], splits: Sequenc
     return out
 
 
+def unseen_bytes_share(tokenizer, train: Sequence[str], heldout: Sequence[str]) -> float:
+    """The share of the bytes of ``heldout`` texts spelled by tokens (of ``tokenizer``, without
+    special tokens) that occur in none of the ``train`` texts: text whose tokens a run on
+    ``train`` never trains as inputs or targets."""
+    from distill_jax.tokens import token_bytes
+    seen = {i for t in train for i in tokenizer.encode(t, add_special_tokens=False)}
+    unseen = total = 0
+    for t in heldout:
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        for i, b in zip(ids, token_bytes(tokenizer, ids)):
+            total += len(b)
+            unseen += len(b) if i not in seen else 0
+    return unseen / total if total else 0.0
+
+
 def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
                         table: dict[str, Method]) -> str:
     """The ``--transfer`` table: held-out bits per byte and the share of the FVT-to-teacher gap
@@ -377,6 +408,11 @@ def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
             + f" | {row[splits[0]]['n']} |")
     text = "\n".join(lines) + ("\n\ngap recovered: the share of the FVT student's held-out gap "
                                "to the teacher closed, (FVT - student) / (FVT - teacher).\n")
+    unseen = results.get("unseen_bytes")
+    if unseen:
+        text += ("\nheld-out bytes spelled by Mistral tokens that no training paragraph holds "
+                 "(their embeddings and output rows are never a training target): "
+                 + ", ".join(f"{s} {unseen[s]:.1%}" for s in splits if s in unseen) + "\n")
     names = [n for n in table if n in summary]
     for name in names[1:]:
         for s in splits:
@@ -453,6 +489,18 @@ def spread_record(summary: dict[str, Any], demo_cfg) -> dict[str, Any]:
             "bits_per_byte": {run: summary[m][split] for run, m in names.items() if m in summary}}
 
 
+def setting_extra(transfer: bool, quick: bool, steps: int, records: int | None
+                  ) -> tuple[list[str], str]:
+    """The config overrides of a setting on top of its recipe, and its run-directory name (every
+    setting trains and caches in a directory of its own: another number of training records
+    needs another teacher cache)."""
+    extra = [*(TRANSFER_OVERRIDES if transfer else ()), *(quick_overrides() if quick else ()),
+             *([f"data.max_records={records}"] if records else [])]
+    tag = (("quick" if quick else f"steps{steps}") + ("_transfer" if transfer else "")
+           + (f"_records{records}" if records else ""))
+    return extra, tag
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's)")
@@ -460,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--quick", action="store_true", help="tiny setting, one seed: a smoke check")
     p.add_argument("--transfer", action="store_true", help="tokenizer transfer (all layers)")
+    p.add_argument("--records", type=int, default=None,
+                   help="training paragraphs (data.max_records; default: the recipe's 100)")
     p.add_argument("--run-dir", default="runs/quality")
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
@@ -474,12 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in names if m not in table]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(table)}")
-    extra = [*(TRANSFER_OVERRIDES if args.transfer else ()),
-             *(quick_overrides() if args.quick else ())]
+    if args.records is not None and args.records < 1:
+        p.error(f"--records must be a positive number of paragraphs, got {args.records}")
+    extra, tag = setting_extra(args.transfer, args.quick, args.steps or base.steps, args.records)
     seeds = [0] if args.quick and args.seeds == [0, 1, 2] else args.seeds
     steps = args.steps
-    tag = ("quick" if args.quick else f"steps{steps or base.steps}") + (
-        "_transfer" if args.transfer else "")
     run_dir = Path(args.run_dir) / tag
     out_dir = Path(args.out_dir)
     stem = "quality_transfer" if args.transfer else "quality"
@@ -499,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.teacher(results)
     if args.transfer:
         bench.init(results, names[0])
+        bench.unseen(results, names[0])
     write_json_atomic(out_dir / f"{stem}.json", results)
     bench.backfill(results, out_dir / f"{stem}.json")
     run_cells(cells, results, out_dir / f"{stem}.json", bench)

@@ -169,3 +169,37 @@ def test_transfer_setting_moves_every_layer_at_one_lr(quality):
     from distill_jax import demo
     cfg = demo.load_run_config(demo.XTOK_CONFIG, list(quality.TRANSFER_OVERRIDES))
     assert cfg.student.layers == () and cfg.student.init == "transfer"
+
+
+def test_each_setting_has_its_overrides_and_a_run_directory_of_its_own(quality):
+    extra, tag = quality.setting_extra(True, False, 120, 480)
+    assert extra == [*quality.TRANSFER_OVERRIDES, "data.max_records=480"]
+    assert tag == "steps120_transfer_records480"
+    # the recipe's own records: the directory of the earlier runs
+    assert quality.setting_extra(True, False, 120, None) == (list(quality.TRANSFER_OVERRIDES),
+                                                              "steps120_transfer")
+    extra, tag = quality.setting_extra(False, True, 40, None)
+    assert extra == quality.quick_overrides() and tag == "quick"
+    from distill_jax import demo
+    cfg = demo.load_run_config(demo.XTOK_CONFIG, quality.setting_extra(True, False, 120, 480)[0])
+    assert cfg.data.max_records == 480 and demo.setting_key(cfg)["max_records"] == 480
+
+
+def test_unseen_bytes_share_counts_held_out_bytes_of_tokens_training_never_holds(quality):
+    from distill_jax.tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    # byte tokens: "a", "b" and " " are seen; "é" is two unseen byte tokens, "z" one
+    assert quality.unseen_bytes_share(tok, ["ab a"], ["ab", "ba"]) == 0.0
+    assert quality.unseen_bytes_share(tok, ["ab a"], ["a z", "é"]) == pytest.approx(3 / 5)
+    assert quality.unseen_bytes_share(tok, [], ["xy"]) == 1.0
+    assert quality.unseen_bytes_share(tok, ["x"], []) == 0.0
+
+
+def test_transfer_table_reports_unseen_bytes_when_measured(quality):
+    results = {"cells": {}, "teacher": {}, "init": {},
+               "unseen_bytes": {"heldout_plays": 0.217, "heldout_poems": 0.21,
+                                "heldout_milton": 0.316}}
+    text = quality.transfer_table_text(results, {}, quality.TRANSFER_METHODS)
+    assert "heldout_plays 21.7%" in text and "heldout_milton 31.6%" in text
+    assert "no training paragraph" not in quality.transfer_table_text(
+        {"cells": {}, "teacher": {}, "init": {}}, {}, quality.TRANSFER_METHODS)
