@@ -57,8 +57,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_cells, write_json_atomic  # noqa: E402
+from _common import cell_key, run_cells, write_json_atomic  # noqa: E402
 import _common  # noqa: E402
 
 from distill_jax import demo  # noqa: E402
@@ -299,6 +301,11 @@ class Bench:
                 for s in demo.HELDOUT}
         return results["init"][recipe]
 
+    def texts(self, split: str, n: int | None) -> list[str]:
+        """The first ``n`` texts of ``split`` (all for None), as runs read them."""
+        lines = self.data[split].read_text(encoding="utf-8").splitlines()[:n]
+        return [json.loads(line)["text"] for line in lines]
+
     def unseen(self, results: dict[str, Any], method: str) -> dict[str, float]:
         """Per held-out set, :func:`unseen_bytes_share` of its evaluated documents under the
         student's tokenizer, against the training paragraphs a run reads."""
@@ -306,14 +313,45 @@ class Bench:
             from distill_jax.tokenizer import load_tokenizer
             cfg = self.config(method, 0, train=False)
             tok = load_tokenizer(cfg.tokenizer_path())
-
-            def texts(split: str, n: int | None) -> list[str]:
-                lines = self.data[split].read_text(encoding="utf-8").splitlines()[:n]
-                return [json.loads(line)["text"] for line in lines]
-            train = texts("train", cfg.data.max_records)
+            train = self.texts("train", cfg.data.max_records)
             results["unseen_bytes"] = {s: unseen_bytes_share(
-                tok, train, texts(s, cfg.eval.max_documents)) for s in demo.HELDOUT}
+                tok, train, self.texts(s, cfg.eval.max_documents)) for s in demo.HELDOUT}
         return results["unseen_bytes"]
+
+    def coverage(self, results: dict[str, Any], cells: Sequence[tuple[str, int]],
+                 path: Path) -> dict[str, Any]:
+        """``--coverage``: :func:`coverage_bpb` of the student as initialised (``init``, once)
+        and of every finished cell of ``cells`` whose checkpoint is kept, into
+        ``results["coverage"]`` (``path`` written after each)."""
+        import jax
+        from distill_jax.checkpoint import latest_step
+        from distill_jax.export import load_student
+        from distill_jax.tokenizer import load_tokenizer
+        from distill_jax.train import build
+        from distill_jax.train.assemble import init_student
+        cov = results.setdefault("coverage", {})
+        method = cells[0][0]
+        tok = load_tokenizer(self.config(method, 0, train=False).tokenizer_path())
+        seen = seen_ids(tok, self.texts("train", self.config(method, 0).data.max_records))
+
+        def cfgs(m: str, seed: int) -> dict[str, Any]:
+            return {s: self.config(m, seed, s, train=False) for s in demo.HELDOUT}
+        if "init" not in cov:
+            cfg = self.config(method, 0, train=False)
+            mesh, rules = build.make_mesh(cfg.mesh)
+            with jax.set_mesh(mesh):
+                cov["init"] = coverage_bpb(init_student(cfg, mesh, rules, tokenizer=tok), tok,
+                                           cfgs(method, 0), seen)
+            write_json_atomic(path, results)
+        for m, seed in cells:
+            key = cell_key(m, seed)
+            run_dir = Path(self.config(m, seed).run_dir)
+            if key in cov or key not in results["cells"] or latest_step(
+                    run_dir / "checkpoints") is None:
+                continue
+            cov[key] = coverage_bpb(load_student(run_dir)[0], tok, cfgs(m, seed), seen)
+            write_json_atomic(path, results)
+        return cov
 
     def __call__(self, method: str, seed: int) -> dict[str, Any]:
         from distill_jax.train.loop import run
@@ -364,12 +402,19 @@ def transfer_gaps(results: dict[str, Any], names: Sequence[str], splits: Sequenc
     return out
 
 
+def seen_ids(tokenizer, texts: Sequence[str]) -> set[int]:
+    """The token ids of ``texts`` (without special tokens) and every special token id."""
+    from distill_jax.tokens import special_token_ids
+    return ({i for t in texts for i in tokenizer.encode(t, add_special_tokens=False)}
+            | set(special_token_ids(tokenizer).tolist()))
+
+
 def unseen_bytes_share(tokenizer, train: Sequence[str], heldout: Sequence[str]) -> float:
     """The share of the bytes of ``heldout`` texts spelled by tokens (of ``tokenizer``, without
     special tokens) that occur in none of the ``train`` texts: text whose tokens a run on
     ``train`` never trains as inputs or targets."""
     from distill_jax.tokens import token_bytes
-    seen = {i for t in train for i in tokenizer.encode(t, add_special_tokens=False)}
+    seen = seen_ids(tokenizer, train)
     unseen = total = 0
     for t in heldout:
         ids = tokenizer.encode(t, add_special_tokens=False)
@@ -377,6 +422,36 @@ def unseen_bytes_share(tokenizer, train: Sequence[str], heldout: Sequence[str]) 
             total += len(b)
             unseen += len(b) if i not in seen else 0
     return unseen / total if total else 0.0
+
+
+def split_by_seen(docs: Sequence[Any], seen: set[int]) -> dict[str, list[Any]]:
+    """The held-out documents (:class:`distill_jax.eval.lm.ScoredDoc`) twice: ``seen`` scores
+    only the tokens whose id is in ``seen``, ``unseen`` only the others."""
+    ids = np.fromiter(seen, np.int64, len(seen))
+    out: dict[str, list[Any]] = {"seen": [], "unseen": []}
+    for d in docs:
+        known = np.isin(d.ids, ids)
+        out["seen"].append(dataclasses.replace(d, scored=d.scored & known))
+        out["unseen"].append(dataclasses.replace(d, scored=d.scored & ~known))
+    return out
+
+
+def coverage_bpb(model, tokenizer, cfgs: dict[str, Any], seen: set[int]
+                 ) -> dict[str, dict[str, float]]:
+    """Per held-out set (``cfgs``: its eval config by name): ``model``'s bits per byte on the
+    bytes of the tokens training holds (``seen``) and of the others (``unseen``), and the share
+    of the scored bytes that are unseen (``unseen_share``)."""
+    from distill_jax.eval.lm import evaluate_docs
+    from distill_jax.eval.run import heldout_docs
+    out = {}
+    for split, cfg in cfgs.items():
+        docs, _ = heldout_docs(cfg, tokenizer)
+        r = {k: evaluate_docs(model, part, seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size,
+                              chunk_size=cfg.eval.chunk_size)
+             for k, part in split_by_seen(docs, seen).items()}
+        out[split] = {k: v.bits_per_byte for k, v in r.items()}
+        out[split]["unseen_share"] = r["unseen"].bytes / (r["seen"].bytes + r["unseen"].bytes)
+    return out
 
 
 def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
@@ -422,6 +497,31 @@ def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
                 text += (f"\n{name} - {names[0]}, {s}, per seed: "
                          + ", ".join(f"seed {k} {a[k] - b[k]:+.4f}" for k in both))
     return text + "\n"
+
+
+def coverage_text(results: dict[str, Any], table: dict[str, Method]) -> str:
+    """The ``--coverage`` table: per held-out set, bits per byte on the bytes of tokens that a
+    training paragraph holds (seen) and of the others (unseen), for the student as initialised
+    and per method (mean over the seeds measured); empty when nothing was measured."""
+    cov = results.get("coverage", {})
+    if "init" not in cov:
+        return ""
+    splits = [s for s in demo.HELDOUT if s in cov["init"]]
+    lines = ["| model | " + " | ".join(
+        f"{s} seen | {s} unseen ({cov['init'][s]['unseen_share']:.1%} of bytes)" for s in splits)
+        + " | seeds |", "|---|" + "---:|" * (2 * len(splits) + 1)]
+
+    def row(label: str, cells: list[dict[str, Any]]) -> str:
+        return f"| {label} | " + " | ".join(
+            f"{statistics.fmean(c[s][k] for c in cells):.4f}" for s in splits
+            for k in ("seen", "unseen")) + f" | {len(cells)} |"
+    lines.append(row("as initialised (before training)", [cov["init"]]))
+    for name, m in table.items():
+        cells = [v for k, v in cov.items() if k.split("/")[0] == name]
+        if cells:
+            lines.append(row(f"{name}: {m.label}", cells))
+    return ("bits per byte on held-out bytes of tokens a training paragraph holds (seen) and of "
+            "the tokens none holds (unseen):\n\n" + "\n".join(lines) + "\n")
 
 
 def table_text(results: dict[str, Any], summary: dict[str, Any], table: dict[str, Method],
@@ -508,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--quick", action="store_true", help="tiny setting, one seed: a smoke check")
     p.add_argument("--transfer", action="store_true", help="tokenizer transfer (all layers)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also split each kept checkpoint's held-out bits per byte by whether a "
+                        "training paragraph holds the token (tokenizer-transfer diagnosis)")
     p.add_argument("--records", type=int, default=None,
                    help="training paragraphs (data.max_records; default: the recipe's 100)")
     p.add_argument("--run-dir", default="runs/quality")
@@ -553,8 +656,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.backfill(results, out_dir / f"{stem}.json")
     run_cells(cells, results, out_dir / f"{stem}.json", bench)
 
+    if args.coverage:
+        bench.coverage(results, cells, out_dir / f"{stem}.json")
     summary = summarize(results, list(table), list(demo.HELDOUT))
     text = table_text(results, summary, table, args.transfer)
+    text += "\n" + coverage_text(results, table) if results.get("coverage") else ""
     print("\n" + text)
     results["summary"] = summary
     if args.transfer:

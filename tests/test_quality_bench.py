@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import FakeCellRunner, load_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 
@@ -203,3 +206,63 @@ def test_transfer_table_reports_unseen_bytes_when_measured(quality):
     assert "heldout_plays 21.7%" in text and "heldout_milton 31.6%" in text
     assert "no training paragraph" not in quality.transfer_table_text(
         {"cells": {}, "teacher": {}, "init": {}}, {}, quality.TRANSFER_METHODS)
+
+
+def test_coverage_splits_held_out_bits_per_byte_by_seen_tokens_against_float64(quality,
+                                                                               tmp_path):
+    import math
+
+    import jax
+    import numpy as np
+
+    from distill_jax import models as M
+    from distill_jax.config import load_run_config
+    from distill_jax.models import presets
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")
+    cfg_m = presets.preset("tiny-llama", vocab_size=259, num_layers=1, hidden_size=32,
+                           intermediate_size=64, num_heads=2, num_kv_heads=1)
+    model = M.init(cfg_m, 3)
+    texts = ["abba cab", "the cat sat", "zebra"]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = load_run_config(REPO / "configs/tiny.yaml", [
+        "data.record=text", "data.loss_on_prompt=false", "tokenizer=bytes",
+        f"eval.sources=[{{path: {path}}}]", "eval.max_documents=null", "eval.seq_len=64",
+        "eval.batch_size=2"])
+    seen = quality.seen_ids(tok, ["a cab"])  # a, c, b, space, and the special tokens
+    assert {tok.eos_token_id} | {i + 3 for i in b"a cb"} <= seen
+
+    got = quality.coverage_bpb(model, tok, {"heldout": cfg}, seen)["heldout"]
+
+    from distill_jax.eval.run import heldout_docs
+    docs, _ = heldout_docs(cfg, tok)
+    nll = {"seen": 0.0, "unseen": 0.0}
+    nbytes = {"seen": 0, "unseen": 0}
+    for d in docs:
+        row = np.zeros((1, 64), np.int32)
+        row[0, :len(d.ids)] = d.ids
+        z = np.asarray(jax.jit(M.forward)(model, row), np.float64)[0]
+        logp = z - z.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        for j in range(1, len(d.ids)):
+            if d.scored[j]:
+                k = "seen" if int(d.ids[j]) in seen else "unseen"
+                nll[k] -= logp[j - 1, d.ids[j]]
+                nbytes[k] += int(d.byte_widths[j])
+    assert nbytes["unseen"] > 0 and nbytes["seen"] > 0
+    for k in ("seen", "unseen"):
+        np.testing.assert_allclose(got[k], nll[k] / math.log(2) / nbytes[k], rtol=1e-5)
+    assert got["unseen_share"] == pytest.approx(nbytes["unseen"] / sum(nbytes.values()))
+
+
+def test_coverage_table_shows_init_and_each_method(quality):
+    cov = {"heldout_plays": {"seen": 1.5, "unseen": 4.0, "unseen_share": 0.2}}
+    results = {"coverage": {"init": cov,
+                            "transfer_sft/seed0": {"heldout_plays": {"seen": 1.0, "unseen": 5.0}},
+                            "transfer_sft/seed1": {"heldout_plays": {"seen": 1.2, "unseen": 5.5}}}}
+    text = quality.coverage_text(results, quality.TRANSFER_METHODS)
+    assert "heldout_plays unseen (20.0% of bytes)" in text
+    assert "| as initialised (before training) | 1.5000 | 4.0000 | 1 |" in text
+    assert "| transfer_sft: sft only, all layers, Mistral tokenizer | 1.1000 | 5.2500 | 2 |" in text
+    assert quality.coverage_text({}, quality.TRANSFER_METHODS) == ""
