@@ -31,7 +31,12 @@ plays / Milton bits per byte: ALM + sft 1.8224 / 1.6835 and 1.8015 / 1.6989, sft
 1.6831 and 1.8018 / 1.6992; FVT 2.1399 / 1.8313, teacher 1.8191 / 1.5174) found 3e-4 better on
 the plays but worse on Milton for both. Reports, per held-out split, the share of the
 FVT-to-teacher gap recovered, (FVT - student) / (FVT - teacher), mean ± std over seeds, and the
-per-seed margin of ALM + sft over sft.
+per-seed margin of ALM + sft over sft, and the share of each held-out set's bytes spelled by
+Mistral tokens that no training paragraph holds. ``--records N`` trains on the first N training
+paragraphs instead of the recipe's 100 (a run directory and teacher cache of its own).
+``--coverage`` also splits the held-out bits per byte of the student as initialised and of every
+finished cell whose checkpoint is kept into the bytes of tokens some training paragraph holds
+(seen) and the rest (unseen): training moves the embeddings and output rows of seen tokens only.
 
 Resumable: a finished (method, seed) cell is recorded in ``<out-dir>/quality[_transfer].json``
 (written atomically after every cell) and skipped on the next call; training runs resume from
@@ -43,6 +48,7 @@ to ``benchmarks/results_quality_spread.json``.
     python benchmarks/quality.py --quick              # a smoke check in a few minutes
     python benchmarks/quality.py --methods ce fkl_cache_k64 --seeds 0 1 2 3 --steps 100
     python benchmarks/quality.py --transfer
+    python benchmarks/quality.py --transfer --steps 120 --records 480 --coverage
     python benchmarks/quality.py --dry-run            # the plan and the time estimate only
 """
 
