@@ -36,7 +36,8 @@ Mistral tokens that no training paragraph holds. ``--records N`` trains on the f
 paragraphs instead of the recipe's 100 (a run directory and teacher cache of its own).
 ``--coverage`` also splits the held-out bits per byte of the student as initialised and of every
 finished cell whose checkpoint is kept into the bytes of tokens some training paragraph holds
-(seen) and the rest (unseen): training moves the embeddings and output rows of seen tokens only.
+(seen) and the rest (unseen): an unseen token is never an input or a target, so its row gets no
+gradient but the softmax's push down.
 
 Resumable: a finished (method, seed) cell is recorded in ``<out-dir>/quality[_transfer].json``
 (written atomically after every cell) and skipped on the next call; training runs resume from
@@ -492,7 +493,7 @@ def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
     unseen = results.get("unseen_bytes")
     if unseen:
         text += ("\nheld-out bytes spelled by Mistral tokens that no training paragraph holds "
-                 "(their embeddings and output rows are never a training target): "
+                 "(never an input or a target in training): "
                  + ", ".join(f"{s} {unseen[s]:.1%}" for s in splits if s in unseen) + "\n")
     names = [n for n in table if n in summary]
     for name in names[1:]:
