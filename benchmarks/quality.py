@@ -327,8 +327,8 @@ class Bench:
 
     def coverage(self, results: dict[str, Any], cells: Sequence[tuple[str, int]],
                  path: Path) -> dict[str, Any]:
-        """``--coverage``: :func:`coverage_bpb` of the student as initialised (``init``, once)
-        and of every finished cell of ``cells`` whose checkpoint is kept, into
+        """``--coverage``: :func:`coverage_bpb` of the teacher and of the student as
+        initialised (``teacher``, ``init``: once) and of every finished cell of ``cells`` whose checkpoint is kept, into
         ``results["coverage"]`` (``path`` written after each)."""
         import jax
         from distill_jax.checkpoint import latest_step
@@ -343,12 +343,16 @@ class Bench:
 
         def cfgs(m: str, seed: int) -> dict[str, Any]:
             return {s: self.config(m, seed, s, train=False) for s in demo.HELDOUT}
-        if "init" not in cov:
+        if "init" not in cov or "teacher" not in cov:
             cfg = self.config(method, 0, train=False)
             mesh, rules = build.make_mesh(cfg.mesh)
             with jax.set_mesh(mesh):
-                cov["init"] = coverage_bpb(init_student(cfg, mesh, rules, tokenizer=tok), tok,
-                                           cfgs(method, 0), seen)
+                teacher = build.load_model(cfg.teacher, mesh, rules)
+                cov["teacher"] = coverage_bpb(
+                    teacher, tok, cfgs(method, 0), seen,
+                    teacher_tokenizer=load_tokenizer(cfg.teacher_tokenizer_path()))
+                cov["init"] = coverage_bpb(init_student(cfg, mesh, rules, teacher=teacher,
+                                                        tokenizer=tok), tok, cfgs(method, 0), seen)
             write_json_atomic(path, results)
         for m, seed in cells:
             key = cell_key(m, seed)
@@ -431,31 +435,49 @@ def unseen_bytes_share(tokenizer, train: Sequence[str], heldout: Sequence[str]) 
     return unseen / total if total else 0.0
 
 
-def split_by_seen(docs: Sequence[Any], seen: set[int]) -> dict[str, list[Any]]:
-    """The held-out documents (:class:`distill_jax.eval.lm.ScoredDoc`) twice: ``seen`` scores
-    only the tokens whose id is in ``seen``, ``unseen`` only the others."""
-    ids = np.fromiter(seen, np.int64, len(seen))
-    out: dict[str, list[Any]] = {"seen": [], "unseen": []}
-    for d in docs:
-        known = np.isin(d.ids, ids)
-        out["seen"].append(dataclasses.replace(d, scored=d.scored & known))
-        out["unseen"].append(dataclasses.replace(d, scored=d.scored & ~known))
-    return out
+def split_docs(docs: Sequence[Any], known: Sequence[np.ndarray]) -> dict[str, list[Any]]:
+    """``docs`` twice: ``seen`` scores only their tokens where ``known`` (a bool mask per
+    document) is true, ``unseen`` only the others."""
+    return {"seen": [dataclasses.replace(d, scored=d.scored & k) for d, k in zip(docs, known)],
+            "unseen": [dataclasses.replace(d, scored=d.scored & ~k) for d, k in zip(docs, known)]}
 
 
-def coverage_bpb(model, tokenizer, cfgs: dict[str, Any], seen: set[int]
-                 ) -> dict[str, dict[str, float]]:
+def regions_of(student: Any, known: np.ndarray, other: Any) -> np.ndarray:
+    """Bool per token of ``other`` (another tokenization of ``student``'s text): whether most of
+    its bytes lie outside the spans of ``student``'s tokens that are not ``known`` (a token
+    without bytes, BOS or EOS, counts as known)."""
+    n = int(max(student.byte_ends.max(initial=0), other.byte_ends.max(initial=0)))
+    outside = np.zeros(n + 1, np.int64)  # prefix sums of bytes in unknown student tokens
+    unknown = np.zeros(n, bool)
+    for a, b in zip(student.byte_starts[~known], student.byte_ends[~known]):
+        unknown[a:b] = True
+    outside[1:] = np.cumsum(unknown)
+    inside = outside[other.byte_ends] - outside[other.byte_starts]
+    return 2 * inside <= other.byte_widths
+
+
+def coverage_bpb(model, tokenizer, cfgs: dict[str, Any], seen: set[int], *,
+                 teacher_tokenizer: Any = None) -> dict[str, dict[str, float]]:
     """Per held-out set (``cfgs``: its eval config by name): ``model``'s bits per byte on the
-    bytes of the tokens training holds (``seen``) and of the others (``unseen``), and the share
-    of the scored bytes that are unseen (``unseen_share``)."""
+    bytes of the tokens training holds (``seen``, token ids of ``tokenizer``) and of the others
+    (``unseen``), and the share of the scored bytes that are unseen (``unseen_share``).
+
+    With ``teacher_tokenizer``, ``model`` speaks that tokenizer instead (the teacher) and each
+    of its tokens counts where most of its bytes lie (:func:`regions_of`), so its figures
+    cover nearly the same bytes as the student's."""
     from distill_jax.eval.lm import evaluate_docs
     from distill_jax.eval.run import heldout_docs
+    ids = np.fromiter(seen, np.int64, len(seen))
     out = {}
     for split, cfg in cfgs.items():
-        docs, _ = heldout_docs(cfg, tokenizer)
+        docs, other = heldout_docs(cfg, tokenizer, teacher_tokenizer)
+        known = [np.isin(d.ids, ids) for d in docs]
+        if teacher_tokenizer is not None:
+            known = [regions_of(d, k, o) for d, k, o in zip(docs, known, other)]
+            docs = other
         r = {k: evaluate_docs(model, part, seq_len=cfg.eval.seq_len, batch_size=cfg.eval.batch_size,
                               chunk_size=cfg.eval.chunk_size)
-             for k, part in split_by_seen(docs, seen).items()}
+             for k, part in split_docs(docs, known).items()}
         out[split] = {k: v.bits_per_byte for k, v in r.items()}
         out[split]["unseen_share"] = r["unseen"].bytes / (r["seen"].bytes + r["unseen"].bytes)
     return out
@@ -508,27 +530,42 @@ def transfer_table_text(results: dict[str, Any], summary: dict[str, Any],
 
 def coverage_text(results: dict[str, Any], table: dict[str, Method]) -> str:
     """The ``--coverage`` table: per held-out set, bits per byte on the bytes of tokens that a
-    training paragraph holds (seen) and of the others (unseen), for the student as initialised
-    and per method (mean over the seeds measured); empty when nothing was measured."""
+    training paragraph holds (seen) and of the others (unseen), for the teacher (when measured),
+    the student as initialised and per method (mean over the seeds measured), and each method's
+    share of the initialised-to-teacher gap recovered on each; empty when nothing was measured."""
     cov = results.get("coverage", {})
     if "init" not in cov:
         return ""
-    splits = [s for s in demo.HELDOUT if s in cov["init"]]
+    init, teacher = cov["init"], cov.get("teacher")
+    splits = [s for s in demo.HELDOUT if s in init]
+    parts = [(s, k) for s in splits for k in ("seen", "unseen")]
     lines = ["| model | " + " | ".join(
-        f"{s} seen | {s} unseen ({cov['init'][s]['unseen_share']:.1%} of bytes)" for s in splits)
-        + " | seeds |", "|---|" + "---:|" * (2 * len(splits) + 1)]
+        f"{s} seen | {s} unseen ({init[s]['unseen_share']:.1%} of bytes)" for s in splits)
+        + " | seeds |", "|---|" + "---:|" * (len(parts) + 1)]
 
-    def row(label: str, cells: list[dict[str, Any]]) -> str:
-        return f"| {label} | " + " | ".join(
-            f"{statistics.fmean(c[s][k] for c in cells):.4f}" for s in splits
-            for k in ("seen", "unseen")) + f" | {len(cells)} |"
-    lines.append(row("as initialised (before training)", [cov["init"]]))
+    def row(label: str, cells: list[dict[str, Any]], gap: bool = True) -> str:
+        vals = {p: statistics.fmean(c[p[0]][p[1]] for c in cells) for p in parts}
+
+        def cell(p) -> str:
+            text = f"{vals[p]:.4f}"
+            if gap and teacher and init[p[0]][p[1]] != teacher[p[0]][p[1]]:
+                share = (init[p[0]][p[1]] - vals[p]) / (init[p[0]][p[1]] - teacher[p[0]][p[1]])
+                text += f" ({share:.0%})"
+            return text
+        return f"| {label} | " + " | ".join(cell(p) for p in parts) + f" | {len(cells)} |"
+    if teacher:
+        lines.append(row("teacher (each of its tokens where most of its bytes are)", [teacher],
+                         gap=False))
+    lines.append(row("as initialised (before training)", [init], gap=False))
     for name, m in table.items():
         cells = [v for k, v in cov.items() if k.split("/")[0] == name]
         if cells:
             lines.append(row(f"{name}: {m.label}", cells))
     return ("bits per byte on held-out bytes of tokens a training paragraph holds (seen) and of "
-            "the tokens none holds (unseen):\n\n" + "\n".join(lines) + "\n")
+            "the tokens none holds (unseen)"
+            + (", and in brackets the share of the gap from the student as initialised to the "
+               "teacher recovered on those bytes" if teacher else "") + ":\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def table_text(results: dict[str, Any], summary: dict[str, Any], table: dict[str, Method],

@@ -256,7 +256,78 @@ def test_coverage_splits_held_out_bits_per_byte_by_seen_tokens_against_float64(q
     assert got["unseen_share"] == pytest.approx(nbytes["unseen"] / sum(nbytes.values()))
 
 
-def test_coverage_table_shows_init_and_each_method(quality):
+def test_regions_of_puts_each_token_where_most_of_its_bytes_are(quality):
+    import numpy as np
+
+    from distill_jax.eval.lm import ScoredDoc
+
+    def doc(spans):
+        starts, ends = (np.array(x, np.int64) for x in zip(*spans))
+        return ScoredDoc(np.arange(len(spans)), np.ones(len(spans), bool), starts, ends)
+    student = doc([(0, 3), (3, 5), (5, 8)])  # bytes 3 and 4 are in the one unknown token
+    known = np.array([True, False, True])
+    other = doc([(0, 2), (2, 4), (3, 5), (4, 8), (8, 8), (2, 5)])
+    assert quality.regions_of(student, known, other).tolist() == [
+        True, True, False, True, True, False]  # half inside counts as known; 2 of 3 does not
+
+
+def test_coverage_of_a_teacher_with_another_tokenizer_against_float64(quality, tmp_path):
+    import math
+
+    import jax
+    import numpy as np
+
+    from distill_jax import assets
+    from distill_jax import models as M
+    from distill_jax.config import load_run_config
+    from distill_jax.eval.run import heldout_docs
+    from distill_jax.models import presets
+    from distill_jax.tokenizer import load_tokenizer
+    try:
+        teacher_tok = load_tokenizer(assets.smollm2_hf_dir())
+    except assets.AssetError as err:
+        pytest.skip(f"SmolLM2 unavailable: {err}")
+    tok = load_tokenizer("bytes")
+    cfg_m = presets.preset("tiny-llama", vocab_size=len(teacher_tok), num_layers=1,
+                           hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
+    model = M.init(cfg_m, 5)
+    texts = ["the zebra sat on the mat", "a quixotic cat"]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = load_run_config(REPO / "configs/tiny.yaml", [
+        "data.record=text", "data.loss_on_prompt=false", "tokenizer=bytes",
+        f"eval.sources=[{{path: {path}}}]", "eval.max_documents=null", "eval.seq_len=64",
+        "eval.batch_size=2"])
+    seen = quality.seen_ids(tok, ["the sat on mat a cat"])  # z, b, r, q, u, i, x not seen
+
+    got = quality.coverage_bpb(model, tok, {"h": cfg}, seen, teacher_tokenizer=teacher_tok)["h"]
+
+    students, teachers = heldout_docs(cfg, tok, teacher_tok)
+    nll = {"seen": 0.0, "unseen": 0.0}
+    nbytes = {"seen": 0, "unseen": 0}
+    for s, t in zip(students, teachers):
+        unknown = set()  # the bytes of student tokens training never saw, one by one
+        for i, a, b in zip(s.ids, s.byte_starts, s.byte_ends):
+            if int(i) not in seen:
+                unknown |= set(range(a, b))
+        row = np.zeros((1, 64), np.int32)
+        row[0, :len(t.ids)] = t.ids
+        z = np.asarray(jax.jit(M.forward)(model, row), np.float64)[0]
+        logp = z - z.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        for j in range(1, len(t.ids)):
+            if t.scored[j]:
+                a, b = int(t.byte_starts[j]), int(t.byte_ends[j])
+                k = "unseen" if len(unknown & set(range(a, b))) * 2 > b - a else "seen"
+                nll[k] -= logp[j - 1, t.ids[j]]
+                nbytes[k] += b - a
+    assert nbytes["unseen"] > 0 and nbytes["seen"] > 0
+    for k in ("seen", "unseen"):
+        np.testing.assert_allclose(got[k], nll[k] / math.log(2) / nbytes[k], rtol=1e-5)
+    assert got["unseen_share"] == pytest.approx(nbytes["unseen"] / sum(nbytes.values()))
+
+
+def test_coverage_table_shows_teacher_init_each_method_and_gap_shares(quality):
     cov = {"heldout_plays": {"seen": 1.5, "unseen": 4.0, "unseen_share": 0.2}}
     results = {"coverage": {"init": cov,
                             "transfer_sft/seed0": {"heldout_plays": {"seen": 1.0, "unseen": 5.0}},
@@ -266,3 +337,10 @@ def test_coverage_table_shows_init_and_each_method(quality):
     assert "| as initialised (before training) | 1.5000 | 4.0000 | 1 |" in text
     assert "| transfer_sft: sft only, all layers, Mistral tokenizer | 1.1000 | 5.2500 | 2 |" in text
     assert quality.coverage_text({}, quality.TRANSFER_METHODS) == ""
+    # with the teacher: its row, and the share of the init-to-teacher gap per region
+    results["coverage"]["teacher"] = {"heldout_plays": {"seen": 1.0, "unseen": 3.0,
+                                                        "unseen_share": 0.21}}
+    text = quality.coverage_text(results, quality.TRANSFER_METHODS)
+    assert "| teacher (each of its tokens where most of its bytes are) | 1.0000 | 3.0000 | 1 |" in text
+    # seen: (1.5 - 1.1) / (1.5 - 1.0) = 80%; unseen: (4.0 - 5.25) / (4.0 - 3.0) = -125%
+    assert "| 1.1000 (80%) | 5.2500 (-125%) | 2 |" in text
