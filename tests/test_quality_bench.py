@@ -208,35 +208,26 @@ def test_transfer_table_reports_unseen_bytes_when_measured(quality):
         {"cells": {}, "teacher": {}, "init": {}}, {}, quality.TRANSFER_METHODS)
 
 
-def test_coverage_splits_held_out_bits_per_byte_by_seen_tokens_against_float64(quality,
-                                                                               tmp_path):
+def heldout_cfg(tmp_path, texts):
+    """configs/tiny.yaml with the byte tokenizer, evaluating ``texts`` (one document each)."""
+    from distill_jax.config import load_run_config
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return load_run_config(REPO / "configs/tiny.yaml", [
+        "data.record=text", "data.loss_on_prompt=false", "tokenizer=bytes",
+        f"eval.sources=[{{path: {path}}}]", "eval.max_documents=null", "eval.seq_len=64",
+        "eval.batch_size=2"])
+
+
+def assert_split_matches_float64(got, model, docs, region):
+    """``got`` (a :func:`coverage_bpb` entry) against float64 numpy: each scored token ``j`` of
+    each of ``docs`` (one causal forward of the whole document) in ``region(doc, j)``."""
     import math
 
     import jax
     import numpy as np
 
     from distill_jax import models as M
-    from distill_jax.config import load_run_config
-    from distill_jax.models import presets
-    from distill_jax.tokenizer import load_tokenizer
-    tok = load_tokenizer("bytes")
-    cfg_m = presets.preset("tiny-llama", vocab_size=259, num_layers=1, hidden_size=32,
-                           intermediate_size=64, num_heads=2, num_kv_heads=1)
-    model = M.init(cfg_m, 3)
-    texts = ["abba cab", "the cat sat", "zebra"]
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = load_run_config(REPO / "configs/tiny.yaml", [
-        "data.record=text", "data.loss_on_prompt=false", "tokenizer=bytes",
-        f"eval.sources=[{{path: {path}}}]", "eval.max_documents=null", "eval.seq_len=64",
-        "eval.batch_size=2"])
-    seen = quality.seen_ids(tok, ["a cab"])  # a, c, b, space, and the special tokens
-    assert {tok.eos_token_id} | {i + 3 for i in b"a cb"} <= seen
-
-    got = quality.coverage_bpb(model, tok, {"heldout": cfg}, seen)["heldout"]
-
-    from distill_jax.eval.run import heldout_docs
-    docs, _ = heldout_docs(cfg, tok)
     nll = {"seen": 0.0, "unseen": 0.0}
     nbytes = {"seen": 0, "unseen": 0}
     for d in docs:
@@ -247,13 +238,31 @@ def test_coverage_splits_held_out_bits_per_byte_by_seen_tokens_against_float64(q
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         for j in range(1, len(d.ids)):
             if d.scored[j]:
-                k = "seen" if int(d.ids[j]) in seen else "unseen"
+                k = region(d, j)
                 nll[k] -= logp[j - 1, d.ids[j]]
                 nbytes[k] += int(d.byte_widths[j])
     assert nbytes["unseen"] > 0 and nbytes["seen"] > 0
     for k in ("seen", "unseen"):
         np.testing.assert_allclose(got[k], nll[k] / math.log(2) / nbytes[k], rtol=1e-5)
     assert got["unseen_share"] == pytest.approx(nbytes["unseen"] / sum(nbytes.values()))
+
+
+def test_coverage_splits_held_out_bits_per_byte_by_seen_tokens_against_float64(quality,
+                                                                               tmp_path):
+    from distill_jax import models as M
+    from distill_jax.eval.run import heldout_docs
+    from distill_jax.models import presets
+    from distill_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer("bytes")
+    model = M.init(presets.preset("tiny-llama", vocab_size=259, num_layers=1, hidden_size=32,
+                                  intermediate_size=64, num_heads=2, num_kv_heads=1), 3)
+    cfg = heldout_cfg(tmp_path, ["abba cab", "the cat sat", "zebra"])
+    seen = quality.seen_ids(tok, ["a cab"])  # a, c, b, space, and the special tokens
+    assert {tok.eos_token_id} | {i + 3 for i in b"a cb"} <= seen
+
+    got = quality.coverage_bpb(model, tok, {"heldout": cfg}, seen)["heldout"]
+    assert_split_matches_float64(got, model, heldout_docs(cfg, tok)[0],
+                                 lambda d, j: "seen" if int(d.ids[j]) in seen else "unseen")
 
 
 def test_regions_of_puts_each_token_where_most_of_its_bytes_are(quality):
@@ -272,14 +281,8 @@ def test_regions_of_puts_each_token_where_most_of_its_bytes_are(quality):
 
 
 def test_coverage_of_a_teacher_with_another_tokenizer_against_float64(quality, tmp_path):
-    import math
-
-    import jax
-    import numpy as np
-
     from distill_jax import assets
     from distill_jax import models as M
-    from distill_jax.config import load_run_config
     from distill_jax.eval.run import heldout_docs
     from distill_jax.models import presets
     from distill_jax.tokenizer import load_tokenizer
@@ -288,43 +291,24 @@ def test_coverage_of_a_teacher_with_another_tokenizer_against_float64(quality, t
     except assets.AssetError as err:
         pytest.skip(f"SmolLM2 unavailable: {err}")
     tok = load_tokenizer("bytes")
-    cfg_m = presets.preset("tiny-llama", vocab_size=len(teacher_tok), num_layers=1,
-                           hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
-    model = M.init(cfg_m, 5)
-    texts = ["the zebra sat on the mat", "a quixotic cat"]
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = load_run_config(REPO / "configs/tiny.yaml", [
-        "data.record=text", "data.loss_on_prompt=false", "tokenizer=bytes",
-        f"eval.sources=[{{path: {path}}}]", "eval.max_documents=null", "eval.seq_len=64",
-        "eval.batch_size=2"])
+    model = M.init(presets.preset("tiny-llama", vocab_size=len(teacher_tok), num_layers=1,
+                                  hidden_size=16, intermediate_size=32, num_heads=2,
+                                  num_kv_heads=1), 5)
+    cfg = heldout_cfg(tmp_path, ["the zebra sat on the mat", "a quixotic cat"])
     seen = quality.seen_ids(tok, ["the sat on mat a cat"])  # z, b, r, q, u, i, x not seen
 
     got = quality.coverage_bpb(model, tok, {"h": cfg}, seen, teacher_tokenizer=teacher_tok)["h"]
 
     students, teachers = heldout_docs(cfg, tok, teacher_tok)
-    nll = {"seen": 0.0, "unseen": 0.0}
-    nbytes = {"seen": 0, "unseen": 0}
+    unknown = {}  # per teacher document: the bytes of student tokens training never saw
     for s, t in zip(students, teachers):
-        unknown = set()  # the bytes of student tokens training never saw, one by one
-        for i, a, b in zip(s.ids, s.byte_starts, s.byte_ends):
-            if int(i) not in seen:
-                unknown |= set(range(a, b))
-        row = np.zeros((1, 64), np.int32)
-        row[0, :len(t.ids)] = t.ids
-        z = np.asarray(jax.jit(M.forward)(model, row), np.float64)[0]
-        logp = z - z.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        for j in range(1, len(t.ids)):
-            if t.scored[j]:
-                a, b = int(t.byte_starts[j]), int(t.byte_ends[j])
-                k = "unseen" if len(unknown & set(range(a, b))) * 2 > b - a else "seen"
-                nll[k] -= logp[j - 1, t.ids[j]]
-                nbytes[k] += b - a
-    assert nbytes["unseen"] > 0 and nbytes["seen"] > 0
-    for k in ("seen", "unseen"):
-        np.testing.assert_allclose(got[k], nll[k] / math.log(2) / nbytes[k], rtol=1e-5)
-    assert got["unseen_share"] == pytest.approx(nbytes["unseen"] / sum(nbytes.values()))
+        unknown[id(t)] = {b for i, lo, hi in zip(s.ids, s.byte_starts, s.byte_ends)
+                          if int(i) not in seen for b in range(lo, hi)}
+
+    def region(t, j):
+        lo, hi = int(t.byte_starts[j]), int(t.byte_ends[j])
+        return "unseen" if 2 * len(unknown[id(t)] & set(range(lo, hi))) > hi - lo else "seen"
+    assert_split_matches_float64(got, model, teachers, region)
 
 
 def test_coverage_table_shows_teacher_init_each_method_and_gap_shares(quality):
