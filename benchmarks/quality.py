@@ -34,10 +34,11 @@ FVT-to-teacher gap recovered, (FVT - student) / (FVT - teacher), mean ± std ove
 per-seed margin of ALM + sft over sft, and the share of each held-out set's bytes spelled by
 Mistral tokens that no training paragraph holds. ``--records N`` trains on the first N training
 paragraphs instead of the recipe's 100 (a run directory and teacher cache of its own).
-``--coverage`` also splits the held-out bits per byte of the student as initialised and of every
-finished cell whose checkpoint is kept into the bytes of tokens some training paragraph holds
-(seen) and the rest (unseen): an unseen token is never an input or a target, so its row gets no
-gradient but the softmax's push down.
+``--coverage`` also splits the held-out bits per byte of the teacher, of the student as
+initialised and of every finished cell whose checkpoint is kept into the bytes of tokens some
+training paragraph holds (seen) and the rest (unseen; a teacher token counts where most of its
+bytes are), with each method's share of the gap recovered on each: an unseen token is never an
+input or a target, so its row gets no gradient but the softmax's push down.
 
 Resumable: a finished (method, seed) cell is recorded in ``<out-dir>/quality[_transfer].json``
 (written atomically after every cell) and skipped on the next call; training runs resume from
