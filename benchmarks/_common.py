@@ -66,6 +66,12 @@ def cell_key(method: str, seed: int) -> str:
     return f"{method}/seed{seed}"
 
 
+def method_cells(entries: dict[str, Any], method: str) -> dict[int, Any]:
+    """The values of ``method`` among ``entries`` keyed by :func:`cell_key`, by seed (other
+    keys are skipped)."""
+    return {int(k.split("seed")[-1]): v for k, v in entries.items() if k.split("/")[0] == method}
+
+
 def run_cells(cells, results: dict[str, Any], path, runner, log=print) -> dict[str, Any]:
     """Run ``runner(method, seed)`` for every cell not yet in ``results["cells"]``, recording
     each result (with its ``cell_s``) and writing ``path`` atomically after each; returns
@@ -88,6 +94,6 @@ def remaining_s(cells, results: dict[str, Any], unmeasured_s) -> float:
     for method, seed in cells:
         if cell_key(method, seed) in results["cells"]:
             continue
-        done = [c["cell_s"] for k, c in results["cells"].items() if k.split("/")[0] == method]
+        done = [c["cell_s"] for c in method_cells(results["cells"], method).values()]
         total += sum(done) / len(done) if done else unmeasured_s(method)
     return total

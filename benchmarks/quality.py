@@ -205,7 +205,7 @@ def summarize(results: dict[str, Any], names: Sequence[str], splits: Sequence[st
     the bits per byte over the finished seeds."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for m in names:
-        cells = [c for k, c in results["cells"].items() if k.split("/")[0] == m]
+        cells = list(_common.method_cells(results["cells"], m).values())
         if not cells:
             continue
         out[m] = {}
@@ -388,9 +388,9 @@ class Bench:
 
 def seed_values(results: dict[str, Any], method: str, split: str) -> dict[int, float]:
     """The held-out bits per byte of ``method`` on ``split`` per finished seed."""
-    return {int(k.split("seed")[-1]): c["bits_per_byte"][split]
-            for k, c in results["cells"].items()
-            if k.split("/")[0] == method and split in c["bits_per_byte"]}
+    return {seed: c["bits_per_byte"][split]
+            for seed, c in _common.method_cells(results["cells"], method).items()
+            if split in c["bits_per_byte"]}
 
 
 def transfer_gaps(results: dict[str, Any], names: Sequence[str], splits: Sequence[str]
@@ -559,7 +559,7 @@ def coverage_text(results: dict[str, Any], table: dict[str, Method]) -> str:
                          gap=False))
     lines.append(row("as initialised (before training)", [init], gap=False))
     for name, m in table.items():
-        cells = [v for k, v in cov.items() if k.split("/")[0] == name]
+        cells = list(_common.method_cells(cov, name).values())
         if cells:
             lines.append(row(f"{name}: {m.label}", cells))
     return ("bits per byte on held-out bytes of tokens a training paragraph holds (seen) and of "

@@ -501,8 +501,8 @@ SECOND_STAGE = ("sft_sft_lr3e-4", "sft_kd_lr3e-4", "sft_onpolicy_lr3e-4",
 
 def method_cells(results: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
     """The finished (not skipped) cells of method ``name``, by seed."""
-    return {int(k.split("seed")[-1]): c for k, c in results["cells"].items()
-            if k.split("/")[0] == name and "skipped" not in c}
+    return {seed: c for seed, c in _common.method_cells(results["cells"], name).items()
+            if "skipped" not in c}
 
 
 def seed_values(results: dict[str, Any], name: str) -> dict[int, float]:
